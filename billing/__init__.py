@@ -1,0 +1,1 @@
+"""Prices, the usage ledger, cost; later caps, reservations and rate limits."""

@@ -1,0 +1,82 @@
+"""ModelPrice (editable price list) and UsageRecord (append-only ledger, one row per upstream call)."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from django.db import models
+
+from tenants.models import TenantManager
+
+MONEY = {"max_digits": 20, "decimal_places": 10}
+PER_MILLION = {"max_digits": 12, "decimal_places": 4}
+
+
+class ModelPrice(models.Model):
+    """USD per 1M tokens. A model without a row here has no price and is refused, never free."""
+
+    model = models.CharField(max_length=100, unique=True)
+    input_per_million = models.DecimalField(**PER_MILLION)
+    cached_input_per_million = models.DecimalField(**PER_MILLION)
+    output_per_million = models.DecimalField(**PER_MILLION)
+    batch_input_per_million = models.DecimalField(**PER_MILLION)
+    batch_output_per_million = models.DecimalField(**PER_MILLION)
+    context_window = models.PositiveIntegerField(default=128_000)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.model} (${self.input_per_million} / ${self.output_per_million} per 1M)"
+
+
+class UsageRecord(models.Model):
+    """One upstream call. Never updated or deleted; `call_id` makes writes idempotent on retry."""
+
+    class Kind(models.TextChoices):
+        CHAT = "chat"
+        SUMMARY = "summary"
+        MODERATION = "moderation"
+        BATCH = "batch"
+        COMPLETION = "completion"  # the stateless OpenAI-compatible endpoint
+
+    class Outcome(models.TextChoices):
+        OK = "ok"
+        ERROR = "error"
+        CANCELLED = "cancelled"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    call_id = models.CharField(max_length=64, unique=True)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="usage_records")
+    end_user = models.ForeignKey(
+        "tenants.EndUser", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    api_key = models.ForeignKey(
+        "tenants.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Plain ids, not foreign keys: the ledger outlives deleted conversations, and billing
+    # must not depend on the conversations app.
+    conversation_id = models.UUIDField(null=True, blank=True)
+    message_id = models.UUIDField(null=True, blank=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.CHAT)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.OK)
+    model = models.CharField(max_length=100)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    # True when the provider sent no usage and tiktoken counted instead.
+    estimated = models.BooleanField(default=False)
+    cost_usd = models.DecimalField(**MONEY, default=Decimal("0"))
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    objects = TenantManager()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "created_at"]),
+            models.Index(fields=["conversation_id"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.model} {self.prompt_tokens}+{self.completion_tokens} ${self.cost_usd}"

@@ -1,0 +1,1 @@
+"""Assistants, conversations and messages; the chat engine and its WebSocket/REST surfaces."""

@@ -1,0 +1,1 @@
+"""Provider gateway: one AsyncOpenAI client per credential, error mapping, retries; the simulator."""

@@ -1,0 +1,1 @@
+"""Tenants, their members, end users, provider credentials and API keys; authentication."""
