@@ -80,3 +80,32 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.model} {self.prompt_tokens}+{self.completion_tokens} ${self.cost_usd}"
+
+
+class SpendingCap(models.Model):
+    """A hard USD limit over a period, for a tenant, one end user, or one API key."""
+
+    class Scope(models.TextChoices):
+        TENANT = "tenant"
+        END_USER = "end_user"
+        API_KEY = "api_key"
+
+    class Period(models.TextChoices):
+        DAY = "day"
+        WEEK = "week"
+        MONTH = "month"
+        LIFETIME = "lifetime"
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="spending_caps")
+    scope = models.CharField(max_length=16, choices=Scope.choices, default=Scope.TENANT)
+    end_user = models.ForeignKey("tenants.EndUser", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey("tenants.ApiKey", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    period = models.CharField(max_length=16, choices=Period.choices, default=Period.MONTH)
+    limit_usd = models.DecimalField(max_digits=14, decimal_places=4)
+    alert_thresholds = models.JSONField(default=list, blank=True)  # percentages, e.g. [50, 80, 100]
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TenantManager()
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.period} ${self.limit_usd}"

@@ -24,6 +24,8 @@ class Tenant(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
     is_active = models.BooleanField(default=True)
+    # Requests a minute each end user may make (enforced by billing's rate limits).
+    end_user_rpm = models.PositiveIntegerField(default=20)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

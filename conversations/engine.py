@@ -1,0 +1,292 @@
+"""The chat engine: plain async Python between the wire surfaces and the services.
+
+A generation belongs to its conversation, not to the socket that asked for it: it runs as a
+detached task and publishes every event to the conversation's channel-layer group, so any
+number of sockets in any web process see the same stream, and a dropped socket neither stops
+nor loses it. Each generation listens on a control channel of its own (stored on the
+conversation) for `cancel` and for state requests from sockets that join mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+
+from billing.models import UsageRecord
+from billing.services import money_str
+from llm import gateway
+from llm.gateway import Finish, TextDelta, UpstreamError, Usage
+
+from . import services
+from .models import Message
+from .protocol import (
+    ConversationCreated,
+    ConversationState,
+    Delta,
+    ErrorEvent,
+    Event,
+    MessageAccepted,
+    MessageCompleted,
+    MessageCreate,
+    MessageStarted,
+)
+from .services import Caller, TurnOutcome, TurnPlan
+
+logger = logging.getLogger(__name__)
+
+# Channel-layer message types. Group events go to every joined socket; control messages go to
+# a generation's own channel; state replies go to the asking socket's channel.
+GROUP_EVENT = "chat.event"
+STATE_REPLY = "chat.state"
+CONTROL_CANCEL = "generation.cancel"
+CONTROL_STATE = "generation.state"
+
+# Strong references: the event loop keeps only weak ones to tasks.
+_running: set[asyncio.Task] = set()
+
+
+async def publish(plan: TurnPlan, event: Event) -> None:
+    await get_channel_layer().group_send(
+        plan.group,
+        {"type": GROUP_EVENT, "conversation_id": str(plan.conversation_id), "event": event.as_dict()},
+    )
+
+
+async def turn_submit(*, caller: Caller, command: MessageCreate, subscriber: str | None) -> TurnPlan:
+    """Commit the user's message, subscribe the asking channel, start the generation.
+
+    Raises the services' domain errors before anything is published."""
+    layer = get_channel_layer()
+    control = await layer.new_channel("gen.")
+    plan = await database_sync_to_async(services.turn_prepare)(
+        caller=caller,
+        content=command.content,
+        conversation_id=command.conversation_id,
+        assistant_slug=command.assistant,
+        client_msg_id=command.client_msg_id,
+        control_channel=control,
+    )
+    if subscriber is not None:
+        await layer.group_add(plan.group, subscriber)
+    generation = Generation(plan=plan, control_channel=control)
+    task = asyncio.create_task(generation.run(), name=f"generation {plan.assistant_message_id}")
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    return plan
+
+
+async def generation_cancel(*, caller: Caller, conversation_id: uuid.UUID) -> bool:
+    """Ask the conversation's running generation (in whichever process) to stop.
+    Raises NotFound for a foreign or missing conversation; False when nothing is running."""
+    _, control = await database_sync_to_async(services.conversation_generation)(
+        caller=caller, conversation_id=conversation_id
+    )
+    if control is None:
+        return False
+    await get_channel_layer().send(control, {"type": CONTROL_CANCEL})
+    return True
+
+
+async def conversation_join(*, caller: Caller, conversation_id: uuid.UUID, subscriber: str) -> bool:
+    """Subscribe `subscriber` to the conversation's events. When a generation is running, it
+    is asked to send its state (content so far) to the subscriber as a `chat.state` message;
+    returns True then. Returns False when nothing is generating."""
+    layer = get_channel_layer()
+    conversation = await database_sync_to_async(services.access_conversation)(
+        caller=caller, conversation_id=conversation_id
+    )
+    await layer.group_add(
+        services.group_name(tenant_id=caller.tenant_id, conversation_id=conversation.id), subscriber
+    )
+    # Read the claim after subscribing: a generation that starts in between is seen either
+    # here or through the group.
+    _, control = await database_sync_to_async(services.conversation_generation)(
+        caller=caller, conversation_id=conversation.id
+    )
+    if control is None:
+        return False
+    await layer.send(control, {"type": CONTROL_STATE, "reply_to": subscriber})
+    return True
+
+
+def idle_state(conversation_id: uuid.UUID) -> ConversationState:
+    return ConversationState(conversation_id=str(conversation_id), generating=False)
+
+
+class Generation:
+    """One assistant answer: stream, publish, store, bill."""
+
+    def __init__(self, *, plan: TurnPlan, control_channel: str) -> None:
+        self.plan = plan
+        self.control_channel = control_channel
+        self.content_parts: list[str] = []
+        self.finish_reason = ""
+        self.usage: Usage | None = None
+        self.cancelled = False
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self._stream_task: asyncio.Task | None = None
+
+    @property
+    def message_id(self) -> str:
+        return str(self.plan.assistant_message_id)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.content_parts)
+
+    async def run(self) -> None:
+        listener = asyncio.create_task(self._listen())
+        try:
+            await self._announce()
+            error = await self._stream()
+            await self._finish(error)
+        except Exception:  # the task is detached: nothing above us would see this
+            logger.exception("generation %s failed", self.message_id)
+            await self._abandon()
+        finally:
+            listener.cancel()
+
+    async def _announce(self) -> None:
+        plan = self.plan
+        if plan.conversation_created:
+            await publish(plan, ConversationCreated(id=str(plan.conversation_id)))
+        await publish(
+            plan,
+            MessageAccepted(message_id=str(plan.user_message_id), client_msg_id=plan.client_msg_id),
+        )
+        await publish(plan, MessageStarted(message_id=self.message_id, model=plan.model))
+
+    async def _stream(self) -> UpstreamError | None:
+        if self.cancelled:
+            return None
+        self._stream_task = asyncio.create_task(self._consume())
+        try:
+            await self._stream_task
+        except asyncio.CancelledError:
+            if not self.cancelled:
+                raise
+        except UpstreamError as error:
+            return error
+        return None
+
+    async def _consume(self) -> None:
+        async for event in gateway.stream_chat(self.plan.target, self.plan.request):
+            if isinstance(event, TextDelta):
+                if self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                self.content_parts.append(event.content)
+                await publish(self.plan, Delta(message_id=self.message_id, content=event.content))
+            elif isinstance(event, Finish):
+                self.finish_reason = event.reason
+            elif isinstance(event, Usage):
+                self.usage = event
+
+    async def _listen(self) -> None:
+        layer = get_channel_layer()
+        while True:
+            message = await layer.receive(self.control_channel)
+            kind = message.get("type")
+            if kind == CONTROL_CANCEL:
+                self.cancel()
+            elif kind == CONTROL_STATE and isinstance(message.get("reply_to"), str):
+                state = ConversationState(
+                    conversation_id=str(self.plan.conversation_id),
+                    generating=True,
+                    message_id=self.message_id,
+                    content=self.content,
+                )
+                await layer.send(message["reply_to"], {"type": STATE_REPLY, "event": state.as_dict()})
+
+    def cancel(self) -> None:
+        if self._stream_task is None:
+            self.cancelled = True  # before the upstream call: it will not be made
+        elif not self._stream_task.done():
+            self.cancelled = True
+            self._stream_task.cancel()
+
+    def _outcome(self, error: UpstreamError | None) -> TurnOutcome:
+        now = time.monotonic()
+        complete = error is None and not self.cancelled
+        return TurnOutcome(
+            called_upstream=self._stream_task is not None,
+            content=self.content,
+            status=Message.Status.COMPLETE if complete else Message.Status.INCOMPLETE,
+            finish_reason=self.finish_reason if complete else ("cancelled" if self.cancelled else "error"),
+            prompt_tokens=self.usage.prompt_tokens if self.usage else None,
+            completion_tokens=self.usage.completion_tokens if self.usage else None,
+            cached_tokens=self.usage.cached_tokens if self.usage else 0,
+            latency_ms=int((now - self.started) * 1000),
+            ttft_ms=int((self.first_token_at - self.started) * 1000) if self.first_token_at else None,
+            usage_outcome=(
+                UsageRecord.Outcome.OK
+                if complete
+                else UsageRecord.Outcome.CANCELLED if self.cancelled else UsageRecord.Outcome.ERROR
+            ),
+        )
+
+    async def _finish(self, error: UpstreamError | None) -> None:
+        result = await database_sync_to_async(services.turn_finish)(plan=self.plan, outcome=self._outcome(error))
+        if self.cancelled:
+            await publish(self.plan, ErrorEvent(code="cancelled", message="generation cancelled", message_id=self.message_id))
+        elif error is not None:
+            await publish(self.plan, self._error_event(error))
+        else:
+            await publish(
+                self.plan,
+                MessageCompleted(
+                    message_id=self.message_id,
+                    finish_reason=self.finish_reason,
+                    usage={
+                        "prompt_tokens": result.prompt_tokens,
+                        "completion_tokens": result.completion_tokens,
+                        "cached_tokens": result.cached_tokens,
+                    },
+                    cost_usd=money_str(result.cost_usd),
+                ),
+            )
+
+    def _error_event(self, error: UpstreamError) -> ErrorEvent:
+        return ErrorEvent(
+            code=error.code,
+            message=error.message,
+            retry_after=error.retry_after,
+            message_id=self.message_id,
+        )
+
+    async def _abandon(self) -> None:
+        """Last resort after an unexpected failure: free the conversation and tell the sockets."""
+        try:
+            await database_sync_to_async(services.generation_release)(
+                conversation_id=self.plan.conversation_id, generation_id=self.plan.assistant_message_id
+            )
+            await publish(
+                self.plan,
+                ErrorEvent(code="upstream_error", message="the reply failed", message_id=self.message_id),
+            )
+        except Exception:
+            logger.exception("could not release generation %s", self.message_id)
+
+
+def error_event_for(error: Exception, **extra: Any) -> ErrorEvent:
+    """The one mapping from domain errors to socket error events."""
+    from billing.services import PriceMissing
+
+    from .errors import ChatError
+    from .protocol import InvalidFrame
+
+    if isinstance(error, ChatError):
+        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, extra=extra)
+    if isinstance(error, InvalidFrame):
+        return ErrorEvent(code="invalid_request", message=str(error), extra=extra)
+    if isinstance(error, PriceMissing):
+        return ErrorEvent(code="invalid_request", message=str(error), extra=extra)
+    if isinstance(error, UpstreamError):
+        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, extra=extra)
+    raise error

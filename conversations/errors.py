@@ -1,0 +1,38 @@
+"""Domain errors of the chat engine; each surface maps them to its wire format in one place."""
+
+from __future__ import annotations
+
+
+class ChatError(Exception):
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InvalidInput(ChatError):
+    code = "invalid_request"
+
+
+class NotFound(ChatError):
+    """Missing and foreign objects raise exactly this, with the same message."""
+
+    code = "not_found"
+
+    def __init__(self, noun: str) -> None:
+        super().__init__(f"{noun} not found")
+
+
+class Unauthorized(ChatError):
+    code = "unauthorized"
+
+
+class GenerationBusy(ChatError):
+    """One generation at a time per conversation."""
+
+    code = "invalid_request"
+
+    def __init__(self) -> None:
+        super().__init__("a reply is already being generated in this conversation")

@@ -1,0 +1,222 @@
+"""The chat wire protocol: client commands parsed strictly, server events as typed objects.
+
+Shared by the WebSocket consumer and the REST event stream, so both speak the same events.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from django.conf import settings
+
+ERROR_CODES = frozenset(
+    {
+        "invalid_request",
+        "unauthorized",
+        "not_found",
+        "rate_limited",
+        "spending_cap_exceeded",
+        "moderation_blocked",
+        "upstream_error",
+        "upstream_timeout",
+        "cancelled",
+    }
+)
+
+
+class InvalidFrame(ValueError):
+    """A client frame that does not follow the protocol; the message says what is wrong."""
+
+
+# --- client → server ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MessageCreate:
+    content: str
+    conversation_id: uuid.UUID | None = None
+    assistant: str | None = None
+    client_msg_id: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationCancel:
+    conversation_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class ConversationJoin:
+    conversation_id: uuid.UUID
+
+
+ClientCommand = MessageCreate | GenerationCancel | ConversationJoin
+
+_ALLOWED_KEYS = {
+    "message.create": {"type", "conversation_id", "assistant", "content", "client_msg_id"},
+    "generation.cancel": {"type", "conversation_id"},
+    "conversation.join": {"type", "conversation_id"},
+}
+
+
+def _uuid(value: Any, *, required: bool) -> uuid.UUID | None:
+    if value is None:
+        if required:
+            raise InvalidFrame("conversation_id is required")
+        return None
+    if not isinstance(value, str):
+        raise InvalidFrame("conversation_id must be a UUID string")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidFrame("conversation_id must be a UUID string") from None
+
+
+def _optional_str(frame: dict[str, Any], key: str, max_length: int) -> str | None:
+    value = frame.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise InvalidFrame(f"{key} must be a non-empty string of at most {max_length} characters")
+    return value
+
+
+def validate_content(value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidFrame("content must be a string")
+    if not value.strip():
+        raise InvalidFrame("content must not be empty")
+    if len(value) > settings.MAX_MESSAGE_CHARS:
+        raise InvalidFrame(f"content is longer than {settings.MAX_MESSAGE_CHARS} characters")
+    if "\x00" in value:
+        raise InvalidFrame("content must not contain NUL characters")
+    return value
+
+
+def parse_client_frame(frame: Any) -> ClientCommand:
+    if not isinstance(frame, dict):
+        raise InvalidFrame("a frame must be a JSON object")
+    kind = frame.get("type")
+    if kind not in _ALLOWED_KEYS:
+        raise InvalidFrame(f"unknown type {kind!r}; expected one of {sorted(_ALLOWED_KEYS)}")
+    unknown = set(frame) - _ALLOWED_KEYS[kind]
+    if unknown:
+        raise InvalidFrame(f"unknown field(s) for {kind}: {', '.join(sorted(unknown))}")
+    if kind == "message.create":
+        return MessageCreate(
+            content=validate_content(frame.get("content")),
+            conversation_id=_uuid(frame.get("conversation_id"), required=False),
+            assistant=_optional_str(frame, "assistant", 64),
+            client_msg_id=_optional_str(frame, "client_msg_id", 100),
+        )
+    conversation_id = _uuid(frame.get("conversation_id"), required=True)
+    assert conversation_id is not None
+    if kind == "generation.cancel":
+        return GenerationCancel(conversation_id=conversation_id)
+    return ConversationJoin(conversation_id=conversation_id)
+
+
+# --- server → client ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str]
+    # Fields whose None means "absent" rather than null on the wire.
+    optional: ClassVar[frozenset[str]] = frozenset()
+
+    def as_dict(self) -> dict[str, Any]:
+        body = {k: v for k, v in asdict(self).items() if not (k in self.optional and v is None)}
+        return {"type": self.type, **body}
+
+
+def _s(value: uuid.UUID | str) -> str:
+    return str(value)
+
+
+@dataclass(frozen=True)
+class ConversationCreated(Event):
+    type: ClassVar[str] = "conversation"
+    id: str
+
+
+@dataclass(frozen=True)
+class MessageAccepted(Event):
+    type: ClassVar[str] = "message.accepted"
+    optional: ClassVar[frozenset[str]] = frozenset({"client_msg_id"})
+    message_id: str
+    client_msg_id: str | None = None
+
+
+@dataclass(frozen=True)
+class MessageStarted(Event):
+    type: ClassVar[str] = "message.started"
+    message_id: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Delta(Event):
+    type: ClassVar[str] = "delta"
+    message_id: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ToolCall(Event):
+    type: ClassVar[str] = "tool.call"
+    message_id: str
+    call_id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolResult(Event):
+    type: ClassVar[str] = "tool.result"
+    call_id: str
+    ok: bool
+
+
+@dataclass(frozen=True)
+class MessageCompleted(Event):
+    type: ClassVar[str] = "message.completed"
+    message_id: str
+    finish_reason: str
+    usage: dict[str, int]
+    cost_usd: str
+
+
+@dataclass(frozen=True)
+class ConversationState(Event):
+    type: ClassVar[str] = "conversation.state"
+    optional: ClassVar[frozenset[str]] = frozenset({"message_id", "content"})
+    conversation_id: str
+    generating: bool
+    message_id: str | None = None
+    content: str | None = None
+
+
+@dataclass(frozen=True)
+class ErrorEvent(Event):
+    type: ClassVar[str] = "error"
+    optional: ClassVar[frozenset[str]] = frozenset({"retry_after", "message_id"})
+    code: str
+    message: str
+    retry_after: float | None = None
+    message_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {self.code!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        body = super().as_dict()
+        extra = body.pop("extra")
+        return {**extra, **body}
+
+    @classmethod
+    def invalid_request(cls, message: str) -> "ErrorEvent":
+        return cls(code="invalid_request", message=message)

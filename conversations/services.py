@@ -1,0 +1,292 @@
+"""Chat services: gatekeepers, and the short transactions before and after a generation.
+
+Everything here is synchronous ORM code; the async engine reaches it through one
+`database_sync_to_async` hop before the stream and one after.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from billing.models import UsageRecord
+from billing.services import Price, UsageInput, price_for, usage_record
+from llm.gateway import ChatRequest, ProviderTarget
+from llm.tokens import count_message, count_text
+from tenants.models import EndUser, Tenant
+from tenants.services import credential_default, end_user_hash
+
+from .context import Prompt, prompt_assemble
+from .errors import GenerationBusy, InvalidInput, NotFound
+from .models import Assistant, Conversation, Message
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is talking: always a tenant and one of its end users; an API key when REST."""
+
+    tenant_id: int
+    end_user_id: uuid.UUID
+    api_key_id: int | None = None
+
+
+def group_name(*, tenant_id: int, conversation_id: uuid.UUID | str) -> str:
+    return f"t{tenant_id}.c{conversation_id}"
+
+
+# --- gatekeepers --------------------------------------------------------------------------
+
+
+def access_conversation(*, caller: Caller, conversation_id: Any, lock: bool = False) -> Conversation:
+    queryset = Conversation.objects.for_tenant(caller.tenant_id).filter(end_user_id=caller.end_user_id)
+    if lock:
+        queryset = queryset.select_for_update(of=("self",))
+    try:
+        return queryset.select_related("assistant").get(id=conversation_id)
+    except (Conversation.DoesNotExist, ValidationError, ValueError):
+        raise NotFound("conversation") from None
+
+
+def access_assistant(*, tenant_id: int, slug: str | None) -> Assistant:
+    queryset = Assistant.objects.for_tenant(tenant_id)
+    try:
+        if slug is None:
+            return queryset.get(is_default=True)
+        return queryset.get(slug=slug)
+    except Assistant.DoesNotExist:
+        raise NotFound("assistant") from None
+
+
+def provider_target(assistant: Assistant) -> ProviderTarget:
+    credential = assistant.credential or credential_default(tenant_id=assistant.tenant_id)
+    if credential is None or credential.tenant_id != assistant.tenant_id:
+        raise InvalidInput("this assistant has no provider credential configured")
+    return ProviderTarget(
+        credential_id=credential.pk,
+        base_url=credential.base_url,
+        api_key=credential.api_key,
+        organization=credential.organization,
+        version=credential.updated_at.timestamp(),
+    )
+
+
+# --- before the stream --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    caller: Caller
+    conversation_id: uuid.UUID
+    conversation_created: bool
+    user_message_id: uuid.UUID
+    client_msg_id: str | None
+    assistant_message_id: uuid.UUID
+    assistant_seq: int
+    model: str
+    price: Price
+    prompt: Prompt
+    request: ChatRequest
+    target: ProviderTarget
+
+    @property
+    def group(self) -> str:
+        return group_name(tenant_id=self.caller.tenant_id, conversation_id=self.conversation_id)
+
+
+def _is_generating(conversation: Conversation, now) -> bool:
+    """A claim older than GENERATION_STALE_SECONDS belongs to a process that died."""
+    if conversation.generation_id is None:
+        return False
+    stale = now - timedelta(seconds=settings.GENERATION_STALE_SECONDS)
+    return conversation.generation_started_at is not None and conversation.generation_started_at >= stale
+
+
+def _open_conversation(*, caller: Caller, conversation_id, assistant_slug, content) -> tuple[Conversation, bool]:
+    if conversation_id is not None:
+        return access_conversation(caller=caller, conversation_id=conversation_id, lock=True), False
+    assistant = access_assistant(tenant_id=caller.tenant_id, slug=assistant_slug)
+    conversation = Conversation.objects.create(
+        tenant_id=caller.tenant_id,
+        assistant=assistant,
+        end_user_id=caller.end_user_id,
+        title=" ".join(content.split())[:80],
+    )
+    return conversation, True
+
+
+def turn_prepare(
+    *,
+    caller: Caller,
+    content: str,
+    conversation_id: uuid.UUID | None,
+    assistant_slug: str | None,
+    client_msg_id: str | None,
+    control_channel: str,
+) -> TurnPlan:
+    """Commit the user's message and claim the conversation's generation slot, in one short
+    transaction; then assemble the prompt. Raises NotFound, InvalidInput, GenerationBusy,
+    PriceMissing."""
+    now = timezone.now()
+    assistant_message_id = uuid.uuid4()
+    with transaction.atomic():
+        conversation, created = _open_conversation(
+            caller=caller, conversation_id=conversation_id, assistant_slug=assistant_slug, content=content
+        )
+        assistant = conversation.assistant
+        if _is_generating(conversation, now):
+            raise GenerationBusy()
+        price = price_for(assistant.model)
+        user_tokens = count_message({"role": "user", "content": content}, assistant.model)
+        if user_tokens + assistant.max_tokens >= price.context_window:
+            raise InvalidInput("the message does not fit the model's context window")
+        target = provider_target(assistant)
+        user_message = Message.objects.create(
+            tenant_id=caller.tenant_id,
+            conversation=conversation,
+            seq=conversation.last_seq + 1,
+            role=Message.Role.USER,
+            content=content,
+            tokens=user_tokens,
+            client_msg_id=client_msg_id or "",
+        )
+        assistant_seq = conversation.last_seq + 2
+        Conversation.objects.filter(pk=conversation.pk).update(
+            last_seq=assistant_seq,
+            generation_id=assistant_message_id,
+            generation_channel=control_channel,
+            generation_started_at=now,
+            updated_at=now,
+        )
+    prompt = prompt_assemble(conversation=conversation, assistant=assistant, context_window=price.context_window)
+    request = ChatRequest(
+        model=assistant.model,
+        messages=prompt.messages,
+        max_tokens=assistant.max_tokens,
+        temperature=assistant.temperature,
+        user=end_user_hash(tenant_id=caller.tenant_id, end_user_id=caller.end_user_id),
+    )
+    return TurnPlan(
+        caller=caller,
+        conversation_id=conversation.id,
+        conversation_created=created,
+        user_message_id=user_message.id,
+        client_msg_id=client_msg_id,
+        assistant_message_id=assistant_message_id,
+        assistant_seq=assistant_seq,
+        model=assistant.model,
+        price=price,
+        prompt=prompt,
+        request=request,
+        target=target,
+    )
+
+
+# --- after the stream ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    """What the stream produced; token counts are None when the provider sent no usage."""
+
+    called_upstream: bool
+    content: str
+    status: str  # Message.Status
+    finish_reason: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int
+    latency_ms: int
+    ttft_ms: int | None
+    usage_outcome: str = UsageRecord.Outcome.OK
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_usd: Decimal
+
+
+def turn_finish(*, plan: TurnPlan, outcome: TurnOutcome) -> TurnResult:
+    """Store the answer (complete or incomplete), bill the call, release the conversation."""
+    estimated = outcome.prompt_tokens is None
+    prompt_tokens = plan.prompt.tokens if outcome.prompt_tokens is None else outcome.prompt_tokens
+    completion_tokens = (
+        count_text(outcome.content, plan.model) if outcome.completion_tokens is None else outcome.completion_tokens
+    )
+    with transaction.atomic():
+        Message.objects.create(
+            id=plan.assistant_message_id,
+            tenant_id=plan.caller.tenant_id,
+            conversation_id=plan.conversation_id,
+            seq=plan.assistant_seq,
+            role=Message.Role.ASSISTANT,
+            content=outcome.content,
+            tokens=count_message({"role": "assistant", "content": outcome.content}, plan.model),
+            model=plan.model,
+            status=outcome.status,
+            finish_reason=outcome.finish_reason,
+        )
+        if not outcome.called_upstream:
+            generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id)
+            return TurnResult(prompt_tokens=0, completion_tokens=0, cached_tokens=0, cost_usd=Decimal(0))
+        record = usage_record(
+            usage=UsageInput(
+                call_id=f"msg-{plan.assistant_message_id}",
+                tenant_id=plan.caller.tenant_id,
+                model=plan.model,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cached_tokens=outcome.cached_tokens,
+                estimated=estimated,
+                kind=UsageRecord.Kind.CHAT,
+                outcome=outcome.usage_outcome,
+                end_user_id=plan.caller.end_user_id,
+                api_key_id=plan.caller.api_key_id,
+                conversation_id=plan.conversation_id,
+                message_id=plan.assistant_message_id,
+                latency_ms=outcome.latency_ms,
+                ttft_ms=outcome.ttft_ms,
+            ),
+            price=plan.price,
+        )
+        generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id)
+    return TurnResult(
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        cached_tokens=record.cached_tokens,
+        cost_usd=record.cost_usd,
+    )
+
+
+def generation_release(*, conversation_id: uuid.UUID, generation_id: uuid.UUID) -> None:
+    # Conditional on our own claim: a stale claim taken over by another process stays theirs.
+    Conversation.objects.filter(pk=conversation_id, generation_id=generation_id).update(
+        generation_id=None, generation_channel="", generation_started_at=None, updated_at=timezone.now()
+    )
+
+
+def caller_for_end_user(end_user: EndUser) -> Caller:
+    return Caller(tenant_id=end_user.tenant_id, end_user_id=end_user.id)
+
+
+def conversation_generation(*, caller: Caller, conversation_id: Any) -> tuple[Conversation, str | None]:
+    """The conversation (through the gatekeeper) and the control channel of its running
+    generation, if one is running and not stale."""
+    conversation = access_conversation(caller=caller, conversation_id=conversation_id)
+    if not _is_generating(conversation, timezone.now()) or not conversation.generation_channel:
+        return conversation, None
+    return conversation, conversation.generation_channel
+
+
+def tenant_of(caller: Caller) -> Tenant:
+    return Tenant.objects.get(pk=caller.tenant_id)

@@ -1,0 +1,274 @@
+"""The provider gateway: one AsyncOpenAI client per credential, streaming, retries, error mapping.
+
+The only module that imports the `openai` SDK. Callers hand in a `ProviderTarget` (plain data,
+already decrypted by the caller's service) and get typed stream events back, or an
+`UpstreamError` carrying one of the contract's error codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx2
+import openai
+from django.conf import settings
+
+
+@dataclass(frozen=True)
+class ProviderTarget:
+    credential_id: int
+    base_url: str
+    api_key: str = field(repr=False)
+    organization: str = ""
+    version: float = 0.0  # the credential's updated_at: a changed key gets a new client
+
+    def __repr__(self) -> str:  # never print the key, even by accident
+        return f"ProviderTarget({self.credential_id}, {self.base_url})"
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int
+    temperature: float | None = None
+    user: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": self.messages,
+            "max_tokens": self.max_tokens,
+        }
+        if self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        if self.user:
+            kwargs["user"] = self.user
+        if self.tools:
+            kwargs["tools"] = self.tools
+            if self.tool_choice is not None:
+                kwargs["tool_choice"] = self.tool_choice
+            if self.parallel_tool_calls is not None:
+                kwargs["parallel_tool_calls"] = self.parallel_tool_calls
+        return kwargs
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    content: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    index: int
+    call_id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+StreamEvent = TextDelta | ToolCallDelta | Finish | Usage
+
+
+class UpstreamError(Exception):
+    """A failed upstream call, mapped to a contract error code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "upstream_error",
+        status: int | None = None,
+        retry_after: float | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+        self.retry_after = retry_after
+        self.retryable = retryable
+
+
+# --- clients ------------------------------------------------------------------------------
+
+# Clients hold connection pools bound to the event loop that opened them, so the cache is per
+# loop (Daphne has one; tests and Celery's asyncio.run make others). Entries die with the loop.
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, openai.AsyncOpenAI]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _timeout() -> httpx2.Timeout:
+    return httpx2.Timeout(
+        connect=settings.UPSTREAM_CONNECT_TIMEOUT,
+        read=settings.UPSTREAM_READ_TIMEOUT,
+        write=settings.UPSTREAM_CONNECT_TIMEOUT,
+        pool=settings.UPSTREAM_CONNECT_TIMEOUT,
+    )
+
+
+def client_for(target: ProviderTarget) -> openai.AsyncOpenAI:
+    loop = asyncio.get_running_loop()
+    per_loop = _clients.setdefault(loop, {})
+    key = (target.credential_id, target.version, target.base_url)
+    client = per_loop.get(key)
+    if client is None:
+        for stale in [k for k in per_loop if k[0] == target.credential_id]:
+            per_loop.pop(stale)
+        client = openai.AsyncOpenAI(
+            api_key=target.api_key or "missing",
+            organization=target.organization or None,
+            base_url=target.base_url,
+            timeout=_timeout(),
+            # Retries are ours (until the first token, with the caller's backoff); the SDK's
+            # would retry invisibly and could not resume a half-read stream anyway.
+            max_retries=0,
+        )
+        per_loop[key] = client
+    return client
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def _retry_after(response: Any) -> float | None:
+    if response is None:
+        return None
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def map_error(error: BaseException) -> UpstreamError:
+    """Turn whatever the SDK or transport raised into an UpstreamError. Messages never echo
+    the provider's body: it can quote request data back."""
+    if isinstance(error, UpstreamError):
+        return error
+    if isinstance(error, (openai.APITimeoutError, TimeoutError, httpx2.TimeoutException)):
+        return UpstreamError("the model provider timed out", code="upstream_timeout", retryable=True)
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        retryable = status == 429 or status >= 500 or status == 408
+        return UpstreamError(
+            f"the model provider answered {status}",
+            status=status,
+            retry_after=_retry_after(error.response),
+            retryable=retryable,
+        )
+    if isinstance(error, openai.APIConnectionError):
+        return UpstreamError("could not reach the model provider", retryable=True)
+    return UpstreamError(f"the model provider sent an unusable response ({type(error).__name__})")
+
+
+# --- streaming ----------------------------------------------------------------------------
+
+
+def _events_of(chunk: Any) -> list[StreamEvent]:
+    events: list[StreamEvent] = []
+    for choice in chunk.choices or ():
+        delta = choice.delta
+        if delta is not None:
+            if delta.content:
+                events.append(TextDelta(delta.content))
+            for call in delta.tool_calls or ():
+                function = call.function
+                events.append(
+                    ToolCallDelta(
+                        index=call.index,
+                        call_id=call.id,
+                        name=function.name if function else None,
+                        arguments=(function.arguments or "") if function else "",
+                    )
+                )
+        if choice.finish_reason:
+            events.append(Finish(choice.finish_reason))
+    usage = getattr(chunk, "usage", None)
+    if usage is not None:
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = getattr(details, "cached_tokens", None) or 0
+        events.append(Usage(usage.prompt_tokens or 0, usage.completion_tokens or 0, cached))
+    return events
+
+
+async def _open(client: openai.AsyncOpenAI, request: ChatRequest) -> tuple[Any, list[StreamEvent]]:
+    """Open the stream and read until the first meaningful event (token, tool call or finish)."""
+    stream = await client.chat.completions.create(
+        **request.as_kwargs(), stream=True, stream_options={"include_usage": True}
+    )
+    iterator = stream.__aiter__()
+    try:
+        while True:
+            chunk = await iterator.__anext__()
+            events = _events_of(chunk)
+            if events:
+                return stream, events
+    except StopAsyncIteration:
+        raise UpstreamError("the model provider closed the stream before answering") from None
+    except BaseException:
+        await stream.close()
+        raise
+
+
+async def stream_chat(target: ProviderTarget, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    """Stream one chat completion. Retries 429, 5xx, timeouts and connection failures with
+    backoff until the first token arrives; after that an error ends the stream."""
+    client = client_for(target)
+    attempt = 0
+    while True:
+        try:
+            async with asyncio.timeout(settings.UPSTREAM_FIRST_TOKEN_TIMEOUT):
+                stream, first_events = await _open(client, request)
+            break
+        except Exception as raw:  # noqa: BLE001 — every failure is mapped below
+            error = map_error(raw)
+            if not error.retryable or attempt >= settings.UPSTREAM_MAX_RETRIES:
+                raise error from None
+            delay = error.retry_after
+            if delay is None:
+                delay = settings.UPSTREAM_RETRY_BASE_DELAY * (2**attempt) * (0.5 + random.random())
+            await asyncio.sleep(min(delay, settings.UPSTREAM_RETRY_MAX_DELAY))
+            attempt += 1
+
+    finished = False
+    try:
+        for event in first_events:
+            finished = finished or isinstance(event, Finish)
+            yield event
+        async for chunk in stream:
+            for event in _events_of(chunk):
+                finished = finished or isinstance(event, Finish)
+                yield event
+    except UpstreamError:
+        raise
+    except Exception as raw:  # noqa: BLE001
+        raise map_error(raw) from None
+    finally:
+        await stream.close()
+    if not finished:
+        raise UpstreamError("the model provider ended the stream early")
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000

@@ -1,0 +1,154 @@
+"""Writes for tenants: creation, API keys, end users, end-user tokens, provider credentials."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from django.contrib.auth import get_user_model
+from django.core import signing
+from django.db import IntegrityError, transaction
+
+from .models import ApiKey, EndUser, Membership, ProviderCredential, Tenant
+
+API_KEY_PREFIX = "pk"
+END_USER_TOKEN_SALT = "parley.end-user-token"
+
+
+class InvalidApiKey(Exception):
+    """Unknown, malformed or revoked API key."""
+
+
+class InvalidEndUserToken(Exception):
+    """Forged, expired or malformed end-user token, or a blocked / unknown end user."""
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedApiKey:
+    api_key: ApiKey
+    plaintext: str  # shown once, never stored
+
+
+def api_key_create(*, tenant: Tenant, name: str = "default") -> IssuedApiKey:
+    prefix = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    plaintext = f"{API_KEY_PREFIX}_{prefix}_{secret}"
+    key = ApiKey.objects.create(tenant=tenant, name=name, prefix=prefix, key_hash=_hash_key(plaintext))
+    return IssuedApiKey(api_key=key, plaintext=plaintext)
+
+
+def api_key_authenticate(plaintext: str) -> ApiKey:
+    """The ApiKey (with its tenant loaded) for a presented key. Raises InvalidApiKey."""
+    parts = plaintext.split("_", 2)
+    if len(parts) != 3 or parts[0] != API_KEY_PREFIX:
+        raise InvalidApiKey("malformed API key")
+    try:
+        key = ApiKey.objects.select_related("tenant").get(prefix=parts[1])
+    except ApiKey.DoesNotExist:
+        raise InvalidApiKey("unknown API key") from None
+    if not hmac.compare_digest(key.key_hash, _hash_key(plaintext)):
+        raise InvalidApiKey("unknown API key")
+    if key.revoked_at is not None or not key.tenant.is_active:
+        raise InvalidApiKey("revoked API key")
+    return key
+
+
+def end_user_get_or_create(*, tenant: Tenant, external_id: str) -> EndUser:
+    try:
+        end_user, _ = EndUser.objects.get_or_create(tenant=tenant, external_id=external_id)
+    except IntegrityError:  # a concurrent first request created it
+        end_user = EndUser.objects.get(tenant=tenant, external_id=external_id)
+    return end_user
+
+
+@dataclass(frozen=True)
+class EndUserToken:
+    token: str
+    expires_at: datetime
+
+
+def end_user_token_issue(*, end_user: EndUser, ttl_seconds: int) -> EndUserToken:
+    """A signed token naming the tenant and end user, valid for ttl_seconds."""
+    if ttl_seconds <= 0:
+        raise ValueError("ttl must be positive")
+    expires_at = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=ttl_seconds)
+    payload = {"t": end_user.tenant_id, "u": str(end_user.id), "exp": int(expires_at.timestamp())}
+    token = signing.dumps(payload, salt=END_USER_TOKEN_SALT, compress=False)
+    return EndUserToken(token=token, expires_at=expires_at)
+
+
+def end_user_token_verify(token: str) -> EndUser:
+    """The EndUser a token names. Raises InvalidEndUserToken when forged, expired or blocked."""
+    try:
+        payload = signing.loads(token, salt=END_USER_TOKEN_SALT)
+        tenant_id, end_user_id, exp = int(payload["t"]), str(payload["u"]), int(payload["exp"])
+    except (signing.BadSignature, KeyError, TypeError, ValueError):
+        raise InvalidEndUserToken("invalid token") from None
+    if exp <= datetime.now(timezone.utc).timestamp():
+        raise InvalidEndUserToken("token expired")
+    try:
+        end_user = EndUser.objects.select_related("tenant").get(id=end_user_id, tenant_id=tenant_id)
+    except EndUser.DoesNotExist:
+        raise InvalidEndUserToken("invalid token") from None
+    if end_user.is_blocked or not end_user.tenant.is_active:
+        raise InvalidEndUserToken("end user is blocked")
+    return end_user
+
+
+def member_end_user(*, tenant: Tenant, user_id: int) -> EndUser:
+    """Tenant members chatting on the built-in page do so as an end user of their own."""
+    return end_user_get_or_create(tenant=tenant, external_id=f"member:{user_id}")
+
+
+@transaction.atomic
+def tenant_create(
+    *,
+    slug: str,
+    name: str = "",
+    provider_base_url: str,
+    provider_key: str = "",
+    owner_email: str | None = None,
+    owner_password: str | None = None,
+) -> tuple[Tenant, ProviderCredential]:
+    tenant = Tenant.objects.create(slug=slug, name=name or slug)
+    credential = ProviderCredential.objects.create(
+        tenant=tenant, name="default", base_url=provider_base_url, api_key=provider_key
+    )
+    if owner_email:
+        owner_add(tenant=tenant, email=owner_email, password=owner_password or "")
+    return tenant, credential
+
+
+def owner_add(*, tenant: Tenant, email: str, password: str) -> Membership:
+    """An owner signs in to the admin with their email as username."""
+    User = get_user_model()
+    user, created = User.objects.get_or_create(username=email, defaults={"email": email})
+    if created or password:
+        if not password:
+            raise ValueError("a new owner needs a password")
+        user.set_password(password)
+    user.is_staff = True
+    user.save()
+    membership, _ = Membership.objects.update_or_create(
+        tenant=tenant, user=user, defaults={"role": Membership.Role.OWNER}
+    )
+    return membership
+
+
+def end_user_hash(*, tenant_id: int, end_user_id: object) -> str:
+    """The `user` sent upstream: stable per end user, meaningless outside Parley."""
+    from django.conf import settings
+
+    digest = hmac.new(settings.SECRET_KEY.encode(), f"{tenant_id}:{end_user_id}".encode(), hashlib.sha256)
+    return "pu_" + digest.hexdigest()[:32]
+
+
+def credential_default(*, tenant_id: int) -> ProviderCredential | None:
+    return ProviderCredential.objects.for_tenant(tenant_id).order_by("id").first()

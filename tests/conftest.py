@@ -1,0 +1,127 @@
+"""Shared fixtures: the simulator over real HTTP, tenants, WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from config.asgi import application
+from tests.factories import TenantSetup, make_tenant
+from tests.simserver import SimulatorServer
+
+
+@pytest.fixture(scope="session")
+def simulator_server() -> SimulatorServer:
+    server = SimulatorServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sim(simulator_server: SimulatorServer):
+    """The simulator app, reset for this test (faults, stats, recorded requests)."""
+    simulator_server.app.reset()
+    yield simulator_server.app
+    simulator_server.app.reset()
+
+
+@pytest.fixture(autouse=True)
+def _fast_upstream(settings) -> None:
+    settings.UPSTREAM_FIRST_TOKEN_TIMEOUT = 2.0
+    settings.UPSTREAM_READ_TIMEOUT = 2.0
+    settings.UPSTREAM_RETRY_BASE_DELAY = 0.01
+    settings.UPSTREAM_RETRY_MAX_DELAY = 0.05
+
+
+@pytest.fixture
+def tenant_factory(simulator_server: SimulatorServer, db):
+    from billing.defaults import install_default_prices
+    from billing.models import ModelPrice
+
+    def make(**options: Any) -> TenantSetup:
+        # Transactional tests flush the rows the price migration made: put them back.
+        install_default_prices(ModelPrice)
+        return make_tenant(base_url=simulator_server.base_url, **options)
+
+    return make
+
+
+class ChatSocket:
+    """A WebsocketCommunicator speaking the chat protocol, with helpers to read one turn."""
+
+    def __init__(self, communicator: WebsocketCommunicator) -> None:
+        self.communicator = communicator
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.communicator.send_json_to(frame)
+
+    async def send_text(self, text: str) -> None:
+        await self.communicator.send_to(text_data=text)
+
+    async def receive(self, timeout: float = 5) -> dict[str, Any]:
+        return await self.communicator.receive_json_from(timeout=timeout)
+
+    async def receive_until(self, *types: str, timeout: float = 10) -> list[dict[str, Any]]:
+        """Every event up to and including the first whose type is in `types`."""
+        events: list[dict[str, Any]] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            event = await self.receive(timeout=max(remaining, 0.01))
+            events.append(event)
+            if event["type"] in types:
+                return events
+
+    async def turn(self, content: str, **fields: Any) -> list[dict[str, Any]]:
+        await self.send({"type": "message.create", "content": content, **fields})
+        return await self.receive_until("message.completed", "error")
+
+    async def nothing_more(self, timeout: float = 0.2) -> bool:
+        return await self.communicator.receive_nothing(timeout=timeout)
+
+
+@asynccontextmanager
+async def chat_socket(token: str | None, *, headers: list | None = None, path: str | None = None) -> AsyncIterator[ChatSocket]:
+    url = path or (f"/ws/chat/?token={token}" if token else "/ws/chat/")
+    communicator = WebsocketCommunicator(
+        application, url, headers=headers or [(b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1")]
+    )
+    connected, _ = await communicator.connect()
+    assert connected
+    try:
+        yield ChatSocket(communicator)
+    finally:
+        await communicator.disconnect()
+
+
+@pytest.fixture
+def chat():
+    return chat_socket
+
+
+async def wait_for(predicate, *, timeout: float = 5.0, interval: float = 0.02):
+    """Poll an async predicate until it is truthy (for work finishing in a detached task)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+def adb(fn):
+    """Run a sync ORM function from an async test."""
+    return database_sync_to_async(fn)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value)
