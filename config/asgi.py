@@ -1,6 +1,7 @@
 """ASGI entry point: Django for HTTP, Channels for WebSockets (origin-checked, session-aware)."""
 
 import os
+from typing import Any
 
 from django.core.asgi import get_asgi_application
 
@@ -20,10 +21,23 @@ if settings.SERVE_STATIC:
 
     http_app = ASGIStaticFilesHandler(django_asgi_app)
 
-application = ProtocolTypeRouter(
+application: Any = ProtocolTypeRouter(
     {
         "http": http_app,
         # A cookie-authenticated socket is open to cross-site hijacking without the origin check.
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
+
+if settings.SIMULATOR_MOUNTED:
+    # Embedded demo: the model simulator answers at /simulator/v1 inside this same process, so
+    # `make run` is the whole system in one process. Off unless DEBUG (or asked for).
+    from llm.simulator import create_app
+
+    _simulator = create_app(ttft_ms=settings.SIMULATOR_TTFT_MS, tokens_per_second=settings.SIMULATOR_TPS)
+    _parley = application
+
+    async def application(scope, receive, send):  # type: ignore[no-redef]
+        if scope["type"] == "http" and scope["path"].startswith("/simulator/"):
+            return await _simulator({**scope, "root_path": scope.get("root_path", "") + "/simulator"}, receive, send)
+        return await _parley(scope, receive, send)

@@ -143,7 +143,14 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": "parley", "capacity": 1000, "expiry": 60},
+            "CONFIG": {
+                # redis-py 8 times out socket reads after 5 s by default, which kills
+                # channels_redis' 5 s blocking pops; allow well over that.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                "prefix": "parley",
+                "capacity": 1000,
+                "expiry": 60,
+            },
         }
     }
 else:
@@ -234,3 +241,8 @@ END_USER_TOKEN_DEFAULT_TTL = env.int("END_USER_TOKEN_DEFAULT_TTL", default=3600)
 MAX_MESSAGE_CHARS = env.int("MAX_MESSAGE_CHARS", default=32_000)
 # A generation claim older than this is considered abandoned (its process died).
 GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=900)
+
+# The built-in model simulator, mounted at /simulator/v1 for the embedded demo.
+SIMULATOR_MOUNTED = env.bool("SIMULATOR_MOUNTED", default=DEBUG)
+SIMULATOR_TTFT_MS = env.float("SIMULATOR_TTFT_MS", default=150)
+SIMULATOR_TPS = env.float("SIMULATOR_TPS", default=40)

@@ -46,6 +46,7 @@ GROUP_EVENT = "chat.event"
 STATE_REPLY = "chat.state"
 CONTROL_CANCEL = "generation.cancel"
 CONTROL_STATE = "generation.state"
+CONTROL_STOP = "generation.stop"
 
 # Strong references: the event loop keeps only weak ones to tasks.
 _running: set[asyncio.Task] = set()
@@ -63,7 +64,9 @@ async def turn_submit(*, caller: Caller, command: MessageCreate, subscriber: str
 
     Raises the services' domain errors before anything is published."""
     layer = get_channel_layer()
-    control = await layer.new_channel("gen.")
+    # Default prefix: channels_redis reads all of a process's specific channels through one
+    # receive loop keyed on it; a custom prefix would starve the sockets' channels.
+    control = await layer.new_channel()
     plan = await database_sync_to_async(services.turn_prepare)(
         caller=caller,
         content=command.content,
@@ -132,6 +135,10 @@ class Generation:
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self._stream_task: asyncio.Task | None = None
+        # Held while a delta is appended and published, and while a state reply is built and
+        # sent: a joiner's state then either includes a delta whose publish already finished,
+        # or excludes it and is delivered before it (the joiner drops deltas until its state).
+        self._publish_lock = asyncio.Lock()
 
     @property
     def message_id(self) -> str:
@@ -151,6 +158,17 @@ class Generation:
             logger.exception("generation %s failed", self.message_id)
             await self._abandon()
         finally:
+            await self._stop_listening(listener)
+
+    async def _stop_listening(self, listener: asyncio.Task) -> None:
+        # Never cancel a channels_redis receive: it pops from a list shared by every channel
+        # of this process, and a receive cancelled mid-pop drops a socket's message. Ask the
+        # listener to return instead.
+        try:
+            await get_channel_layer().send(self.control_channel, {"type": CONTROL_STOP})
+            await asyncio.wait_for(asyncio.shield(listener), timeout=10)
+        except Exception:
+            logger.warning("generation %s: control listener did not stop cleanly", self.message_id)
             listener.cancel()
 
     async def _announce(self) -> None:
@@ -181,8 +199,9 @@ class Generation:
             if isinstance(event, TextDelta):
                 if self.first_token_at is None:
                     self.first_token_at = time.monotonic()
-                self.content_parts.append(event.content)
-                await publish(self.plan, Delta(message_id=self.message_id, content=event.content))
+                async with self._publish_lock:
+                    self.content_parts.append(event.content)
+                    await publish(self.plan, Delta(message_id=self.message_id, content=event.content))
             elif isinstance(event, Finish):
                 self.finish_reason = event.reason
             elif isinstance(event, Usage):
@@ -193,16 +212,19 @@ class Generation:
         while True:
             message = await layer.receive(self.control_channel)
             kind = message.get("type")
+            if kind == CONTROL_STOP:
+                return
             if kind == CONTROL_CANCEL:
                 self.cancel()
             elif kind == CONTROL_STATE and isinstance(message.get("reply_to"), str):
-                state = ConversationState(
-                    conversation_id=str(self.plan.conversation_id),
-                    generating=True,
-                    message_id=self.message_id,
-                    content=self.content,
-                )
-                await layer.send(message["reply_to"], {"type": STATE_REPLY, "event": state.as_dict()})
+                async with self._publish_lock:
+                    state = ConversationState(
+                        conversation_id=str(self.plan.conversation_id),
+                        generating=True,
+                        message_id=self.message_id,
+                        content=self.content,
+                    )
+                    await layer.send(message["reply_to"], {"type": STATE_REPLY, "event": state.as_dict()})
 
     def cancel(self) -> None:
         if self._stream_task is None:

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible Chat Completions upstream as a raw ASGI app: deterministic, paced, faultable.
+"""An OpenAI-compatible Chat Completions upstream, as a raw ASGI app: deterministic and faultable.
 
 Used as the model in tests, the demo and benchmarks; the real `openai` SDK parses every byte.
 
@@ -13,6 +13,8 @@ Endpoints
 - ``GET /sim/stats``, ``POST /sim/reset``, ``GET /sim/requests`` (no auth): the counters, a
   reset, and the recorded request bodies, for tests that run the simulator out of process.
 - Anything else: 404 with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
+
+Mounted inside another ASGI app, paths are matched below the scope's ``root_path``.
 
 The reply
 ---------
@@ -50,12 +52,15 @@ are stripped from the echoed text and from the reply seed. A malformed directive
 ``tps=R``          per-request chunks per second (0 = unpaced)
 =================  ==========================================================================
 
-How faults reach the ``openai`` SDK (3.57, httpx2), over uvicorn: ``cut`` raises from the app
-after the response started, uvicorn closes the socket without the terminating chunk, and the
-stream raises ``openai.APIConnectionError`` (an incomplete chunked body) after the N deltas.
-``malformed`` raises ``json.JSONDecodeError`` from the iteration. ``hang`` ends in
-``openai.APITimeoutError`` at the client's timeout. Non-streamed: ``hang_after`` hangs, ``cut``
-sends half the JSON then drops the connection, ``malformed`` sends a non-JSON 200 body.
+How faults reach the ``openai`` SDK (3.57, httpx2) over uvicorn: ``cut`` raises StreamCut from
+the app after the response started; uvicorn closes the socket without the terminating chunk
+(its traceback log is filtered out), and iterating the stream yields the N deltas, then raises
+``openai.APIConnectionError`` (cause: httpx2 ``RemoteProtocolError``, incomplete chunked read).
+``malformed`` raises ``json.JSONDecodeError`` from the iteration, after the N deltas. ``hang``
+ends in ``openai.APITimeoutError`` at the client's timeout. Non-streamed: ``hang_after`` hangs
+too, ``cut`` sends half the JSON body then drops the connection (``APIConnectionError``), and
+``malformed`` answers 200 with a non-JSON body (``json.JSONDecodeError``). Through httpx2's
+in-process ``ASGITransport`` (which buffers whole responses) ``cut`` raises StreamCut itself.
 
 Programmatic faults and stats
 -----------------------------
@@ -64,12 +69,15 @@ faults (the directive keys as keyword arguments) in ``app.faults``; each valid c
 request consumes the head of the queue FIFO, its fields overriding the message's directives.
 ``app.stats`` counts requests (every chat completion POST), completions (answered to the end),
 incomplete (cut, hang, malformed, client disconnect), errors (4xx/5xx answered) and the tokens
-served: full prompt tokens for every reply begun (error statuses excluded) and the completion
-tokens of the content chunks actually sent. ``app.requests`` keeps the last 200 valid request
-bodies. ``app.reset()`` clears faults, stats, failure counts and recorded requests.
+served: the full prompt tokens of every reply begun (error answers excluded) and the completion
+tokens of the content chunks actually sent (a broken non-streamed answer delivers none). Each
+chunk is booked right after it is sent, a completion before its ``[DONE]``: a client that has
+read to the end finds the stats final. ``app.requests`` keeps the last 200 valid request bodies
+(injected failures included). ``app.reset()`` clears faults, stats, failure counts and requests.
 
-Later (the request path is split so they slot in): tool calls streamed in fragments,
-``/v1/moderations``, prompt-prefix caching with ``prompt_tokens_details.cached_tokens``.
+The request path is ``parse_chat_request`` → ``plan_reply`` (a ReplyPlan) → ``_Reply.stream`` /
+``_Reply.json``, so what comes later slots in: tool calls streamed in fragments (plan + render),
+``/v1/moderations`` (a route), prompt-prefix caching (``ReplyPlan.usage`` cached_tokens).
 """
 
 from __future__ import annotations
@@ -85,8 +93,9 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Awaitable, Callable, MutableMapping
+from typing import Any, NoReturn
 
 from llm.tokens import count_messages, count_text
 
@@ -109,7 +118,6 @@ FILLER = (
     "green", "north", "water", "stone", "music", "world", "story", "little", "house", "morning",
 )
 _DIRECTIVE = re.compile(r"\[\[sim:([^\]]*)\]\]")
-_JSON = {"separators": (",", ":"), "ensure_ascii": False}
 
 
 class ApiError(Exception):
@@ -152,8 +160,8 @@ def _status_error(status: int, retry_after: float | None) -> ApiError:
         return ApiError(401, "Incorrect API key provided (simulated).", code="invalid_api_key",
                         headers=headers)
     if status >= 500:
-        return ApiError(status, "The server had an error while processing your request (simulated).",
-                        headers=headers)
+        return ApiError(status, "The server had an error while processing your request "
+                                "(simulated).", headers=headers)
     return ApiError(status, f"Simulated error {status}.", headers=headers)
 
 
@@ -196,8 +204,9 @@ class Directives:
 
 
 _DIRECTIVE_TYPES: dict[str, Callable[[str], Any]] = {
-    "status": int, "retry_after": float, "fail_times": int, "hang": lambda v: v not in ("0", "false"),
-    "hang_after": int, "cut": int, "malformed": int, "words": int, "ttft_ms": float, "tps": float,
+    "status": int, "retry_after": float, "fail_times": int, "hang_after": int, "cut": int,
+    "malformed": int, "words": int, "ttft_ms": float, "tps": float,
+    "hang": lambda value: value not in ("0", "false"),
 }
 
 
@@ -207,12 +216,11 @@ def parse_directives(text: str) -> tuple[Directives, str]:
     for block in _DIRECTIVE.findall(text):
         for item in block.split():
             key, _, raw = item.partition("=")
-            if key not in _DIRECTIVE_TYPES or not raw:
-                raise ApiError(400, f"Invalid simulator directive {item!r}.", param="messages")
             try:
                 values[key] = _DIRECTIVE_TYPES[key](raw)
-            except ValueError:
-                raise ApiError(400, f"Invalid simulator directive {item!r}.", param="messages") from None
+            except (KeyError, ValueError):
+                raise ApiError(400, f"Invalid simulator directive {item!r}.",
+                               param="messages") from None
     return Directives(**values), " ".join(_DIRECTIVE.sub(" ", text).split())
 
 
@@ -221,7 +229,7 @@ def parse_directives(text: str) -> tuple[Directives, str]:
 
 
 @dataclass
-class ChatRequest:
+class ParsedRequest:
     body: dict[str, Any]
     model: str
     messages: list[dict[str, Any]]
@@ -243,7 +251,7 @@ def message_text(message: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
+def parse_chat_request(raw: bytes) -> ParsedRequest:
     """Validate a chat completion body the way OpenAI does (the parts we model). Raises ApiError."""
     body = _json_object(raw)
     model = body.get("model")
@@ -258,13 +266,17 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     users = [m for m in messages if m["role"] == "user"]
     directives, echo = parse_directives(message_text(users[-1])) if users else (Directives(), "")
     cleaned = [{**m, "content": _DIRECTIVE.sub("", message_text(m))} for m in messages]
-    return ChatRequest(
+    return ParsedRequest(
         body=body, model=model, messages=messages, stream=stream,
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
         max_tokens=_max_tokens(body), directives=directives, echo=echo, user_turns=len(users),
-        seed=hashlib.sha256(json.dumps(cleaned, sort_keys=True).encode()).digest(),
-        fingerprint=hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest(),
+        seed=_digest(cleaned),
+        fingerprint=_digest([model, messages]).hex(),
     )
+
+
+def _digest(value: Any) -> bytes:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -351,7 +363,7 @@ class ReplyPlan:
         }
 
 
-def compose_words(request: ChatRequest, count: int) -> list[str]:
+def compose_words(request: ParsedRequest, count: int) -> list[str]:
     """The deterministic reply, as content pieces: echo, turn number, seeded filler."""
     echoed = request.echo.split()[:ECHO_WORDS] or ["nothing"]
     echoed[-1] = echoed[-1].rstrip(".!?,;:") + "."
@@ -363,33 +375,40 @@ def compose_words(request: ChatRequest, count: int) -> list[str]:
     return words[:1] + [" " + word for word in words[1:]]
 
 
-def fit_to_max_tokens(pieces: list[str], max_tokens: int | None, model: str) -> tuple[list[str], str]:
-    """The longest prefix whose token count fits max_tokens, and the finish reason."""
+def fit_to_max_tokens(pieces: list[str], max_tokens: int | None, model: str) -> list[str]:
+    """The longest prefix of the pieces whose token count fits ``max_tokens``."""
     if max_tokens is None:
-        return pieces, "stop"
-    text = ""
-    for i, piece in enumerate(pieces):
-        if count_text(text + piece, model) > max_tokens:
-            return pieces[:i], "length"
-        text += piece
-    return pieces, "stop"
+        return pieces
+    # Summing per-piece counts keeps this linear; the exact count of the prefix then has the
+    # last word (BPE rarely merges across a space, but a bill must never pass max_tokens).
+    keep, total = 0, 0
+    for tokens in (count_text(piece, model) for piece in pieces):
+        if total + tokens > max_tokens:
+            break
+        keep, total = keep + 1, total + tokens
+    while keep and count_text("".join(pieces[:keep]), model) > max_tokens:
+        keep -= 1
+    return pieces[:keep]
 
 
-def plan_reply(request: ChatRequest, fault: Directives, *, ttft_ms: float, tps: float) -> ReplyPlan:
-    words = fault.words if fault.words is not None else DEFAULT_WORDS
-    pieces, finish = fit_to_max_tokens(compose_words(request, words), request.max_tokens, request.model)
+def plan_reply(
+    request: ParsedRequest, fault: Directives, *, ttft_ms: float, tps: float,
+) -> ReplyPlan:
+    words = compose_words(request, fault.words if fault.words is not None else DEFAULT_WORDS)
+    pieces = fit_to_max_tokens(words, request.max_tokens, request.model)
     completion = count_text("".join(pieces), request.model)
     piece_tokens = [count_text(piece, request.model) for piece in pieces]
     if piece_tokens:
-        # Per-piece counts let a cut stream bill what it sent; BPE almost never merges across a
-        # word boundary, but fold any difference into the last piece so a full reply reconciles.
+        # Per-piece counts let a cut stream bill what it sent; fold any cross-word difference
+        # into the last piece so a whole reply books exactly usage.completion_tokens.
         piece_tokens[-1] += completion - sum(piece_tokens)
     rate = fault.tps if fault.tps is not None else tps
     return ReplyPlan(
         id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=request.model,
-        pieces=pieces, piece_tokens=piece_tokens, finish_reason=finish,
-        prompt_tokens=count_messages(request.messages, request.model), completion_tokens=completion,
-        include_usage=request.include_usage,
+        pieces=pieces, piece_tokens=piece_tokens,
+        finish_reason="length" if len(pieces) < len(words) else "stop",
+        prompt_tokens=count_messages(request.messages, request.model),
+        completion_tokens=completion, include_usage=request.include_usage,
         ttft=(fault.ttft_ms if fault.ttft_ms is not None else ttft_ms) / 1000,
         interval=1 / rate if rate and rate > 0 else 0.0, interruption=fault.interruption(),
     )
@@ -428,8 +447,13 @@ def usage_event(plan: ReplyPlan) -> bytes:
     })
 
 
+def dumps(payload: Any) -> bytes:
+    """Compact JSON, as OpenAI writes it."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, **_JSON).encode() + b"\n\n"
+    return b"data: " + dumps(payload) + b"\n\n"
 
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -437,7 +461,7 @@ MALFORMED_EVENT = b"data: {this is not json\n\n"
 
 
 async def send_json(send: Send, status: int, payload: Any, headers: Headers | None = None) -> None:
-    body = json.dumps(payload, **_JSON).encode()
+    body = dumps(payload)
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         *(headers or [])]})
@@ -517,14 +541,93 @@ _CUT_LOG_FILTER = _CutLogFilter()
 
 
 # ---------------------------------------------------------------------------------------------
+# One reply on the wire
+
+
+class _Reply:
+    """Renders one plan as a stream or a JSON body; books it in the stats exactly once."""
+
+    def __init__(self, sim: Simulator, plan: ReplyPlan, send: Send, headers: Headers) -> None:
+        self.sim, self.plan, self.send, self.headers = sim, plan, send, headers
+        self.outcome: str | None = None
+        self.stop_at, self.action = plan.interruption or (len(plan.pieces), "")
+
+    def settle(self, outcome: str) -> None:
+        """Book "completed" or "incomplete" once: a hang may later also see a disconnect."""
+        if self.outcome is None:
+            self.outcome = outcome
+            if outcome == "completed":
+                self.sim.stats.completions += 1
+            else:
+                self.sim.stats.incomplete += 1
+
+    async def stream(self) -> None:
+        plan = self.plan
+        if self.action == "hang" and self.stop_at == 0:
+            await self._hang()
+        await asyncio.sleep(plan.ttft)
+        await self._start("text/event-stream; charset=utf-8")
+        role = {"role": "assistant", "content": "", "refusal": None}
+        await _body(self.send, chunk_event(plan, role))
+        start = asyncio.get_running_loop().time()
+        for i, piece in enumerate(plan.pieces[: self.stop_at]):
+            await _sleep_until(start + i * plan.interval)
+            await _body(self.send, chunk_event(plan, {"content": piece}))
+            # Booked right after the send and before any other await: a client that has seen
+            # this chunk and then reads the stats finds it counted.
+            self.sim.stats.completion_tokens += plan.piece_tokens[i]
+        if self.action:
+            return await self._interrupt_stream()
+        await _body(self.send, chunk_event(plan, {}, plan.finish_reason))
+        if plan.include_usage:
+            await _body(self.send, usage_event(plan))
+        self.settle("completed")
+        await self.send({"type": "http.response.body", "body": DONE_EVENT})
+
+    async def _interrupt_stream(self) -> None:
+        if self.action == "cut":
+            self._cut()
+        if self.action == "malformed":
+            self.settle("incomplete")
+            return await self.send({"type": "http.response.body", "body": MALFORMED_EVENT})
+        await self._hang()
+
+    async def json(self) -> None:
+        plan = self.plan
+        if self.action == "hang":
+            await self._hang()
+        # A non-streamed answer arrives when the whole generation is done.
+        await asyncio.sleep(plan.ttft + plan.interval * max(0, len(plan.pieces) - 1))
+        if self.action == "malformed":
+            self.settle("incomplete")
+            await self._start("application/json")
+            return await self.send({"type": "http.response.body", "body": b"{this is not json"})
+        body = dumps(completion_body(plan))
+        await self._start("application/json", content_length=len(body))
+        if self.action == "cut":
+            await _body(self.send, body[: len(body) // 2])
+            self._cut()
+        self.sim.stats.completion_tokens += plan.completion_tokens
+        self.settle("completed")
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def _start(self, content_type: str, content_length: int | None = None) -> None:
+        headers = [(b"content-type", content_type.encode()), *self.headers]
+        if content_length is not None:
+            headers.append((b"content-length", str(content_length).encode()))
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def _hang(self) -> None:
+        self.settle("incomplete")
+        await asyncio.sleep(HANG_SECONDS)  # until the client gives up and disconnects
+
+    def _cut(self) -> NoReturn:
+        self.settle("incomplete")
+        raise StreamCut("simulated connection cut")
+
+
+# ---------------------------------------------------------------------------------------------
 # The app
-
-
-@dataclass
-class _Delivery:
-    """What one reply actually put on the wire, settled once."""
-
-    outcome: str | None = None   # "completed" | "incomplete"
 
 
 class Simulator:
@@ -568,7 +671,7 @@ class Simulator:
             await send_json(send, error.status, error.body(), error.headers)
 
     async def _route(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], _app_path(scope)
         if (method, path) == ("POST", "/v1/chat/completions"):
             return await self._chat(scope, body, receive, send)
         if (method, path) == ("GET", "/v1/models"):
@@ -597,13 +700,12 @@ class Simulator:
             return await send_json(send, error.status, error.body(), headers + error.headers)
         plan = plan_reply(request, fault, ttft_ms=self.ttft_ms, tps=self.tokens_per_second)
         self.stats.prompt_tokens += plan.prompt_tokens
-        delivery = _Delivery()
-        render = self._stream if request.stream else self._json
-        if not await _until_disconnect(render(plan, delivery, send, headers), receive):
-            self._settle(delivery, "incomplete")
+        reply = _Reply(self, plan, send, headers)
+        if not await _until_disconnect(reply.stream() if request.stream else reply.json(), receive):
+            reply.settle("incomplete")
 
-    def _fault_for(self, request: ChatRequest) -> Directives:
-        """The request's directives overridden by the next queued fault. Raises ApiError (status)."""
+    def _fault_for(self, request: ParsedRequest) -> Directives:
+        """The message's directives, overridden by the next queued fault. Raises ApiError."""
         with self._lock:
             fault = request.directives
             if self.faults:
@@ -620,72 +722,6 @@ class Simulator:
                 self._failures[request.fingerprint] += 1
         raise _status_error(fault.status, fault.retry_after)
 
-    def _settle(self, delivery: _Delivery, outcome: str) -> None:
-        if delivery.outcome is None:
-            delivery.outcome = outcome
-            if outcome == "completed":
-                self.stats.completions += 1
-            else:
-                self.stats.incomplete += 1
-
-    async def _stream(self, plan: ReplyPlan, delivery: _Delivery, send: Send, headers: Headers) -> None:
-        stop_at, action = plan.interruption or (len(plan.pieces), "")
-        await self._before_first_byte(plan, delivery, stop_at, action)
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), *headers]})
-        await _body(send, chunk_event(plan, {"role": "assistant", "content": "", "refusal": None}))
-        start = asyncio.get_running_loop().time()
-        for i, piece in enumerate(plan.pieces[:stop_at]):
-            await _sleep_until(start + i * plan.interval)
-            await _body(send, chunk_event(plan, {"content": piece}))
-            # Counted right after the send, before any other await: a client that has seen
-            # this chunk and asks for the stats sees it billed.
-            self.stats.completion_tokens += plan.piece_tokens[i]
-        if action:
-            return await self._interrupt(action, delivery, send)
-        await _body(send, chunk_event(plan, {}, plan.finish_reason))
-        if plan.include_usage:
-            await _body(send, usage_event(plan))
-        self._settle(delivery, "completed")
-        await send({"type": "http.response.body", "body": DONE_EVENT})
-
-    async def _before_first_byte(self, plan: ReplyPlan, delivery: _Delivery, stop_at: int, action: str) -> None:
-        if action == "hang" and stop_at == 0:
-            self._settle(delivery, "incomplete")
-            await asyncio.sleep(HANG_SECONDS)
-        await asyncio.sleep(plan.ttft)
-
-    async def _interrupt(self, action: str, delivery: _Delivery, send: Send) -> None:
-        self._settle(delivery, "incomplete")
-        if action == "cut":
-            raise StreamCut("simulated connection cut")
-        if action == "malformed":
-            return await send({"type": "http.response.body", "body": MALFORMED_EVENT})
-        await asyncio.sleep(HANG_SECONDS)
-
-    async def _json(self, plan: ReplyPlan, delivery: _Delivery, send: Send, headers: Headers) -> None:
-        action = plan.interruption[1] if plan.interruption else ""
-        if action == "hang":
-            self._settle(delivery, "incomplete")
-            await asyncio.sleep(HANG_SECONDS)
-        await asyncio.sleep(plan.ttft + plan.interval * max(0, len(plan.pieces) - 1))
-        if action == "malformed":
-            self._settle(delivery, "incomplete")
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"application/json"), *headers]})
-            return await send({"type": "http.response.body", "body": b"{this is not json"})
-        body = json.dumps(completion_body(plan), **_JSON).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            *headers]})
-        if action == "cut":
-            self._settle(delivery, "incomplete")
-            await _body(send, body[: len(body) // 2])
-            raise StreamCut("simulated connection cut")
-        self.stats.completion_tokens += plan.completion_tokens
-        self._settle(delivery, "completed")
-        await send({"type": "http.response.body", "body": body})
-
 
 def create_app(*, ttft_ms: float = 0, tokens_per_second: float = 0) -> Simulator:
     return Simulator(ttft_ms=ttft_ms, tokens_per_second=tokens_per_second)
@@ -695,6 +731,12 @@ def models_body() -> dict[str, Any]:
     return {"object": "list", "data": [
         {"id": model, "object": "model", "created": 1_715_367_049, "owned_by": "system"}
         for model in MODELS]}
+
+
+def _app_path(scope: Scope) -> str:
+    """The path below the mount point: honours ``root_path`` when mounted inside another app."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def _require_bearer(scope: Scope) -> None:

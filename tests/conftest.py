@@ -101,9 +101,27 @@ async def chat_socket(token: str | None, *, headers: list | None = None, path: s
         await communicator.disconnect()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer():
+    """channels_redis binds its locks to the event loop that first used them; every test has
+    its own loop, so every test gets its own layer instance."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
+
+
 @pytest.fixture
-def chat():
-    return chat_socket
+async def chat():
+    yield chat_socket
+    # Generations are detached from sockets: let this test's finish before its loop closes.
+    from conversations.engine import _running
+
+    if _running:
+        done, pending = await asyncio.wait(list(_running), timeout=10)
+        for task in pending:
+            task.cancel()
 
 
 async def wait_for(predicate, *, timeout: float = 5.0, interval: float = 0.02):

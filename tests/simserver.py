@@ -19,11 +19,12 @@ from llm.simulator import Simulator, create_app
 
 
 class SimulatorServer:
-    """uvicorn serving one Simulator on 127.0.0.1; ``app`` is that Simulator, for stats and faults."""
+    """uvicorn serving one Simulator on 127.0.0.1; ``app`` is it, for its stats and faults."""
 
     def __init__(self, app: Simulator | None = None, *, ttft_ms: float = 0,
                  tokens_per_second: float = 0) -> None:
-        self.app = app or create_app(ttft_ms=ttft_ms, tokens_per_second=tokens_per_second)
+        self.app = app if app is not None else create_app(
+            ttft_ms=ttft_ms, tokens_per_second=tokens_per_second)
         self.host = "127.0.0.1"
         self.port = 0
         self._server: uvicorn.Server | None = None

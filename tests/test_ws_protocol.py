@@ -126,7 +126,7 @@ async def test_cancel_stops_the_stream_and_keeps_what_streamed(tenant_factory, c
         conversation_id = events[0]["id"]
         await socket.send({"type": "generation.cancel", "conversation_id": conversation_id})
         events += await socket.receive_until("error", "message.completed")
-    assert events[-1]["type"] == "error" and events[-1]["code"] == "cancelled"
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "cancelled", events[-1]
     streamed = "".join(e["content"] for e in events if e["type"] == "delta")
     assert 0 < len(streamed.split()) < 400
 
@@ -294,6 +294,7 @@ async def test_cross_origin_socket_is_rejected(tenant_factory, chat):
     )
     connected, _ = await communicator.connect()
     assert not connected
+    await communicator.disconnect()
 
 
 async def test_provider_key_is_ciphertext_in_the_database(tenant_factory):

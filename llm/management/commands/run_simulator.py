@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -25,10 +26,9 @@ class Command(BaseCommand):
         app = create_app(ttft_ms=options["ttft_ms"], tokens_per_second=options["tokens_per_second"])
         config = uvicorn.Config(app, host=options["host"], port=options["port"], loop="asyncio",
                                 log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
-        try:
+        # uvicorn re-raises the Ctrl-C it handled; being stopped is how this command ends.
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(self._serve(uvicorn.Server(config), options))
-        except KeyboardInterrupt:
-            pass  # uvicorn re-raises the Ctrl-C it handled; stopping is the expected end
 
     async def _serve(self, server: uvicorn.Server, options: dict[str, Any]) -> None:
         # Bound before serving so the printed port is the real one, even for --port 0.

@@ -1,0 +1,139 @@
+"""Two Daphne processes sharing PostgreSQL and Redis serve one tenant's conversation.
+
+A generation started through process A is joined, watched and cancelled through process B:
+the channel layer, not process memory, carries every event. Needs the Redis channel layer
+and a database other processes can open, so it runs in services mode (CI) only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import websockets
+from django.conf import settings
+from django.db import connection
+
+from conversations.models import Message
+from tests.conftest import adb
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(
+        not (settings.REDIS_URL and settings.SERVICES_MODE),
+        reason="needs the Redis channel layer and PostgreSQL shared between processes",
+    ),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def daphne_processes(count: int):
+    db = connection.settings_dict
+    database_url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": settings.REDIS_URL,
+        "SECRET_KEY": settings.SECRET_KEY,
+        "FIELD_ENCRYPTION_KEYS": ",".join(settings.FIELD_ENCRYPTION_KEYS),
+        "DEBUG": "false",
+        "LOG_LEVEL": "WARNING",
+    }
+    ports = [_free_port() for _ in range(count)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        for port in ports
+    ]
+    try:
+        for port, process in zip(ports, processes):
+            _wait_listening(port, process)
+        yield ports
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daphne exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("daphne did not start listening")
+
+
+async def _until(ws, *types: str, timeout: float = 10) -> list[dict]:
+    events = []
+    async with asyncio.timeout(timeout):
+        while True:
+            event = json.loads(await ws.recv())
+            events.append(event)
+            if event["type"] in types:
+                return events
+
+
+async def test_two_processes_share_one_conversation(tenant_factory, sim):
+    setup = await adb(tenant_factory)()
+    token = await adb(setup.token)()
+    origin = {"Origin": "http://127.0.0.1"}
+    with daphne_processes(2) as (port_a, port_b):
+        async with (
+            websockets.connect(f"ws://127.0.0.1:{port_a}/ws/chat/?token={token}", additional_headers=origin) as a,
+            websockets.connect(f"ws://127.0.0.1:{port_b}/ws/chat/?token={token}", additional_headers=origin) as b,
+        ):
+            # A generation started in process A, joined mid-stream through process B.
+            await a.send(json.dumps({"type": "message.create", "content": "story [[sim:words=60 tps=120]]"}))
+            started = await _until(a, "delta")
+            conversation_id = started[0]["id"]
+            await b.send(json.dumps({"type": "conversation.join", "conversation_id": conversation_id}))
+            seen_by_b = await _until(b, "message.completed")
+            seen_by_a = started + await _until(a, "message.completed")
+
+            state = seen_by_b[0]
+            assert state["type"] == "conversation.state" and state["generating"] is True
+            full = "".join(e["content"] for e in seen_by_a if e["type"] == "delta")
+            assert state["content"] + "".join(e["content"] for e in seen_by_b if e["type"] == "delta") == full
+            assert seen_by_b[-1] == seen_by_a[-1]
+
+            # A cancel sent to process B stops the generation running in process A.
+            await a.send(json.dumps({
+                "type": "message.create", "conversation_id": conversation_id,
+                "content": "again [[sim:words=400 tps=100]]",
+            }))
+            await _until(a, "delta")
+            await b.send(json.dumps({"type": "generation.cancel", "conversation_id": conversation_id}))
+            ended_a = await _until(a, "error", "message.completed")
+            assert ended_a[-1]["code"] == "cancelled"
+
+    stored = await adb(lambda: list(
+        Message.objects.filter(conversation_id=conversation_id).order_by("seq").values_list("role", "status")
+    ))()
+    assert stored == [("user", "complete"), ("assistant", "complete"), ("user", "complete"), ("assistant", "incomplete")]
