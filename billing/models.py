@@ -109,3 +109,80 @@ class SpendingCap(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scope} {self.period} ${self.limit_usd}"
+
+
+class CapPeriod(models.Model):
+    """What one cap has spent and holds in reserve during one period, for one subject.
+
+    A new period is a new row (rollover is derived from the clock, never from a reset job),
+    so history stays. `subject` is the end user or API key id for per-subject caps.
+    """
+
+    cap = models.ForeignKey(SpendingCap, on_delete=models.CASCADE, related_name="periods")
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    subject = models.CharField(max_length=64, blank=True, default="")
+    period_start = models.DateTimeField()
+    # Snapshot of the cap's limit, refreshed at each reservation: the conditional update that
+    # admits a call compares against a column of the same row.
+    limit_usd = models.DecimalField(max_digits=14, decimal_places=4)
+    spent_usd = models.DecimalField(**MONEY, default=Decimal("0"))
+    reserved_usd = models.DecimalField(**MONEY, default=Decimal("0"))
+
+    objects = TenantManager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["cap", "subject", "period_start"], name="cap_period_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.cap} from {self.period_start:%Y-%m-%d}: ${self.spent_usd} spent, ${self.reserved_usd} held"
+
+
+class Reservation(models.Model):
+    """The worst-case cost of one upstream call, held against every cap that applies."""
+
+    class Status(models.TextChoices):
+        HELD = "held"
+        SETTLED = "settled"
+        EXPIRED = "expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    call_id = models.CharField(max_length=64, unique=True)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    amount_usd = models.DecimalField(**MONEY)
+    period_ids = models.JSONField(default=list)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.HELD)
+    actual_usd = models.DecimalField(**MONEY, null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    settled_at = models.DateTimeField(null=True, blank=True)
+
+    objects = TenantManager()
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "created_at"])]
+
+
+class CapAlert(models.Model):
+    """One threshold crossed in one period: the unique constraint makes the alert happen once."""
+
+    cap = models.ForeignKey(SpendingCap, on_delete=models.CASCADE, related_name="alerts")
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    subject = models.CharField(max_length=64, blank=True, default="")
+    period_start = models.DateTimeField()
+    threshold = models.PositiveSmallIntegerField()
+    spent_usd = models.DecimalField(**MONEY)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TenantManager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["cap", "subject", "period_start", "threshold"], name="cap_alert_once"
+            )
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.cap}: {self.threshold}% reached (${self.spent_usd})"

@@ -7,6 +7,7 @@ cache, rate limits and Celery; DEBUG off unless asked; SECRET_KEY and FIELD_ENCR
 must come from the environment.
 """
 
+import os
 from pathlib import Path
 
 import environ
@@ -127,6 +128,9 @@ else:
                 "timeout": 20,
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
+            # A file, not SQLite's in-memory shared cache: shared-cache locks ignore the busy
+            # timeout, so concurrent test threads would fail instead of waiting their turn.
+            "TEST": {"NAME": str(VAR_DIR / f"test-{os.getpid()}.sqlite3")},
         }
     }
 
@@ -166,6 +170,9 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_SOFT_TIME_LIMIT = 120
 CELERY_TASK_TIME_LIMIT = 180
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BEAT_SCHEDULE = {
+    "expire-stale-reservations": {"task": "billing.tasks.reservations_expire_stale", "schedule": 300.0},
+}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -246,3 +253,14 @@ GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=900)
 SIMULATOR_MOUNTED = env.bool("SIMULATOR_MOUNTED", default=DEBUG)
 SIMULATOR_TTFT_MS = env.float("SIMULATOR_TTFT_MS", default=150)
 SIMULATOR_TPS = env.float("SIMULATOR_TPS", default=40)
+
+# A held reservation older than this belongs to a crashed process: beat settles it.
+RESERVATION_TTL_SECONDS = env.int("RESERVATION_TTL_SECONDS", default=1800)
+# Margin on the reserved prompt cost: our tiktoken count vs the provider's.
+RESERVATION_PROMPT_MARGIN = env.float("RESERVATION_PROMPT_MARGIN", default=0.05)
+
+EMAIL_BACKEND = env.str(
+    "EMAIL_BACKEND",
+    default="django.core.mail.backends.console.EmailBackend" if DEBUG else "django.core.mail.backends.smtp.EmailBackend",
+)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="parley@localhost")

@@ -12,6 +12,8 @@ from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
+from billing.caps import CapExceeded
+from billing.ratelimits import RateLimited
 from billing.services import PriceMissing
 from llm.gateway import UpstreamError
 from tenants.models import Membership
@@ -32,7 +34,7 @@ from .services import Caller
 # A generation that does not answer a state request in this long is gone (its process died
 # or it just finished); the joiner then gets the stored state.
 STATE_REPLY_TIMEOUT = 2.0
-DOMAIN_ERRORS = (ChatError, PriceMissing, UpstreamError)
+DOMAIN_ERRORS = (ChatError, PriceMissing, UpstreamError, CapExceeded, RateLimited)
 
 
 def _authenticate(scope: dict[str, Any]) -> Caller | None:

@@ -298,11 +298,26 @@ class Generation:
 
 def error_event_for(error: Exception, **extra: Any) -> ErrorEvent:
     """The one mapping from domain errors to socket error events."""
+    from billing.caps import CapExceeded
+    from billing.ratelimits import RateLimited
     from billing.services import PriceMissing
 
     from .errors import ChatError
     from .protocol import InvalidFrame
 
+    if isinstance(error, CapExceeded):
+        cap = {
+            "scope": error.scope,
+            "period": error.period,
+            "limit_usd": money_str(error.limit),
+            "remaining_usd": money_str(error.remaining),
+            "resets_at": error.resets_at.isoformat().replace("+00:00", "Z") if error.resets_at else None,
+        }
+        return ErrorEvent(
+            code="spending_cap_exceeded", message=str(error), retry_after=error.retry_after, extra={**extra, "cap": cap}
+        )
+    if isinstance(error, RateLimited):
+        return ErrorEvent(code="rate_limited", message=str(error), retry_after=error.retry_after, extra=extra)
     if isinstance(error, ChatError):
         return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, extra=extra)
     if isinstance(error, InvalidFrame):

@@ -17,11 +17,13 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from billing.models import UsageRecord
+from billing import ratelimits
+from billing.caps import Subject, cap_reserve, cap_settle
+from billing.models import Reservation, UsageRecord
 from billing.services import Price, UsageInput, price_for, usage_record
 from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message, count_text
-from tenants.models import EndUser, Tenant
+from tenants.models import ApiKey, EndUser, Tenant
 from tenants.services import credential_default, end_user_hash
 
 from .context import Prompt, prompt_assemble
@@ -95,6 +97,7 @@ class TurnPlan:
     prompt: Prompt
     request: ChatRequest
     target: ProviderTarget
+    reservation: Reservation
 
     @property
     def group(self) -> str:
@@ -131,11 +134,14 @@ def turn_prepare(
     client_msg_id: str | None,
     control_channel: str,
 ) -> TurnPlan:
-    """Commit the user's message and claim the conversation's generation slot, in one short
-    transaction; then assemble the prompt. Raises NotFound, InvalidInput, GenerationBusy,
-    PriceMissing."""
+    """In one short transaction: commit the user's message, assemble the prompt, reserve its
+    worst-case cost against every cap, claim the conversation's generation slot. A refusal
+    rolls all of it back. Raises NotFound, InvalidInput, GenerationBusy, PriceMissing,
+    RateLimited, CapExceeded."""
     now = timezone.now()
     assistant_message_id = uuid.uuid4()
+    limits = rate_limits_for(caller)
+    ratelimits.rate_limit_hit(caller=limits)
     with transaction.atomic():
         conversation, created = _open_conversation(
             caller=caller, conversation_id=conversation_id, assistant_slug=assistant_slug, content=content
@@ -158,6 +164,13 @@ def turn_prepare(
             client_msg_id=client_msg_id or "",
         )
         assistant_seq = conversation.last_seq + 2
+        prompt = prompt_assemble(conversation=conversation, assistant=assistant, context_window=price.context_window)
+        ratelimits.rate_limit_hit(caller=limits, tokens=prompt.tokens + assistant.max_tokens)
+        reservation = cap_reserve(
+            subject=Subject(caller.tenant_id, caller.end_user_id, caller.api_key_id),
+            amount=worst_case_cost(price=price, prompt_tokens=prompt.tokens, max_tokens=assistant.max_tokens),
+            call_id=f"msg-{assistant_message_id}",
+        )
         Conversation.objects.filter(pk=conversation.pk).update(
             last_seq=assistant_seq,
             generation_id=assistant_message_id,
@@ -165,7 +178,6 @@ def turn_prepare(
             generation_started_at=now,
             updated_at=now,
         )
-    prompt = prompt_assemble(conversation=conversation, assistant=assistant, context_window=price.context_window)
     request = ChatRequest(
         model=assistant.model,
         messages=prompt.messages,
@@ -186,6 +198,30 @@ def turn_prepare(
         prompt=prompt,
         request=request,
         target=target,
+        reservation=reservation,
+    )
+
+
+def worst_case_cost(*, price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
+    """Prompt at the full input price (no cache discount assumed) plus every allowed output
+    token, with a margin for the provider counting the prompt a little differently."""
+    margin = 1 + settings.RESERVATION_PROMPT_MARGIN
+    return price.cost(prompt_tokens=int(prompt_tokens * margin) + 16, completion_tokens=max_tokens)
+
+
+def rate_limits_for(caller: Caller) -> ratelimits.Caller:
+    tenant = Tenant.objects.only("end_user_rpm", "tenant_rpm", "tenant_tpm").get(pk=caller.tenant_id)
+    key_rpm = None
+    if caller.api_key_id is not None:
+        key_rpm = ApiKey.objects.filter(pk=caller.api_key_id).values_list("rpm", flat=True).first()
+    return ratelimits.Caller(
+        tenant_id=caller.tenant_id,
+        end_user_rpm=tenant.end_user_rpm,
+        tenant_rpm=tenant.tenant_rpm,
+        tenant_tpm=tenant.tenant_tpm,
+        end_user_id=caller.end_user_id,
+        api_key_id=caller.api_key_id,
+        api_key_rpm=key_rpm,
     )
 
 
@@ -237,6 +273,7 @@ def turn_finish(*, plan: TurnPlan, outcome: TurnOutcome) -> TurnResult:
             finish_reason=outcome.finish_reason,
         )
         if not outcome.called_upstream:
+            cap_settle(reservation=plan.reservation, actual=Decimal(0))
             generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id)
             return TurnResult(prompt_tokens=0, completion_tokens=0, cached_tokens=0, cost_usd=Decimal(0))
         record = usage_record(
@@ -259,6 +296,7 @@ def turn_finish(*, plan: TurnPlan, outcome: TurnOutcome) -> TurnResult:
             ),
             price=plan.price,
         )
+        cap_settle(reservation=plan.reservation, actual=record.cost_usd)
         generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id)
     return TurnResult(
         prompt_tokens=record.prompt_tokens,

@@ -26,6 +26,9 @@ class Tenant(models.Model):
     is_active = models.BooleanField(default=True)
     # Requests a minute each end user may make (enforced by billing's rate limits).
     end_user_rpm = models.PositiveIntegerField(default=20)
+    # Whole-tenant limits across all its end users and keys (requests and tokens a minute).
+    tenant_rpm = models.PositiveIntegerField(default=600)
+    tenant_tpm = models.PositiveIntegerField(default=2_000_000)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
@@ -109,6 +112,8 @@ class ApiKey(models.Model):
     prefix = models.CharField(max_length=16, unique=True)
     key_hash = models.CharField(max_length=64)
     allowed_models = models.JSONField(default=list, blank=True)
+    # Requests a minute through this key; null = only the tenant's limits apply.
+    rpm = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)

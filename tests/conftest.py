@@ -102,6 +102,14 @@ async def chat_socket(token: str | None, *, headers: list | None = None, path: s
 
 
 @pytest.fixture(autouse=True)
+def _fresh_rate_limits():
+    """Rate-limit counters live in Redis or process memory, outside the test database."""
+    from billing.ratelimits import rate_limits_reset
+
+    rate_limits_reset()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_channel_layer():
     """channels_redis binds its locks to the event loop that first used them; every test has
     its own loop, so every test gets its own layer instance."""

@@ -1,0 +1,209 @@
+"""Spending caps by reservation: reserve the worst case before a call, settle to the actual after.
+
+The guarantee lives in the database: a reservation is one conditional UPDATE per applicable cap
+period (`spent + reserved + amount <= limit`), all in the caller's transaction, rows locked in
+id order so concurrent reservations never deadlock. PostgreSQL re-checks the condition against
+the committed row after waiting for its lock, so no interleaving admits more than the limit;
+SQLite serialises writers outright. Periods are derived from the clock: a new period is a new
+row starting at zero.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Iterable
+
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone as dj_timezone
+
+from .models import CapAlert, CapPeriod, Reservation, SpendingCap
+
+LIFETIME_START = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+class CapExceeded(Exception):
+    """A call would exceed a hard cap. Carries which cap, what remains and when it resets."""
+
+    def __init__(self, *, cap: SpendingCap, remaining: Decimal, resets_at: datetime | None) -> None:
+        self.cap_id = cap.pk
+        self.scope = cap.scope
+        self.period = cap.period
+        self.limit = cap.limit_usd
+        self.remaining = max(remaining, Decimal(0))
+        self.resets_at = resets_at
+        when = f", resets {resets_at.isoformat().replace('+00:00', 'Z')}" if resets_at else ""
+        super().__init__(
+            f"{cap.scope} {cap.period} spending cap of ${cap.limit_usd.normalize():f} reached: "
+            f"${self.remaining.quantize(Decimal('0.0001'))} remains{when}"
+        )
+
+    @property
+    def retry_after(self) -> float | None:
+        if self.resets_at is None:
+            return None
+        return max(0.0, (self.resets_at - dj_timezone.now()).total_seconds())
+
+
+def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None]:
+    """[start, end) of the UTC calendar period containing `now`; lifetime never ends."""
+    now = now.astimezone(timezone.utc)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == SpendingCap.Period.DAY:
+        return day, day + timedelta(days=1)
+    if period == SpendingCap.Period.WEEK:
+        start = day - timedelta(days=day.weekday())
+        return start, start + timedelta(days=7)
+    if period == SpendingCap.Period.MONTH:
+        start = day.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+        return start, end
+    return LIFETIME_START, None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Who a call is for: the caps of the tenant, this end user and this key apply."""
+
+    tenant_id: int
+    end_user_id: uuid.UUID | None = None
+    api_key_id: int | None = None
+
+
+def caps_for(subject: Subject) -> list[tuple[SpendingCap, str]]:
+    """Applicable caps with the subject key of their counter. A per-end-user or per-key cap
+    with no specific end user / key applies to each one separately."""
+    scoped = Q(scope=SpendingCap.Scope.TENANT)
+    if subject.end_user_id is not None:
+        scoped |= Q(scope=SpendingCap.Scope.END_USER) & (Q(end_user_id=subject.end_user_id) | Q(end_user__isnull=True))
+    if subject.api_key_id is not None:
+        scoped |= Q(scope=SpendingCap.Scope.API_KEY) & (Q(api_key_id=subject.api_key_id) | Q(api_key__isnull=True))
+    caps = SpendingCap.objects.for_tenant(subject.tenant_id).filter(scoped).order_by("id")
+    result = []
+    for cap in caps:
+        key = ""
+        if cap.scope == SpendingCap.Scope.END_USER:
+            key = f"u:{subject.end_user_id}"
+        elif cap.scope == SpendingCap.Scope.API_KEY:
+            key = f"k:{subject.api_key_id}"
+        result.append((cap, key))
+    return result
+
+
+def _periods(subject: Subject, now: datetime) -> list[tuple[SpendingCap, CapPeriod, datetime | None]]:
+    caps = caps_for(subject)
+    if not caps:
+        return []
+    wanted = {}
+    for cap, key in caps:
+        start, end = period_bounds(cap.period, now)
+        wanted[(cap.pk, key, start)] = (cap, end)
+    CapPeriod.objects.bulk_create(
+        [
+            CapPeriod(cap=cap, tenant_id=subject.tenant_id, subject=key, period_start=start, limit_usd=cap.limit_usd)
+            for (_, key, start), (cap, _) in wanted.items()
+        ],
+        ignore_conflicts=True,
+    )
+    query = Q()
+    for cap_id, key, start in wanted:
+        query |= Q(cap_id=cap_id, subject=key, period_start=start)
+    rows = {(p.cap_id, p.subject, p.period_start): p for p in CapPeriod.objects.filter(query)}
+    return sorted(
+        ((cap, rows[(cap.pk, key, start)], end) for (_, key, start), (cap, end) in wanted.items()),
+        key=lambda item: item[1].pk,
+    )
+
+
+def cap_reserve(*, subject: Subject, amount: Decimal, call_id: str) -> Reservation:
+    """Hold `amount` against every applicable cap, all or nothing. Raises CapExceeded."""
+    now = dj_timezone.now()
+    with transaction.atomic():
+        periods = _periods(subject, now)
+        for cap, period, end in periods:
+            if period.limit_usd != cap.limit_usd:
+                CapPeriod.objects.filter(pk=period.pk).update(limit_usd=cap.limit_usd)
+            admitted = CapPeriod.objects.filter(
+                pk=period.pk, limit_usd__gte=F("spent_usd") + F("reserved_usd") + amount
+            ).update(reserved_usd=F("reserved_usd") + amount)
+            if not admitted:
+                period.refresh_from_db()
+                remaining = cap.limit_usd - period.spent_usd - period.reserved_usd
+                raise CapExceeded(cap=cap, remaining=remaining, resets_at=end)
+        return Reservation.objects.create(
+            call_id=call_id,
+            tenant_id=subject.tenant_id,
+            amount_usd=amount,
+            period_ids=[period.pk for _, period, _ in periods],
+        )
+
+
+def cap_settle(*, reservation: Reservation, actual: Decimal) -> bool:
+    """Release the hold and book the actual cost, once. Returns False when already settled.
+    Call inside the transaction that writes the UsageRecord, so ledger and counters agree."""
+    with transaction.atomic():
+        claimed = Reservation.objects.filter(pk=reservation.pk, status=Reservation.Status.HELD).update(
+            status=Reservation.Status.SETTLED, actual_usd=actual, settled_at=dj_timezone.now()
+        )
+        if not claimed:
+            return False
+        if reservation.period_ids:
+            CapPeriod.objects.filter(pk__in=sorted(reservation.period_ids)).update(
+                reserved_usd=F("reserved_usd") - reservation.amount_usd,
+                spent_usd=F("spent_usd") + actual,
+            )
+            alerts_record(period_ids=reservation.period_ids)
+    return True
+
+
+def alerts_record(*, period_ids: Iterable[int]) -> list[CapAlert]:
+    """Record each threshold newly crossed; the unique constraint makes concurrent crossings
+    produce one alert. Notifications go out after commit."""
+    created = []
+    for period in CapPeriod.objects.filter(pk__in=list(period_ids)).select_related("cap"):
+        if period.limit_usd <= 0:
+            continue
+        percent = period.spent_usd * 100 / period.limit_usd
+        for threshold in period.cap.alert_thresholds or []:
+            if percent < threshold:
+                continue
+            alert, made = _alert_once(period=period, threshold=int(threshold))
+            if made:
+                created.append(alert)
+    if created:
+        from .tasks import cap_alerts_notify
+
+        ids = [alert.pk for alert in created]
+        transaction.on_commit(lambda: cap_alerts_notify.delay(ids))
+    return created
+
+
+def _alert_once(*, period: CapPeriod, threshold: int) -> tuple[CapAlert, bool]:
+    with transaction.atomic():
+        return CapAlert.objects.get_or_create(
+            cap_id=period.cap_id,
+            subject=period.subject,
+            period_start=period.period_start,
+            threshold=threshold,
+            defaults={"tenant_id": period.tenant_id, "spent_usd": period.spent_usd},
+        )
+
+
+def reservations_expire(*, older_than: timedelta) -> int:
+    """Settle reservations a crashed process left held: from their usage record when one was
+    written (the call happened), otherwise at zero (it never completed)."""
+    from .models import UsageRecord
+
+    cutoff = dj_timezone.now() - older_than
+    count = 0
+    for reservation in Reservation.objects.filter(status=Reservation.Status.HELD, created_at__lt=cutoff):
+        record = UsageRecord.objects.filter(call_id=reservation.call_id).first()
+        actual = record.cost_usd if record else Decimal(0)
+        with transaction.atomic():
+            if cap_settle(reservation=reservation, actual=actual):
+                Reservation.objects.filter(pk=reservation.pk).update(status=Reservation.Status.EXPIRED)
+                count += 1
+    return count
