@@ -101,17 +101,18 @@ def _periods(subject: Subject, now: datetime) -> list[tuple[SpendingCap, CapPeri
     for cap, key in caps:
         start, end = period_bounds(cap.period, now)
         wanted[(cap.pk, key, start)] = (cap, end)
-    CapPeriod.objects.bulk_create(
-        [
-            CapPeriod(cap=cap, tenant_id=subject.tenant_id, subject=key, period_start=start, limit_usd=cap.limit_usd)
-            for (_, key, start), (cap, _) in wanted.items()
-        ],
-        ignore_conflicts=True,
-    )
     query = Q()
     for cap_id, key, start in wanted:
         query |= Q(cap_id=cap_id, subject=key, period_start=start)
     rows = {(p.cap_id, p.subject, p.period_start): p for p in CapPeriod.objects.filter(query)}
+    missing = [
+        CapPeriod(cap=cap, tenant_id=subject.tenant_id, subject=key, period_start=start, limit_usd=cap.limit_usd)
+        for (cap_id, key, start), (cap, _) in wanted.items()
+        if (cap_id, key, start) not in rows
+    ]
+    if missing:  # the first call of a period; a concurrent first call may win the insert
+        CapPeriod.objects.bulk_create(missing, ignore_conflicts=True)
+        rows = {(p.cap_id, p.subject, p.period_start): p for p in CapPeriod.objects.filter(query)}
     return sorted(
         ((cap, rows[(cap.pk, key, start)], end) for (_, key, start), (cap, end) in wanted.items()),
         key=lambda item: item[1].pk,

@@ -67,10 +67,10 @@ def _checks(caller: Caller, tokens: int) -> list[tuple[str, int, tuple[str, ...]
     return checks
 
 
-def rate_limit_hit(*, caller: Caller, tokens: int = 0, states: bool = False) -> list[LimitState]:
+def rate_limit_hit(*, caller: Caller, tokens: int = 0, with_states: bool = False) -> list[LimitState]:
     """Count one request against every request limit that applies or, with `tokens`, that many
     tokens against the tenant's token limit. Raises RateLimited with the first limit that is
-    full. With `states`, returns each limit's state (one more round trip per limit) for
+    full. With `with_states`, returns each limit's state (one more round trip per limit) for
     response headers."""
     limiter = _limiter()
     states = []
@@ -79,7 +79,7 @@ def rate_limit_hit(*, caller: Caller, tokens: int = 0, states: bool = False) -> 
         if not limiter.hit(item, *identifiers, cost=min(cost, limit)):
             reset_time, _ = limiter.get_window_stats(item, *identifiers)
             raise RateLimited(name=name, limit=limit, retry_after=reset_time - time.time())
-        if not states:
+        if not with_states:
             continue
         reset_time, remaining = limiter.get_window_stats(item, *identifiers)
         states.append(LimitState(name=name, limit=limit, remaining=remaining, reset_after=max(0.0, reset_time - time.time())))

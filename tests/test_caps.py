@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 from django.core import mail
 from django.db import connection
-from django.db.models import Sum
+from django.db.models import F, Sum
 
 from billing import caps
 from billing.caps import CapExceeded, Subject, cap_reserve, cap_settle, period_bounds
@@ -361,3 +361,29 @@ def test_caps_of_another_tenant_do_not_apply(tenant_factory):
     SpendingCap.objects.create(tenant=theirs.tenant, scope="tenant", period="month", limit_usd=Decimal("0"))
     reservation = cap_reserve(subject=Subject(ours.tenant.pk), amount=Decimal("5"), call_id=str(uuid.uuid4()))
     assert reservation.period_ids == []
+
+
+def test_reconciliation_finds_no_drift_after_real_turns_and_reports_tampering(tenant_factory, sim):
+    import json as json_module
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    setup, caller = _setup(tenant_factory)
+    SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("10"))
+    SpendingCap.objects.create(tenant=setup.tenant, scope="end_user", period="day", limit_usd=Decimal("5"))
+    _concurrent_turns(caller, 8)
+    held = cap_reserve(subject=Subject(setup.tenant.pk, caller.end_user_id), amount=Decimal("0.01"), call_id="open")
+
+    out = StringIO()
+    call_command("reconcile_caps", "--tenant", setup.tenant.slug, stdout=out)
+    report = json_module.loads(out.getvalue())
+    assert report == {"periods_checked": 2, "drift": []}
+
+    CapPeriod.objects.filter(cap__scope="tenant").update(spent_usd=F("spent_usd") + Decimal("0.5"))
+    out = StringIO()
+    with pytest.raises(SystemExit):
+        call_command("reconcile_caps", stdout=out)
+    drift = json_module.loads(out.getvalue())["drift"]
+    assert len(drift) == 1 and drift[0]["counted_reserved_usd"] == "0.01"
+    assert held.status == "held"

@@ -1,0 +1,103 @@
+"""Reads over the ledger: usage summaries and reconciliation of cap counters against it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Count, F, Sum
+from django.db.models.functions import Coalesce, TruncDay
+
+from .models import CapPeriod, Reservation, UsageRecord
+
+GROUPINGS = {
+    "day": TruncDay("created_at"),
+    "model": F("model"),
+    "end_user": F("end_user__external_id"),
+}
+
+
+def usage_summary(*, tenant_id: int, start: datetime, end: datetime, group_by: str | None) -> dict[str, Any]:
+    """Requests, tokens and cost in [start, end), in total and per group (day, model or
+    end user). Two aggregate queries whatever the volume."""
+    records = UsageRecord.objects.for_tenant(tenant_id).filter(created_at__gte=start, created_at__lt=end)
+    sums = {
+        "requests": Count("id"),
+        "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
+        "cached_tokens": Coalesce(Sum("cached_tokens"), 0),
+        "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
+        "cost_usd": Coalesce(Sum("cost_usd"), Decimal(0)),
+    }
+    result: dict[str, Any] = {"start": start, "end": end, "group_by": group_by, "totals": records.aggregate(**sums)}
+    if group_by:
+        rows = records.annotate(key=GROUPINGS[group_by]).values("key").annotate(**sums).order_by("key")
+        result["groups"] = [
+            {**row, "key": row["key"].date().isoformat() if group_by == "day" else row["key"]} for row in rows
+        ]
+    return result
+
+
+@dataclass
+class PeriodDrift:
+    period_id: int
+    cap_id: int
+    subject: str
+    period_start: datetime
+    counted_spent: Decimal
+    ledger_spent: Decimal
+    counted_reserved: Decimal
+    held_reserved: Decimal
+
+    @property
+    def drifted(self) -> bool:
+        return self.counted_spent != self.ledger_spent or self.counted_reserved != self.held_reserved
+
+
+@dataclass
+class Reconciliation:
+    periods: list[PeriodDrift] = field(default_factory=list)
+
+    @property
+    def drift(self) -> list[PeriodDrift]:
+        return [p for p in self.periods if p.drifted]
+
+
+def caps_reconcile(*, tenant_id: int | None = None) -> Reconciliation:
+    """Recompute every cap period's spend from the ledger (the UsageRecord of each call that
+    reserved against it) and its hold from the reservations still held, and compare with the
+    counters the reservations maintained."""
+    reservations = Reservation.objects.all()
+    periods = CapPeriod.objects.all()
+    if tenant_id is not None:
+        reservations = reservations.filter(tenant_id=tenant_id)
+        periods = periods.filter(tenant_id=tenant_id)
+    rows = list(reservations.values_list("call_id", "period_ids", "status", "amount_usd"))
+    cost_by_call = dict(
+        UsageRecord.objects.filter(call_id__in=[r[0] for r in rows]).values_list("call_id", "cost_usd")
+    )
+    ledger: dict[int, Decimal] = defaultdict(Decimal)
+    held: dict[int, Decimal] = defaultdict(Decimal)
+    for call_id, period_ids, status, amount in rows:
+        for period_id in period_ids:
+            if status == Reservation.Status.HELD:
+                held[period_id] += amount
+            else:
+                ledger[period_id] += cost_by_call.get(call_id, Decimal(0))
+    report = Reconciliation()
+    for period in periods.order_by("id"):
+        report.periods.append(
+            PeriodDrift(
+                period_id=period.pk,
+                cap_id=period.cap_id,
+                subject=period.subject,
+                period_start=period.period_start,
+                counted_spent=period.spent_usd,
+                ledger_spent=ledger[period.pk],
+                counted_reserved=period.reserved_usd,
+                held_reserved=held[period.pk],
+            )
+        )
+    return report
