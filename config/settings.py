@@ -195,10 +195,25 @@ LOGIN_URL = "/admin/login/"
 
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # One error shape for the whole REST API: {"error": {"code", "message", ...}}.
+    "EXCEPTION_HANDLER": "conversations.api.exception_handler",
+    "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Parley API",
+    "DESCRIPTION": (
+        "REST API for integrations. Authenticate with `Authorization: Bearer API_KEY`. Errors "
+        "are `{\"error\": {\"code\", \"message\"}}` with the codes of the chat protocol. The "
+        "OpenAI-compatible endpoint (`/v1/chat/completions`, `/v1/models`) is documented by OpenAI."
+    ),
     "VERSION": "1.0.0",
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "COMPONENT_SPLIT_REQUEST": True,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
@@ -264,3 +279,6 @@ EMAIL_BACKEND = env.str(
     default="django.core.mail.backends.console.EmailBackend" if DEBUG else "django.core.mail.backends.smtp.EmailBackend",
 )
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="parley@localhost")
+
+# A summary task's claim on a conversation lasts this long (a killed worker's claim expires).
+SUMMARY_CLAIM_SECONDS = env.int("SUMMARY_CLAIM_SECONDS", default=300)

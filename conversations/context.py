@@ -1,15 +1,21 @@
-"""Prompt assembly: the static prefix, then the most recent messages that fit the window.
+"""Prompt assembly: the byte-stable prefix, then the most recent messages that fit the budget.
 
-Reads newest-first in growing batches and stops as soon as the budget is full, using the token
-count stored on each message when it was written: a turn costs O(window), not O(history).
+The prefix is the system prompt (tool definitions travel beside it, serialised in a fixed
+order by `tools/`) and, for the summarise strategy, the conversation's summary: nothing in it
+changes between compactions, so provider prompt caching keeps working. History is read
+newest-first in growing batches and reading stops as soon as the budget is full, using the
+token count stored on each message when it was written: a turn costs O(window), not
+O(history). A tool call and its results are kept or dropped together; an orphaned `tool`
+message would make the API answer 400.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from llm.tokens import TOKENS_REPLY_PRIMING, count_message
+from llm.tokens import TOKENS_REPLY_PRIMING, count_message, count_text
 
 from .models import Assistant, Conversation, Message
 
@@ -22,36 +28,93 @@ MAX_BATCH = 4096
 # and failed messages never go back upstream.
 REPLAYED_STATUSES = (Message.Status.COMPLETE, Message.Status.INCOMPLETE)
 
+SUMMARY_PREAMBLE = "Summary of the earlier part of this conversation:\n"
+
 
 @dataclass(frozen=True)
 class Prompt:
     messages: list[dict[str, Any]]
-    tokens: int  # prompt tokens by our count, framing and reply priming included
+    tokens: int  # prompt tokens by our count: framing, tools and reply priming included
     history_messages: int  # how many stored messages made it in
+    history_tokens: int  # their tokens
+    truncated: bool  # older unsummarised messages did not fit
 
 
-def system_messages(assistant: Assistant) -> list[dict[str, Any]]:
-    if not assistant.system_prompt:
-        return []
-    return [{"role": "system", "content": assistant.system_prompt}]
+def prefix_messages(assistant: Assistant, conversation: Conversation) -> list[dict[str, Any]]:
+    prefix: list[dict[str, Any]] = []
+    if assistant.system_prompt:
+        prefix.append({"role": "system", "content": assistant.system_prompt})
+    if assistant.history_strategy == Assistant.HistoryStrategy.SUMMARIZE and conversation.summary:
+        prefix.append({"role": "system", "content": SUMMARY_PREAMBLE + conversation.summary})
+    return prefix
+
+
+def tools_tokens(tools: list[dict[str, Any]] | None, model: str) -> int:
+    if not tools:
+        return 0
+    return count_text(json.dumps(tools, sort_keys=True, separators=(",", ":")), model)
 
 
 def as_api_message(role: str, content: str, tool_calls: Any, tool_call_id: str) -> dict[str, Any]:
     message: dict[str, Any] = {"role": role, "content": content}
     if tool_calls:
         message["tool_calls"] = tool_calls
+        if not content:
+            message["content"] = None
     if tool_call_id:
         message["tool_call_id"] = tool_call_id
     return message
 
 
-def _recent(conversation: Conversation, budget: int) -> tuple[list[dict[str, Any]], int]:
-    picked: list[dict[str, Any]] = []
-    used = 0
+class _Window:
+    """Collects history newest-first within a token budget, keeping tool groups whole."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.picked: list[dict[str, Any]] = []
+        self.used = 0
+        self.pending: list[dict[str, Any]] = []  # tool results awaiting their call message
+        self.pending_tokens = 0
+        self.full = False
+
+    def _take(self, messages: list[dict[str, Any]], tokens: int) -> None:
+        if self.used + tokens > self.budget:
+            self.full = True
+            return
+        self.picked.extend(messages)
+        self.used += tokens
+
+    def offer(self, row: tuple) -> None:
+        role, content, tool_calls, tool_call_id, tokens = row
+        message = as_api_message(role, content, tool_calls, tool_call_id)
+        if role == Message.Role.TOOL:
+            self.pending.append(message)
+            self.pending_tokens += tokens
+            return
+        if self.pending:
+            answered = {m["tool_call_id"] for m in self.pending}
+            results, results_tokens = self.pending, self.pending_tokens
+            self.pending, self.pending_tokens = [], 0
+            if role == Message.Role.ASSISTANT and tool_calls and {c["id"] for c in tool_calls} == answered:
+                self._take(results + [message], results_tokens + tokens)
+                return
+            # Results whose call is not right before them are orphans: never sent upstream.
+        if role == Message.Role.ASSISTANT and tool_calls:
+            return  # a call whose results were never stored (the turn was cut): drop it
+        if role == Message.Role.ASSISTANT and not content:
+            return
+        self._take([message], tokens)
+
+    def messages(self) -> list[dict[str, Any]]:
+        return list(reversed(self.picked))
+
+
+def _recent(conversation: Conversation, *, budget: int, after_seq: int) -> tuple[list[dict[str, Any]], int, bool]:
+    window = _Window(budget)
     before: int | None = None
     batch = FIRST_BATCH
     base = (
-        Message.objects.filter(conversation_id=conversation.id, status__in=REPLAYED_STATUSES)
+        Message.objects.filter(conversation_id=conversation.id, status__in=REPLAYED_STATUSES, seq__gt=after_seq)
         .exclude(role=Message.Role.SYSTEM)
         .order_by("-seq")
         .values_list("seq", "role", "content", "tool_calls", "tool_call_id", "tokens")
@@ -59,34 +122,44 @@ def _recent(conversation: Conversation, budget: int) -> tuple[list[dict[str, Any
     while True:
         query = base if before is None else base.filter(seq__lt=before)
         rows = list(query[:batch])
-        for seq, role, content, tool_calls, tool_call_id, tokens in rows:
-            if role == Message.Role.ASSISTANT and not content and not tool_calls:
-                continue
-            if used + tokens > budget:
-                picked.reverse()
-                return picked, used
-            picked.append(as_api_message(role, content, tool_calls, tool_call_id))
-            used += tokens
+        for seq, *row in rows:
+            window.offer(tuple(row))
+            if window.full:
+                return window.messages(), window.used, True
             before = seq
         if len(rows) < batch:
-            picked.reverse()
-            return picked, used
+            return window.messages(), window.used, False
         batch = min(batch * 4, MAX_BATCH)
 
 
-def prompt_assemble(*, conversation: Conversation, assistant: Assistant, context_window: int) -> Prompt:
-    prefix = system_messages(assistant)
-    prefix_tokens = sum(count_message(m, assistant.model) for m in prefix)
-    budget = (
-        context_window
-        - assistant.max_tokens
-        - prefix_tokens
-        - TOKENS_REPLY_PRIMING
-        - SAFETY_MARGIN_TOKENS
+def history_budget(*, assistant: Assistant, context_window: int, fixed_tokens: int) -> int:
+    """Tokens left for history: the window minus the reply, the prefix, tools and a margin."""
+    budget = context_window - assistant.max_tokens - fixed_tokens - TOKENS_REPLY_PRIMING - SAFETY_MARGIN_TOKENS
+    if assistant.history_strategy == Assistant.HistoryStrategy.WINDOW:
+        budget = min(budget, assistant.history_window_tokens)
+    return max(budget, 0)
+
+
+def prompt_assemble(
+    *,
+    conversation: Conversation,
+    assistant: Assistant,
+    context_window: int,
+    tools: list[dict[str, Any]] | None = None,
+) -> Prompt:
+    prefix = prefix_messages(assistant, conversation)
+    fixed = sum(count_message(m, assistant.model) for m in prefix) + tools_tokens(tools, assistant.model)
+    after_seq = (
+        conversation.summary_through_seq
+        if assistant.history_strategy == Assistant.HistoryStrategy.SUMMARIZE
+        else 0
     )
-    history, history_tokens = _recent(conversation, max(budget, 0))
+    budget = history_budget(assistant=assistant, context_window=context_window, fixed_tokens=fixed)
+    history, history_tokens, truncated = _recent(conversation, budget=budget, after_seq=after_seq)
     return Prompt(
         messages=prefix + history,
-        tokens=prefix_tokens + history_tokens + TOKENS_REPLY_PRIMING,
+        tokens=fixed + history_tokens + TOKENS_REPLY_PRIMING,
         history_messages=len(history),
+        history_tokens=history_tokens,
+        truncated=truncated,
     )

@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
@@ -23,7 +24,7 @@ from billing.services import money_str
 from llm import gateway
 from llm.gateway import Finish, TextDelta, UpstreamError, Usage
 
-from . import services
+from . import services, summaries
 from .models import Message
 from .protocol import (
     ConversationCreated,
@@ -154,11 +155,24 @@ class Generation:
             await self._announce()
             error = await self._stream()
             await self._finish(error)
+            if self.plan.summary_due:
+                await self._enqueue_summary()
         except Exception:  # the task is detached: nothing above us would see this
             logger.exception("generation %s failed", self.message_id)
             await self._abandon()
         finally:
             await self._stop_listening(listener)
+
+    async def _enqueue_summary(self) -> None:
+        # Not in the thread-sensitive executor: with eager Celery (embedded mode) the summary
+        # runs right here and must not hold up every other socket's database work. A summary
+        # that cannot run never fails the turn: trimming keeps the next prompt in budget.
+        try:
+            await sync_to_async(summaries.summary_enqueue, thread_sensitive=False)(
+                tenant_id=self.plan.caller.tenant_id, conversation_id=self.plan.conversation_id
+            )
+        except Exception:
+            logger.warning("summary for conversation %s not started", self.plan.conversation_id, exc_info=True)
 
     async def _stop_listening(self, listener: asyncio.Task) -> None:
         # Never cancel a channels_redis receive: it pops from a list shared by every channel
@@ -236,21 +250,26 @@ class Generation:
     def _outcome(self, error: UpstreamError | None) -> TurnOutcome:
         now = time.monotonic()
         complete = error is None and not self.cancelled
+        usage = self.usage
+        if usage is None and error is not None and error.status is not None and not self.content_parts:
+            usage = Usage(0, 0, 0)  # the provider refused the request: it billed nothing
+        if complete:
+            finish_reason, outcome = self.finish_reason, UsageRecord.Outcome.OK
+        elif self.cancelled:
+            finish_reason, outcome = "cancelled", UsageRecord.Outcome.CANCELLED
+        else:
+            finish_reason, outcome = "error", UsageRecord.Outcome.ERROR
         return TurnOutcome(
             called_upstream=self._stream_task is not None,
             content=self.content,
             status=Message.Status.COMPLETE if complete else Message.Status.INCOMPLETE,
-            finish_reason=self.finish_reason if complete else ("cancelled" if self.cancelled else "error"),
-            prompt_tokens=self.usage.prompt_tokens if self.usage else None,
-            completion_tokens=self.usage.completion_tokens if self.usage else None,
-            cached_tokens=self.usage.cached_tokens if self.usage else 0,
+            finish_reason=finish_reason,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            cached_tokens=usage.cached_tokens if usage else 0,
             latency_ms=int((now - self.started) * 1000),
             ttft_ms=int((self.first_token_at - self.started) * 1000) if self.first_token_at else None,
-            usage_outcome=(
-                UsageRecord.Outcome.OK
-                if complete
-                else UsageRecord.Outcome.CANCELLED if self.cancelled else UsageRecord.Outcome.ERROR
-            ),
+            usage_outcome=outcome,
         )
 
     async def _finish(self, error: UpstreamError | None) -> None:

@@ -10,6 +10,11 @@ from tenants.models import TenantManager
 
 
 class Assistant(models.Model):
+    class HistoryStrategy(models.TextChoices):
+        FULL = "full", "Full history (everything that fits the context window)"
+        WINDOW = "window", "Sliding window (the most recent messages within a token budget)"
+        SUMMARIZE = "summarize", "Summarise (summary of older turns + recent messages)"
+
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="assistants")
     slug = models.SlugField(max_length=64)
     name = models.CharField(max_length=200, blank=True, default="")
@@ -22,6 +27,15 @@ class Assistant(models.Model):
     )
     # Names of enabled tools (built-in or the tenant's webhook tools).
     tools = models.JSONField(default=list, blank=True)
+    history_strategy = models.CharField(
+        max_length=16, choices=HistoryStrategy.choices, default=HistoryStrategy.SUMMARIZE
+    )
+    # Sliding window: history tokens kept. Summarise: compact when the unsummarised history
+    # passes the high-water mark, down to the low-water mark.
+    history_window_tokens = models.PositiveIntegerField(default=4000)
+    summary_high_water_tokens = models.PositiveIntegerField(default=6000)
+    summary_low_water_tokens = models.PositiveIntegerField(default=2000)
+    summary_model = models.CharField(max_length=100, default="gpt-4o-mini")
     is_default = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -46,6 +60,12 @@ class Conversation(models.Model):
     assistant = models.ForeignKey(Assistant, on_delete=models.PROTECT, related_name="conversations")
     end_user = models.ForeignKey("tenants.EndUser", on_delete=models.CASCADE, related_name="conversations")
     title = models.CharField(max_length=200, blank=True, default="")
+    # Rolling summary of messages up to and including summary_through_seq (0: none yet).
+    summary = models.TextField(blank=True, default="")
+    summary_through_seq = models.PositiveIntegerField(default=0)
+    summary_tokens = models.PositiveIntegerField(default=0)
+    # A summary task's claim, across workers; expires if the worker dies mid-task.
+    summary_claimed_until = models.DateTimeField(null=True, blank=True)
     # Highest seq handed out; bumped under the row lock that claims a generation.
     last_seq = models.PositiveIntegerField(default=0)
     # The running generation, if any: one at a time per conversation, across processes.

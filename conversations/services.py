@@ -28,6 +28,7 @@ from tenants.services import credential_default, end_user_hash
 
 from .context import Prompt, prompt_assemble
 from .errors import GenerationBusy, InvalidInput, NotFound
+from .summaries import summary_needed
 from .models import Assistant, Conversation, Message
 
 
@@ -98,6 +99,7 @@ class TurnPlan:
     request: ChatRequest
     target: ProviderTarget
     reservation: Reservation
+    summary_due: bool = False
 
     @property
     def group(self) -> str:
@@ -199,6 +201,9 @@ def turn_prepare(
         request=request,
         target=target,
         reservation=reservation,
+        summary_due=summary_needed(
+            assistant=assistant, history_tokens=prompt.history_tokens, truncated=prompt.truncated
+        ),
     )
 
 

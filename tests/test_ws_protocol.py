@@ -107,7 +107,10 @@ async def test_failed_generation_keeps_user_message_and_incomplete_answer(
     assert error["message_id"] == events[2]["message_id"]
     records = await adb(lambda: list(UsageRecord.objects.filter(tenant=setup.tenant)))()
     assert len(records) == 1 and records[0].outcome == "error"
-    assert records[0].prompt_tokens > 0  # tokens are billed even when the stream fails
+    # What the provider served is billed, even when the stream fails; a refused request is $0.
+    assert records[0].prompt_tokens == sim.stats.prompt_tokens
+    assert records[0].completion_tokens == sim.stats.completion_tokens
+    assert (records[0].prompt_tokens > 0) == (directive != "[[sim:status=500]]")
 
 
 async def test_transient_upstream_failure_is_retried_before_first_token(tenant_factory, chat, sim):

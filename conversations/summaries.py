@@ -1,0 +1,217 @@
+"""Rolling conversation summaries: compact the oldest history from a high-water mark down to a
+low-water mark, incrementally (the previous summary is part of the input).
+
+Safe to run from any worker at any time: a conditional-update claim (which expires, so a killed
+worker cannot wedge it) admits one run per conversation, and the new summary is written in one
+conditional UPDATE together with the sequence number it covers, so a run killed halfway leaves
+the previous summary in force and nothing half-written. Each summary call reserves against the
+tenant's caps and is a UsageRecord of kind `summary`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from billing.caps import Subject, cap_reserve, cap_settle
+from billing.models import Reservation, UsageRecord
+from billing.services import Price, UsageInput, price_for, usage_record
+from llm import gateway
+from llm.gateway import ChatRequest, ProviderTarget, TextDelta, UpstreamError, Usage
+from llm.tokens import count_messages, count_text
+
+from .context import REPLAYED_STATUSES
+from .models import Assistant, Conversation, Message
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_INSTRUCTIONS = (
+    "You maintain the running summary of a conversation between a user and an assistant. "
+    "Merge the previous summary (if any) with the new messages into one concise summary that keeps "
+    "facts, names, numbers, decisions, commitments, open questions and the user's stated preferences. "
+    "Write compact notes in the conversation's language. Output only the summary."
+)
+SUMMARY_MAX_TOKENS = 800
+
+
+@dataclass(frozen=True)
+class SummaryJob:
+    tenant_id: int
+    conversation_id: uuid.UUID
+    previous_through_seq: int
+    through_seq: int
+    request: ChatRequest
+    target: ProviderTarget
+    price: Price
+    prompt_tokens: int
+
+
+def summary_needed(*, assistant: Assistant, history_tokens: int, truncated: bool) -> bool:
+    if assistant.history_strategy != Assistant.HistoryStrategy.SUMMARIZE:
+        return False
+    return truncated or history_tokens > assistant.summary_high_water_tokens
+
+
+def summary_claim(*, tenant_id: int, conversation_id: uuid.UUID) -> bool:
+    now = timezone.now()
+    return bool(
+        Conversation.objects.for_tenant(tenant_id)
+        .filter(Q(summary_claimed_until__isnull=True) | Q(summary_claimed_until__lt=now), pk=conversation_id)
+        .update(summary_claimed_until=now + timedelta(seconds=settings.SUMMARY_CLAIM_SECONDS))
+    )
+
+
+def summary_release(*, conversation_id: uuid.UUID) -> None:
+    Conversation.objects.filter(pk=conversation_id).update(summary_claimed_until=None)
+
+
+def _cut(rows: list[tuple], low_water: int) -> int:
+    """Index of the first message to keep: the newest messages within low_water, starting at a
+    user message so a tool call is never separated from its results. 0 = nothing to compact."""
+    kept = 0
+    index = len(rows)
+    while index > 0 and kept + rows[index - 1][-1] <= low_water:
+        index -= 1
+        kept += rows[index][-1]
+    while index < len(rows) and rows[index][1] != Message.Role.USER:
+        index += 1
+    return index if index < len(rows) else 0
+
+
+def _transcript(rows: list[tuple]) -> str:
+    lines = []
+    for _, role, content, tool_calls, _, _ in rows:
+        if tool_calls:
+            names = ", ".join(call.get("function", {}).get("name", "?") for call in tool_calls)
+            lines.append(f"assistant called tools: {names}")
+        if content:
+            lines.append(f"{role}: {content}")
+    return "\n".join(lines)
+
+
+def summary_plan(*, tenant_id: int, conversation_id: uuid.UUID) -> SummaryJob | None:
+    """What to compact, or None when the history is already under its low-water mark."""
+    from .services import provider_target
+
+    conversation = Conversation.objects.for_tenant(tenant_id).select_related("assistant").get(pk=conversation_id)
+    assistant = conversation.assistant
+    rows = list(
+        Message.objects.filter(
+            conversation_id=conversation.pk, seq__gt=conversation.summary_through_seq, status__in=REPLAYED_STATUSES
+        )
+        .exclude(role=Message.Role.SYSTEM)
+        .order_by("seq")
+        .values_list("seq", "role", "content", "tool_calls", "tool_call_id", "tokens")
+    )
+    keep_from = _cut(rows, assistant.summary_low_water_tokens)
+    if keep_from == 0:
+        return None
+    compacted = rows[:keep_from]
+    previous = f"Previous summary:\n{conversation.summary}\n\n" if conversation.summary else ""
+    messages = [
+        {"role": "system", "content": SUMMARY_INSTRUCTIONS},
+        {"role": "user", "content": f"{previous}New messages:\n{_transcript(compacted)}"},
+    ]
+    model = assistant.summary_model
+    return SummaryJob(
+        tenant_id=tenant_id,
+        conversation_id=conversation.pk,
+        previous_through_seq=conversation.summary_through_seq,
+        through_seq=compacted[-1][0],
+        request=ChatRequest(model=model, messages=messages, max_tokens=SUMMARY_MAX_TOKENS, temperature=0.2),
+        target=provider_target(assistant),
+        price=price_for(model),
+        prompt_tokens=count_messages(messages, model),
+    )
+
+
+async def _generate(job: SummaryJob) -> tuple[str, Usage | None]:
+    parts: list[str] = []
+    usage = None
+    async for event in gateway.stream_chat(job.target, job.request):
+        if isinstance(event, TextDelta):
+            parts.append(event.content)
+        elif isinstance(event, Usage):
+            usage = event
+    return "".join(parts).strip(), usage
+
+
+def _bill(*, job: SummaryJob, reservation: Reservation, text: str, usage: Usage | None, outcome: str) -> Decimal:
+    record = usage_record(
+        usage=UsageInput(
+            call_id=reservation.call_id,
+            tenant_id=job.tenant_id,
+            model=job.request.model,
+            prompt_tokens=usage.prompt_tokens if usage else job.prompt_tokens,
+            completion_tokens=usage.completion_tokens if usage else count_text(text, job.request.model),
+            cached_tokens=usage.cached_tokens if usage else 0,
+            estimated=usage is None,
+            kind=UsageRecord.Kind.SUMMARY,
+            outcome=outcome,
+            conversation_id=job.conversation_id,
+        ),
+        price=job.price,
+    )
+    cap_settle(reservation=reservation, actual=record.cost_usd)
+    return record.cost_usd
+
+
+def conversation_summarize(*, tenant_id: int, conversation_id: uuid.UUID) -> bool:
+    """Compact one conversation's history if it needs it. True when a new summary was stored.
+    Raises UpstreamError / CapExceeded for the task to retry or give up on; the claim is
+    released either way."""
+    if not summary_claim(tenant_id=tenant_id, conversation_id=conversation_id):
+        return False
+    try:
+        job = summary_plan(tenant_id=tenant_id, conversation_id=conversation_id)
+        if job is None:
+            return False
+        worst = job.price.cost(prompt_tokens=job.prompt_tokens + 16, completion_tokens=SUMMARY_MAX_TOKENS)
+        reservation = cap_reserve(subject=Subject(tenant_id), amount=worst, call_id=f"sum-{uuid.uuid4()}")
+        try:
+            text, usage = asyncio.run(_generate(job))
+        except BaseException as error:
+            # A provider that answered with an error status billed nothing; anything else
+            # (timeouts, cut streams) is billed at our own count.
+            answered = isinstance(error, UpstreamError) and error.status is not None
+            with transaction.atomic():
+                _bill(
+                    job=job, reservation=reservation, text="", usage=Usage(0, 0, 0) if answered else None,
+                    outcome=UsageRecord.Outcome.ERROR,
+                )
+            raise
+        with transaction.atomic():
+            _bill(job=job, reservation=reservation, text=text, usage=usage, outcome=UsageRecord.Outcome.OK)
+            if not text:
+                return False
+            return summary_store(job=job, text=text)
+    finally:
+        summary_release(conversation_id=conversation_id)
+
+
+def summary_store(*, job: SummaryJob, text: str) -> bool:
+    """Replace the summary only if nobody compacted this conversation meanwhile."""
+    return bool(
+        Conversation.objects.filter(pk=job.conversation_id, summary_through_seq=job.previous_through_seq).update(
+            summary=text,
+            summary_through_seq=job.through_seq,
+            summary_tokens=count_text(text, job.request.model),
+        )
+    )
+
+
+def summary_enqueue(*, tenant_id: int, conversation_id: uuid.UUID) -> None:
+    from .tasks import summarize_conversation
+
+    transaction.on_commit(lambda: summarize_conversation.delay(tenant_id, str(conversation_id)))
+
+
