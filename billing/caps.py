@@ -122,7 +122,8 @@ def _periods(subject: Subject, now: datetime) -> list[tuple[SpendingCap, CapPeri
 def cap_reserve(*, subject: Subject, amount: Decimal, call_id: str) -> Reservation:
     """Hold `amount` against every applicable cap, all or nothing. Raises CapExceeded."""
     now = dj_timezone.now()
-    with transaction.atomic():
+    # No savepoint: a refusal must roll back the caller's whole transaction anyway.
+    with transaction.atomic(savepoint=False):
         periods = _periods(subject, now)
         for cap, period, end in periods:
             if period.limit_usd != cap.limit_usd:
@@ -145,7 +146,7 @@ def cap_reserve(*, subject: Subject, amount: Decimal, call_id: str) -> Reservati
 def cap_settle(*, reservation: Reservation, actual: Decimal) -> bool:
     """Release the hold and book the actual cost, once. Returns False when already settled.
     Call inside the transaction that writes the UsageRecord, so ledger and counters agree."""
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         claimed = Reservation.objects.filter(pk=reservation.pk, status=Reservation.Status.HELD).update(
             status=Reservation.Status.SETTLED, actual_usd=actual, settled_at=dj_timezone.now()
         )

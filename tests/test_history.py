@@ -271,7 +271,7 @@ def test_queries_per_turn_do_not_grow_with_history(tenant_factory, django_assert
     setup.assistant.history_window_tokens = 400
     setup.assistant.history_strategy = "window"
     setup.assistant.save()
-    with django_assert_max_num_queries(24):
+    with django_assert_max_num_queries(20):
         plan = services.turn_prepare(
             caller=caller, content="hello", conversation_id=conversation.pk,
             assistant_slug=None, client_msg_id=None, control_channel="t",
