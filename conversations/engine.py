@@ -13,16 +13,21 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
+from billing.caps import CapExceeded
 from billing.models import UsageRecord
 from billing.services import money_str
 from llm import gateway
-from llm.gateway import Finish, TextDelta, UpstreamError, Usage
+from llm.gateway import ChatRequest, Finish, TextDelta, ToolCallDelta, UpstreamError, Usage
+from llm.tokens import count_messages
+from tools.calls import ToolContext
 
 from . import services, summaries
 from .models import Message
@@ -36,8 +41,11 @@ from .protocol import (
     MessageCompleted,
     MessageCreate,
     MessageStarted,
+    ToolCall,
+    ToolResult,
 )
-from .services import Caller, TurnOutcome, TurnPlan
+from .services import Caller, ToolRoundRecord, TurnOutcome, TurnPlan
+from .tool_rounds import ToolCallAssembler, arguments_object, tool_round_run, wire_tool_calls
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +137,20 @@ class Generation:
     def __init__(self, *, plan: TurnPlan, control_channel: str) -> None:
         self.plan = plan
         self.control_channel = control_channel
-        self.content_parts: list[str] = []
+        self.content_parts: list[str] = []  # every round's text: what joiners are shown
+        # The current upstream call (one per tool round).
+        self.round_number = 0
+        self.round_parts: list[str] = []
+        self.round_reservation = plan.reservation
+        self.round_called = False
+        self.round_prompt_tokens = plan.prompt.tokens
+        self.next_seq = plan.user_seq + 1
+        self.tool_calls = ToolCallAssembler()
         self.finish_reason = ""
         self.usage: Usage | None = None
+        # Billed by earlier rounds of this turn, added into message.completed.
+        self.earlier = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+        self.earlier_cost = Decimal(0)
         self.cancelled = False
         self.started = time.monotonic()
         self.first_token_at: float | None = None
@@ -195,7 +214,7 @@ class Generation:
         )
         await publish(plan, MessageStarted(message_id=self.message_id, model=plan.model))
 
-    async def _stream(self) -> UpstreamError | None:
+    async def _stream(self) -> UpstreamError | CapExceeded | None:
         if self.cancelled:
             return None
         self._stream_task = asyncio.create_task(self._consume())
@@ -204,22 +223,86 @@ class Generation:
         except asyncio.CancelledError:
             if not self.cancelled:
                 raise
-        except UpstreamError as error:
+        except (UpstreamError, CapExceeded) as error:
             return error
         return None
 
     async def _consume(self) -> None:
-        async for event in gateway.stream_chat(self.plan.target, self.plan.request):
+        request = self.plan.request
+        while True:
+            await self._call(request)
+            if not self.tool_calls:
+                return
+            appended = await self._tool_round()
+            last_round = self.round_number >= self.plan.max_tool_rounds
+            request = replace(
+                request,
+                messages=[*request.messages, *appended],
+                # Out of rounds: the model must answer with what it has.
+                tool_choice="none" if last_round else request.tool_choice,
+                parallel_tool_calls=None if last_round else request.parallel_tool_calls,
+            )
+
+    async def _call(self, request: ChatRequest) -> None:
+        self.round_called = True
+        async for event in gateway.stream_chat(self.plan.target, request):
             if isinstance(event, TextDelta):
                 if self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                 async with self._publish_lock:
                     self.content_parts.append(event.content)
+                    self.round_parts.append(event.content)
                     await publish(self.plan, Delta(message_id=self.message_id, content=event.content))
+            elif isinstance(event, ToolCallDelta):
+                self.tool_calls.add(event)
             elif isinstance(event, Finish):
                 self.finish_reason = event.reason
             elif isinstance(event, Usage):
                 self.usage = event
+
+    async def _tool_round(self) -> list[dict[str, Any]]:
+        """Run the calls the model just made, store the round, reserve the next call."""
+        plan = self.plan
+        requests = self.tool_calls.requests()
+        context = ToolContext(
+            conversation_id=plan.conversation_id, end_user_external_id=plan.end_user_external_id,
+            tenant_id=plan.caller.tenant_id,
+        )
+        outcomes = await tool_round_run(
+            tenant_id=plan.caller.tenant_id, requests=requests, names=plan.tool_names, context=context
+        )
+        for request, outcome in zip(requests, outcomes):
+            await publish(plan, ToolCall(
+                message_id=self.message_id, call_id=request.call_id, name=request.name,
+                arguments=arguments_object(request, outcome),
+            ))
+        for outcome in outcomes:
+            await publish(plan, ToolResult(call_id=outcome.call_id, ok=outcome.ok))
+        record = ToolRoundRecord(
+            outcome=self._outcome(None),
+            tool_calls=wire_tool_calls(requests),
+            results=[(o.call_id, o.content) for o in outcomes],
+        )
+        appended_tokens = count_messages(
+            [{"role": "assistant", "content": None, "tool_calls": record.tool_calls}]
+            + [{"role": "tool", "tool_call_id": c, "content": t} for c, t in record.results],
+            plan.model,
+        )
+        stored = await database_sync_to_async(services.tool_round_commit)(plan=plan, record=record)
+        for key in self.earlier:
+            self.earlier[key] += getattr(stored, key)
+        self.earlier_cost += stored.cost_usd
+        self.round_number += 1
+        self.round_called = False
+        self.round_parts, self.usage, self.finish_reason = [], None, ""
+        self.next_seq = stored.next_seq
+        self.round_prompt_tokens += appended_tokens
+        self.tool_calls = ToolCallAssembler()
+        # Every upstream call of the loop draws on the caps; a refusal ends the turn here.
+        self.round_reservation = await database_sync_to_async(services.round_reserve)(
+            plan=plan, round_number=self.round_number, prompt_tokens=self.round_prompt_tokens
+        )
+        return stored.messages
 
     async def _listen(self) -> None:
         layer = get_channel_layer()
@@ -247,11 +330,11 @@ class Generation:
             self.cancelled = True
             self._stream_task.cancel()
 
-    def _outcome(self, error: UpstreamError | None) -> TurnOutcome:
+    def _outcome(self, error: UpstreamError | CapExceeded | None) -> TurnOutcome:
         now = time.monotonic()
         complete = error is None and not self.cancelled
         usage = self.usage
-        if usage is None and error is not None and error.status is not None and not self.content_parts:
+        if usage is None and isinstance(error, UpstreamError) and error.status is not None and not self.round_parts:
             usage = Usage(0, 0, 0)  # the provider refused the request: it billed nothing
         if complete:
             finish_reason, outcome = self.finish_reason, UsageRecord.Outcome.OK
@@ -260,8 +343,8 @@ class Generation:
         else:
             finish_reason, outcome = "error", UsageRecord.Outcome.ERROR
         return TurnOutcome(
-            called_upstream=self._stream_task is not None,
-            content=self.content,
+            called_upstream=self.round_called,
+            content="".join(self.round_parts),
             status=Message.Status.COMPLETE if complete else Message.Status.INCOMPLETE,
             finish_reason=finish_reason,
             prompt_tokens=usage.prompt_tokens if usage else None,
@@ -270,14 +353,18 @@ class Generation:
             latency_ms=int((now - self.started) * 1000),
             ttft_ms=int((self.first_token_at - self.started) * 1000) if self.first_token_at else None,
             usage_outcome=outcome,
+            round_number=self.round_number,
+            reservation=self.round_reservation,
+            seq=self.next_seq,
+            prompt_estimate=self.round_prompt_tokens,
         )
 
-    async def _finish(self, error: UpstreamError | None) -> None:
+    async def _finish(self, error: UpstreamError | CapExceeded | None) -> None:
         result = await database_sync_to_async(services.turn_finish)(plan=self.plan, outcome=self._outcome(error))
         if self.cancelled:
             await publish(self.plan, ErrorEvent(code="cancelled", message="generation cancelled", message_id=self.message_id))
         elif error is not None:
-            await publish(self.plan, self._error_event(error))
+            await publish(self.plan, error_event_for(error, message_id=self.message_id))
         else:
             await publish(
                 self.plan,
@@ -285,21 +372,13 @@ class Generation:
                     message_id=self.message_id,
                     finish_reason=self.finish_reason,
                     usage={
-                        "prompt_tokens": result.prompt_tokens,
-                        "completion_tokens": result.completion_tokens,
-                        "cached_tokens": result.cached_tokens,
+                        "prompt_tokens": result.prompt_tokens + self.earlier["prompt_tokens"],
+                        "completion_tokens": result.completion_tokens + self.earlier["completion_tokens"],
+                        "cached_tokens": result.cached_tokens + self.earlier["cached_tokens"],
                     },
-                    cost_usd=money_str(result.cost_usd),
+                    cost_usd=money_str(result.cost_usd + self.earlier_cost),
                 ),
             )
-
-    def _error_event(self, error: UpstreamError) -> ErrorEvent:
-        return ErrorEvent(
-            code=error.code,
-            message=error.message,
-            retry_after=error.retry_after,
-            message_id=self.message_id,
-        )
 
     async def _abandon(self) -> None:
         """Last resort after an unexpected failure: free the conversation and tell the sockets."""
@@ -315,7 +394,7 @@ class Generation:
             logger.exception("could not release generation %s", self.message_id)
 
 
-def error_event_for(error: Exception, **extra: Any) -> ErrorEvent:
+def error_event_for(error: Exception, *, message_id: str | None = None, **extra: Any) -> ErrorEvent:
     """The one mapping from domain errors to socket error events."""
     from billing.caps import CapExceeded
     from billing.ratelimits import RateLimited
@@ -333,16 +412,17 @@ def error_event_for(error: Exception, **extra: Any) -> ErrorEvent:
             "resets_at": error.resets_at.isoformat().replace("+00:00", "Z") if error.resets_at else None,
         }
         return ErrorEvent(
-            code="spending_cap_exceeded", message=str(error), retry_after=error.retry_after, extra={**extra, "cap": cap}
+            code="spending_cap_exceeded", message=str(error), retry_after=error.retry_after, message_id=message_id,
+            extra={**extra, "cap": cap},
         )
     if isinstance(error, RateLimited):
-        return ErrorEvent(code="rate_limited", message=str(error), retry_after=error.retry_after, extra=extra)
+        return ErrorEvent(code="rate_limited", message=str(error), retry_after=error.retry_after, message_id=message_id, extra=extra)
     if isinstance(error, ChatError):
-        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, extra=extra)
+        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, message_id=message_id, extra=extra)
     if isinstance(error, InvalidFrame):
-        return ErrorEvent(code="invalid_request", message=str(error), extra=extra)
+        return ErrorEvent(code="invalid_request", message=str(error), message_id=message_id, extra=extra)
     if isinstance(error, PriceMissing):
-        return ErrorEvent(code="invalid_request", message=str(error), extra=extra)
+        return ErrorEvent(code="invalid_request", message=str(error), message_id=message_id, extra=extra)
     if isinstance(error, UpstreamError):
-        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, extra=extra)
+        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, message_id=message_id, extra=extra)
     raise error

@@ -27,6 +27,11 @@ class Assistant(models.Model):
     )
     # Names of enabled tools (built-in or the tenant's webhook tools).
     tools = models.JSONField(default=list, blank=True)
+    # "auto", "required", "none", or the name of one enabled tool the model must call.
+    tool_choice = models.CharField(max_length=64, default="auto")
+    parallel_tool_calls = models.BooleanField(default=True)
+    # Tool rounds per turn before the model is asked for a final answer with tools disabled.
+    max_tool_rounds = models.PositiveSmallIntegerField(default=5)
     history_strategy = models.CharField(
         max_length=16, choices=HistoryStrategy.choices, default=HistoryStrategy.SUMMARIZE
     )

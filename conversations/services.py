@@ -29,6 +29,7 @@ from tenants.services import credential_default, end_user_hash
 from .context import Prompt, prompt_assemble
 from .errors import GenerationBusy, InvalidInput, NotFound
 from .summaries import summary_needed
+from tools.registry import tool_definitions
 from .models import Assistant, Conversation, Message
 
 
@@ -53,7 +54,7 @@ def access_conversation(*, caller: Caller, conversation_id: Any, lock: bool = Fa
     if lock:
         queryset = queryset.select_for_update(of=("self",))
     try:
-        return queryset.select_related("assistant").get(id=conversation_id)
+        return queryset.select_related("assistant", "end_user").get(id=conversation_id)
     except (Conversation.DoesNotExist, ValidationError, ValueError):
         raise NotFound("conversation") from None
 
@@ -92,7 +93,7 @@ class TurnPlan:
     user_message_id: uuid.UUID
     client_msg_id: str | None
     assistant_message_id: uuid.UUID
-    assistant_seq: int
+    user_seq: int
     model: str
     price: Price
     prompt: Prompt
@@ -100,6 +101,9 @@ class TurnPlan:
     target: ProviderTarget
     reservation: Reservation
     summary_due: bool = False
+    tool_names: tuple[str, ...] = ()
+    max_tool_rounds: int = 0
+    end_user_external_id: str = ""
 
     @property
     def group(self) -> str:
@@ -165,16 +169,18 @@ def turn_prepare(
             tokens=user_tokens,
             client_msg_id=client_msg_id or "",
         )
-        assistant_seq = conversation.last_seq + 2
-        prompt = prompt_assemble(conversation=conversation, assistant=assistant, context_window=price.context_window)
+        tools = tool_definitions(tenant_id=caller.tenant_id, names=list(assistant.tools or []))
+        prompt = prompt_assemble(
+            conversation=conversation, assistant=assistant, context_window=price.context_window, tools=tools
+        )
         ratelimits.rate_limit_hit(caller=limits, tokens=prompt.tokens + assistant.max_tokens)
         reservation = cap_reserve(
             subject=Subject(caller.tenant_id, caller.end_user_id, caller.api_key_id),
             amount=worst_case_cost(price=price, prompt_tokens=prompt.tokens, max_tokens=assistant.max_tokens),
-            call_id=f"msg-{assistant_message_id}",
+            call_id=upstream_call_id(assistant_message_id, 0),
         )
         Conversation.objects.filter(pk=conversation.pk).update(
-            last_seq=assistant_seq,
+            last_seq=user_message.seq,
             generation_id=assistant_message_id,
             generation_channel=control_channel,
             generation_started_at=now,
@@ -186,6 +192,9 @@ def turn_prepare(
         max_tokens=assistant.max_tokens,
         temperature=assistant.temperature,
         user=end_user_hash(tenant_id=caller.tenant_id, end_user_id=caller.end_user_id),
+        tools=tools or None,
+        tool_choice=api_tool_choice(assistant.tool_choice) if tools else None,
+        parallel_tool_calls=assistant.parallel_tool_calls if tools else None,
     )
     return TurnPlan(
         caller=caller,
@@ -194,7 +203,7 @@ def turn_prepare(
         user_message_id=user_message.id,
         client_msg_id=client_msg_id,
         assistant_message_id=assistant_message_id,
-        assistant_seq=assistant_seq,
+        user_seq=user_message.seq,
         model=assistant.model,
         price=price,
         prompt=prompt,
@@ -204,7 +213,21 @@ def turn_prepare(
         summary_due=summary_needed(
             assistant=assistant, history_tokens=prompt.history_tokens, truncated=prompt.truncated
         ),
+        tool_names=tuple(assistant.tools or ()) if tools else (),
+        max_tool_rounds=assistant.max_tool_rounds,
+        end_user_external_id=conversation.end_user.external_id if tools else "",
     )
+
+
+def upstream_call_id(assistant_message_id: uuid.UUID, round_number: int) -> str:
+    """The ledger key of one upstream call of a turn: retried writes never double-bill."""
+    return f"msg-{assistant_message_id}" + (f"-r{round_number}" if round_number else "")
+
+
+def api_tool_choice(choice: str) -> Any:
+    if choice in ("auto", "required", "none"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
 
 
 def worst_case_cost(*, price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
@@ -235,7 +258,8 @@ def rate_limits_for(caller: Caller) -> ratelimits.Caller:
 
 @dataclass(frozen=True)
 class TurnOutcome:
-    """What the stream produced; token counts are None when the provider sent no usage."""
+    """What the last upstream call of a turn produced; token counts are None when the provider
+    sent no usage. Turns with tool rounds pass the round's reservation and next free seq."""
 
     called_upstream: bool
     content: str
@@ -247,6 +271,10 @@ class TurnOutcome:
     latency_ms: int
     ttft_ms: int | None
     usage_outcome: str = UsageRecord.Outcome.OK
+    round_number: int = 0
+    reservation: Reservation | None = None
+    seq: int | None = None
+    prompt_estimate: int | None = None  # our count of this call's prompt, when usage is missing
 
 
 @dataclass(frozen=True)
@@ -257,19 +285,48 @@ class TurnResult:
     cost_usd: Decimal
 
 
-def turn_finish(*, plan: TurnPlan, outcome: TurnOutcome) -> TurnResult:
-    """Store the answer (complete or incomplete), bill the call, release the conversation."""
+def _bill_call(
+    *, plan: TurnPlan, outcome: TurnOutcome, message_id: uuid.UUID, content: str, reservation: Reservation
+) -> UsageRecord:
+    """One UsageRecord for one upstream call, settled against its reservation."""
     estimated = outcome.prompt_tokens is None
-    prompt_tokens = plan.prompt.tokens if outcome.prompt_tokens is None else outcome.prompt_tokens
-    completion_tokens = (
-        count_text(outcome.content, plan.model) if outcome.completion_tokens is None else outcome.completion_tokens
+    prompt_estimate = outcome.prompt_estimate if outcome.prompt_estimate is not None else plan.prompt.tokens
+    record = usage_record(
+        usage=UsageInput(
+            call_id=upstream_call_id(plan.assistant_message_id, outcome.round_number),
+            tenant_id=plan.caller.tenant_id,
+            model=plan.model,
+            prompt_tokens=prompt_estimate if outcome.prompt_tokens is None else outcome.prompt_tokens,
+            completion_tokens=(
+                count_text(content, plan.model) if outcome.completion_tokens is None else outcome.completion_tokens
+            ),
+            cached_tokens=outcome.cached_tokens,
+            estimated=estimated,
+            kind=UsageRecord.Kind.CHAT,
+            outcome=outcome.usage_outcome,
+            end_user_id=plan.caller.end_user_id,
+            api_key_id=plan.caller.api_key_id,
+            conversation_id=plan.conversation_id,
+            message_id=message_id,
+            latency_ms=outcome.latency_ms,
+            ttft_ms=outcome.ttft_ms,
+        ),
+        price=plan.price,
     )
+    cap_settle(reservation=reservation, actual=record.cost_usd)
+    return record
+
+
+def turn_finish(*, plan: TurnPlan, outcome: TurnOutcome) -> TurnResult:
+    """Store the answer (complete or incomplete), bill the last call, release the conversation."""
+    reservation = outcome.reservation or plan.reservation
+    seq = outcome.seq if outcome.seq is not None else plan.user_seq + 1
     with transaction.atomic():
         Message.objects.create(
             id=plan.assistant_message_id,
             tenant_id=plan.caller.tenant_id,
             conversation_id=plan.conversation_id,
-            seq=plan.assistant_seq,
+            seq=seq,
             role=Message.Role.ASSISTANT,
             content=outcome.content,
             tokens=count_message({"role": "assistant", "content": outcome.content}, plan.model),
@@ -278,31 +335,14 @@ def turn_finish(*, plan: TurnPlan, outcome: TurnOutcome) -> TurnResult:
             finish_reason=outcome.finish_reason,
         )
         if not outcome.called_upstream:
-            cap_settle(reservation=plan.reservation, actual=Decimal(0))
-            generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id)
+            cap_settle(reservation=reservation, actual=Decimal(0))
+            generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id, last_seq=seq)
             return TurnResult(prompt_tokens=0, completion_tokens=0, cached_tokens=0, cost_usd=Decimal(0))
-        record = usage_record(
-            usage=UsageInput(
-                call_id=f"msg-{plan.assistant_message_id}",
-                tenant_id=plan.caller.tenant_id,
-                model=plan.model,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                cached_tokens=outcome.cached_tokens,
-                estimated=estimated,
-                kind=UsageRecord.Kind.CHAT,
-                outcome=outcome.usage_outcome,
-                end_user_id=plan.caller.end_user_id,
-                api_key_id=plan.caller.api_key_id,
-                conversation_id=plan.conversation_id,
-                message_id=plan.assistant_message_id,
-                latency_ms=outcome.latency_ms,
-                ttft_ms=outcome.ttft_ms,
-            ),
-            price=plan.price,
+        record = _bill_call(
+            plan=plan, outcome=outcome, message_id=plan.assistant_message_id, content=outcome.content,
+            reservation=reservation,
         )
-        cap_settle(reservation=plan.reservation, actual=record.cost_usd)
-        generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id)
+        generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id, last_seq=seq)
     return TurnResult(
         prompt_tokens=record.prompt_tokens,
         completion_tokens=record.completion_tokens,
@@ -311,11 +351,84 @@ def turn_finish(*, plan: TurnPlan, outcome: TurnOutcome) -> TurnResult:
     )
 
 
-def generation_release(*, conversation_id: uuid.UUID, generation_id: uuid.UUID) -> None:
-    # Conditional on our own claim: a stale claim taken over by another process stays theirs.
-    Conversation.objects.filter(pk=conversation_id, generation_id=generation_id).update(
-        generation_id=None, generation_channel="", generation_started_at=None, updated_at=timezone.now()
+@dataclass(frozen=True)
+class ToolRoundRecord:
+    """One finished tool round: the model's calls and what each returned."""
+
+    outcome: TurnOutcome  # the upstream call that asked for the tools
+    tool_calls: list[dict[str, Any]]  # OpenAI wire shape: {"id", "type", "function": {"name", "arguments"}}
+    results: list[tuple[str, str]]  # (call_id, content) per call, in order
+
+
+@dataclass(frozen=True)
+class ToolRoundStored:
+    messages: list[dict[str, Any]]  # what to append to the next request
+    next_seq: int
+    cost_usd: Decimal
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+def tool_round_commit(*, plan: TurnPlan, record: ToolRoundRecord) -> ToolRoundStored:
+    """Store the assistant's tool calls and their results in order, and bill the call."""
+    outcome = record.outcome
+    seq = outcome.seq if outcome.seq is not None else plan.user_seq + 1
+    call_message = {"role": "assistant", "content": outcome.content or None, "tool_calls": record.tool_calls}
+    result_messages = [{"role": "tool", "tool_call_id": call_id, "content": content} for call_id, content in record.results]
+    with transaction.atomic():
+        call_message_id = uuid.uuid4()
+        rows = [
+            Message(
+                id=call_message_id, tenant_id=plan.caller.tenant_id, conversation_id=plan.conversation_id, seq=seq,
+                role=Message.Role.ASSISTANT, content=outcome.content, tool_calls=record.tool_calls,
+                tokens=count_message(call_message, plan.model), model=plan.model, status=Message.Status.COMPLETE,
+                finish_reason=outcome.finish_reason,
+            )
+        ]
+        for offset, message in enumerate(result_messages, start=1):
+            rows.append(
+                Message(
+                    tenant_id=plan.caller.tenant_id, conversation_id=plan.conversation_id, seq=seq + offset,
+                    role=Message.Role.TOOL, content=message["content"], tool_call_id=message["tool_call_id"],
+                    tokens=count_message(message, plan.model), status=Message.Status.COMPLETE,
+                )
+            )
+        Message.objects.bulk_create(rows)
+        next_seq = seq + len(rows)
+        Conversation.objects.filter(pk=plan.conversation_id).update(last_seq=next_seq - 1)
+        usage = _bill_call(
+            plan=plan, outcome=outcome, message_id=call_message_id, content=outcome.content,
+            reservation=outcome.reservation or plan.reservation,
+        )
+    return ToolRoundStored(
+        messages=[call_message, *result_messages],
+        next_seq=next_seq,
+        cost_usd=usage.cost_usd,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
     )
+
+
+def round_reserve(*, plan: TurnPlan, round_number: int, prompt_tokens: int) -> Reservation:
+    """Reserve the worst case of a turn's next upstream call. Raises CapExceeded."""
+    with transaction.atomic():
+        return cap_reserve(
+            subject=Subject(plan.caller.tenant_id, plan.caller.end_user_id, plan.caller.api_key_id),
+            amount=worst_case_cost(price=plan.price, prompt_tokens=prompt_tokens, max_tokens=plan.request.max_tokens),
+            call_id=upstream_call_id(plan.assistant_message_id, round_number),
+        )
+
+
+def generation_release(*, conversation_id: uuid.UUID, generation_id: uuid.UUID, last_seq: int | None = None) -> None:
+    # Conditional on our own claim: a stale claim taken over by another process stays theirs.
+    fields: dict[str, Any] = {
+        "generation_id": None, "generation_channel": "", "generation_started_at": None, "updated_at": timezone.now()
+    }
+    if last_seq is not None:
+        fields["last_seq"] = last_seq
+    Conversation.objects.filter(pk=conversation_id, generation_id=generation_id).update(**fields)
 
 
 def caller_for_end_user(end_user: EndUser) -> Caller:
