@@ -38,8 +38,8 @@ class Assistant(models.Model):
     # Sliding window: history tokens kept. Summarise: compact when the unsummarised history
     # passes the high-water mark, down to the low-water mark.
     history_window_tokens = models.PositiveIntegerField(default=4000)
-    summary_high_water_tokens = models.PositiveIntegerField(default=6000)
-    summary_low_water_tokens = models.PositiveIntegerField(default=2000)
+    summary_high_water_tokens = models.PositiveIntegerField(default=16000)
+    summary_low_water_tokens = models.PositiveIntegerField(default=1500)
     summary_model = models.CharField(max_length=100, default="gpt-4o-mini")
     is_default = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -211,7 +211,8 @@ def turn_prepare(
         target=target,
         reservation=reservation,
         summary_due=summary_needed(
-            assistant=assistant, history_tokens=prompt.history_tokens, truncated=prompt.truncated
+            assistant=assistant, history_tokens=prompt.history_tokens, truncated=prompt.truncated,
+            turns=(user_message.seq + 1) // 2, price=price,
         ),
         tool_names=tuple(assistant.tools or ()) if tools else (),
         max_tool_rounds=assistant.max_tool_rounds,

@@ -38,9 +38,17 @@ SUMMARY_INSTRUCTIONS = (
     "You maintain the running summary of a conversation between a user and an assistant. "
     "Merge the previous summary (if any) with the new messages into one concise summary that keeps "
     "facts, names, numbers, decisions, commitments, open questions and the user's stated preferences. "
-    "Write compact notes in the conversation's language. Output only the summary."
+    "Write compact notes (under 250 words) in the conversation's language. Output only the summary."
 )
-SUMMARY_MAX_TOKENS = 800
+SUMMARY_MAX_TOKENS = 600
+# For the compaction decision: a typical summary's length, the least history worth compacting,
+# and how many future turns the saving is counted over at most.
+SUMMARY_EXPECTED_TOKENS = 300
+MIN_COMPACTION_TOKENS = 1024
+HORIZON_TURNS = 40
+# A conversation n turns old is expected to last at least n/5 more: compacting early in a short
+# conversation costs more than it saves.
+EXPECTED_MORE_TURNS = Decimal("0.2")
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,28 @@ class SummaryJob:
     prompt_tokens: int
 
 
-def summary_needed(*, assistant: Assistant, history_tokens: int, truncated: bool) -> bool:
+def summary_needed(
+    *, assistant: Assistant, history_tokens: int, truncated: bool, turns: int, price: Price | None = None
+) -> bool:
+    """Compact when the history passes the high-water mark (the hard bound that keeps a turn
+    O(window)), or earlier when it pays: carrying the excess history costs its cached-input
+    price on every turn, compacting costs the summary call plus one cache miss on what is
+    kept. A conversation that has lasted n turns is expected to last at least n/5 more (capped),
+    so short conversations are left alone and long ones are compacted early."""
     if assistant.history_strategy != Assistant.HistoryStrategy.SUMMARIZE:
         return False
-    return truncated or history_tokens > assistant.summary_high_water_tokens
+    if truncated or history_tokens > assistant.summary_high_water_tokens:
+        return True
+    excess = history_tokens - assistant.summary_low_water_tokens
+    if price is None or excess < MIN_COMPACTION_TOKENS:
+        return False
+    compaction = (
+        excess * price.input
+        + SUMMARY_EXPECTED_TOKENS * price.output
+        + assistant.summary_low_water_tokens * (price.input - price.cached_input)
+    )
+    carrying = excess * price.cached_input * min(turns * EXPECTED_MORE_TURNS, HORIZON_TURNS)
+    return carrying > compaction
 
 
 def summary_claim(*, tenant_id: int, conversation_id: uuid.UUID) -> bool:

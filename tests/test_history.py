@@ -289,3 +289,27 @@ def test_queries_per_turn_do_not_grow_with_history(tenant_factory, django_assert
 def test_unknown_conversation_summary_is_refused(tenant_factory):
     setup = tenant_factory()
     assert not summaries.summary_claim(tenant_id=setup.tenant.pk, conversation_id=uuid.uuid4())
+
+
+def test_compaction_happens_when_it_pays_and_never_past_the_high_water_mark(tenant_factory):
+    from decimal import Decimal
+
+    from billing.services import Price
+
+    setup = tenant_factory()
+    assistant = setup.assistant  # defaults: summarise, low water 1500, high water 16000
+    cheap_cache = Price("m", Decimal("0.30"), Decimal("0.03"), Decimal("1.20"), 128_000)  # 90% off
+    half_cache = Price("m", Decimal("0.30"), Decimal("0.15"), Decimal("1.20"), 128_000)  # 50% off
+
+    def due(tokens: int, turns: int, price: Price) -> bool:
+        return summaries.summary_needed(
+            assistant=assistant, history_tokens=tokens, truncated=False, turns=turns, price=price
+        )
+
+    assert not due(2_400, 5, half_cache)  # too little to gain
+    assert not due(3_000, 20, half_cache)  # a short conversation: the summary would not pay back
+    assert due(6_000, 60, half_cache)  # a long one: compact well before the high-water mark
+    assert not due(6_000, 60, cheap_cache)  # carrying cached history is cheap at 90% off
+    assert due(16_001, 2, cheap_cache)  # the hard bound holds whatever the prices
+    assistant.history_strategy = "full"
+    assert not due(100_000, 500, half_cache)
