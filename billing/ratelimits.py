@@ -27,14 +27,15 @@ class RateLimited(Exception):
 
 
 @lru_cache(maxsize=1)
-def _storage() -> Storage:
+def limits_storage() -> Storage:
+    """Where every counter lives: Redis in services mode, process memory when embedded."""
     if settings.REDIS_URL:
         return storage_from_string(settings.REDIS_URL, key_prefix="parley-limits")
     return storage_from_string("memory://")
 
 
 def _limiter() -> SlidingWindowCounterRateLimiter:
-    return SlidingWindowCounterRateLimiter(_storage())
+    return SlidingWindowCounterRateLimiter(limits_storage())
 
 
 @dataclass(frozen=True)
@@ -88,4 +89,4 @@ def rate_limit_hit(*, caller: Caller, tokens: int = 0, with_states: bool = False
 
 def rate_limits_reset() -> None:
     """Forget every counter (tests)."""
-    _storage().reset()
+    limits_storage().reset()

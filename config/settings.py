@@ -282,3 +282,13 @@ DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="parley@localhost")
 
 # A summary task's claim on a conversation lasts this long (a killed worker's claim expires).
 SUMMARY_CLAIM_SECONDS = env.int("SUMMARY_CLAIM_SECONDS", default=300)
+
+# Tenant webhook tools: private/loopback targets and plain http are refused unless allowed
+# (http is also allowed when DEBUG). Cloud metadata addresses are refused always.
+TOOLS_WEBHOOK_ALLOW_PRIVATE = env.bool("TOOLS_WEBHOOK_ALLOW_PRIVATE", default=False)
+TOOLS_WEBHOOK_ALLOW_HTTP = env.bool("TOOLS_WEBHOOK_ALLOW_HTTP", default=False)
+
+# Sign-in: failures allowed per username and per address within the window, then refused.
+AUTHENTICATION_BACKENDS = ["tenants.backends.ThrottledModelBackend"]
+LOGIN_FAILURES_ALLOWED = env.int("LOGIN_FAILURES_ALLOWED", default=5)
+LOGIN_FAILURE_WINDOW_MINUTES = env.int("LOGIN_FAILURE_WINDOW_MINUTES", default=15)
