@@ -21,12 +21,13 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from billing.caps import CapExceeded
+from billing.caps import CapExceeded, Subject
 from billing.models import UsageRecord
 from billing.services import money_str
 from llm import gateway
 from llm.gateway import ChatRequest, Finish, TextDelta, ToolCallDelta, UpstreamError, Usage
 from llm.tokens import count_messages
+from moderation.services import ModerationContext, moderate
 from tools.calls import ToolContext
 
 from . import services, summaries
@@ -172,6 +173,8 @@ class Generation:
         listener = asyncio.create_task(self._listen())
         try:
             await self._announce()
+            if not await self._input_allowed():
+                return
             error = await self._stream()
             await self._finish(error)
             if self.plan.summary_due:
@@ -213,6 +216,33 @@ class Generation:
             MessageAccepted(message_id=str(plan.user_message_id), client_msg_id=plan.client_msg_id),
         )
         await publish(plan, MessageStarted(message_id=self.message_id, model=plan.model))
+
+    def _subject(self) -> Subject:
+        caller = self.plan.caller
+        return Subject(caller.tenant_id, caller.end_user_id, caller.api_key_id)
+
+    async def _input_allowed(self) -> bool:
+        plan = self.plan
+        verdict = await moderate(
+            policy=plan.moderation, direction="input", text=plan.user_content, target=plan.target,
+            subject=self._subject(), context=ModerationContext(plan.conversation_id, plan.user_message_id),
+        )
+        if not verdict.blocked:
+            return True
+        await database_sync_to_async(services.turn_input_blocked)(plan=plan)
+        await publish(plan, ErrorEvent(
+            code="moderation_blocked", message="this message was blocked by the content policy",
+            message_id=self.message_id,
+        ))
+        return False
+
+    async def _output_blocked(self) -> bool:
+        plan = self.plan
+        verdict = await moderate(
+            policy=plan.moderation, direction="output", text=self.content, target=plan.target,
+            subject=self._subject(), context=ModerationContext(plan.conversation_id, plan.assistant_message_id),
+        )
+        return verdict.blocked
 
     async def _stream(self) -> UpstreamError | CapExceeded | None:
         if self.cancelled:
@@ -360,7 +390,16 @@ class Generation:
         )
 
     async def _finish(self, error: UpstreamError | CapExceeded | None) -> None:
-        result = await database_sync_to_async(services.turn_finish)(plan=self.plan, outcome=self._outcome(error))
+        outcome = self._outcome(error)
+        blocked = error is None and not self.cancelled and await self._output_blocked()
+        if blocked:
+            # Kept for review, never replayed to the model; the end user gets the notice.
+            outcome = replace(outcome, status=Message.Status.BLOCKED)
+        result = await database_sync_to_async(services.turn_finish)(plan=self.plan, outcome=outcome)
+        if blocked:
+            notice = self.plan.moderation.notice if self.plan.moderation else ""
+            await publish(self.plan, ErrorEvent(code="moderation_blocked", message=notice, message_id=self.message_id))
+            return
         if self.cancelled:
             await publish(self.plan, ErrorEvent(code="cancelled", message="generation cancelled", message_id=self.message_id))
         elif error is not None:
@@ -396,7 +435,7 @@ class Generation:
 
 def error_event_for(error: Exception, *, message_id: str | None = None, **extra: Any) -> ErrorEvent:
     """The one mapping from domain errors to socket error events."""
-    from billing.caps import CapExceeded
+    from billing.caps import CapExceeded, Subject
     from billing.ratelimits import RateLimited
     from billing.services import PriceMissing
 

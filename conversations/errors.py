@@ -36,3 +36,7 @@ class GenerationBusy(ChatError):
 
     def __init__(self) -> None:
         super().__init__("a reply is already being generated in this conversation")
+
+
+class ModerationBlocked(ChatError):
+    code = "moderation_blocked"

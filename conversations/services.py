@@ -29,6 +29,8 @@ from tenants.services import credential_default, end_user_hash
 from .context import Prompt, prompt_assemble
 from .errors import GenerationBusy, InvalidInput, NotFound
 from .summaries import summary_needed
+from moderation.rules import PolicySnapshot
+from moderation.services import policy_for
 from tools.registry import tool_definitions
 from .models import Assistant, Conversation, Message
 
@@ -101,6 +103,8 @@ class TurnPlan:
     target: ProviderTarget
     reservation: Reservation
     summary_due: bool = False
+    moderation: PolicySnapshot | None = None
+    user_content: str = ""
     tool_names: tuple[str, ...] = ()
     max_tool_rounds: int = 0
     end_user_external_id: str = ""
@@ -214,6 +218,8 @@ def turn_prepare(
             assistant=assistant, history_tokens=prompt.history_tokens, truncated=prompt.truncated,
             turns=(user_message.seq + 1) // 2, price=price,
         ),
+        moderation=policy_for(tenant_id=caller.tenant_id),
+        user_content=content,
         tool_names=tuple(assistant.tools or ()) if tools else (),
         max_tool_rounds=assistant.max_tool_rounds,
         end_user_external_id=conversation.end_user.external_id if tools else "",
@@ -410,6 +416,15 @@ def tool_round_commit(*, plan: TurnPlan, record: ToolRoundRecord) -> ToolRoundSt
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
     )
+
+
+def turn_input_blocked(*, plan: TurnPlan) -> None:
+    """Input moderation blocked the turn before any model call: the user's message is kept,
+    marked for review, and never sent upstream; nothing was spent."""
+    with transaction.atomic():
+        Message.objects.filter(pk=plan.user_message_id).update(status=Message.Status.BLOCKED)
+        cap_settle(reservation=plan.reservation, actual=Decimal(0))
+        generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id)
 
 
 def round_reserve(*, plan: TurnPlan, round_number: int, prompt_tokens: int) -> Reservation:

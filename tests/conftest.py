@@ -44,10 +44,12 @@ def _fast_upstream(settings) -> None:
 def tenant_factory(simulator_server: SimulatorServer, db):
     from billing.defaults import install_default_prices
     from billing.models import ModelPrice
+    from moderation.defaults import install_moderation_price
 
     def make(**options: Any) -> TenantSetup:
-        # Transactional tests flush the rows the price migration made: put them back.
+        # Transactional tests flush the rows the price migrations made: put them back.
         install_default_prices(ModelPrice)
+        install_moderation_price(ModelPrice)
         return make_tenant(base_url=simulator_server.base_url, **options)
 
     return make
