@@ -93,10 +93,9 @@ def caps_for(subject: Subject) -> list[tuple[SpendingCap, str]]:
     return result
 
 
-def _periods(subject: Subject, now: datetime) -> list[tuple[SpendingCap, CapPeriod, datetime | None]]:
-    caps = caps_for(subject)
-    if not caps:
-        return []
+def _periods(
+    subject: Subject, caps: list[tuple[SpendingCap, str]], now: datetime
+) -> list[tuple[SpendingCap, CapPeriod, datetime | None]]:
     wanted = {}
     for cap, key in caps:
         start, end = period_bounds(cap.period, now)
@@ -120,11 +119,16 @@ def _periods(subject: Subject, now: datetime) -> list[tuple[SpendingCap, CapPeri
 
 
 def cap_reserve(*, subject: Subject, amount: Decimal, call_id: str) -> Reservation:
-    """Hold `amount` against every applicable cap, all or nothing. Raises CapExceeded."""
+    """Hold `amount` against every applicable cap, all or nothing. Raises CapExceeded.
+    With no cap to hold against, nothing is written: the reservation returned holds nothing
+    and settling it is free (the hot path of an uncapped tenant stays one query)."""
     now = dj_timezone.now()
+    caps = caps_for(subject)
+    if not caps:
+        return Reservation(call_id=call_id, tenant_id=subject.tenant_id, amount_usd=amount, period_ids=[])
     # No savepoint: a refusal must roll back the caller's whole transaction anyway.
     with transaction.atomic(savepoint=False):
-        periods = _periods(subject, now)
+        periods = _periods(subject, caps, now)
         for cap, period, end in periods:
             if period.limit_usd != cap.limit_usd:
                 CapPeriod.objects.filter(pk=period.pk).update(limit_usd=cap.limit_usd)
@@ -146,6 +150,8 @@ def cap_reserve(*, subject: Subject, amount: Decimal, call_id: str) -> Reservati
 def cap_settle(*, reservation: Reservation, actual: Decimal) -> bool:
     """Release the hold and book the actual cost, once. Returns False when already settled.
     Call inside the transaction that writes the UsageRecord, so ledger and counters agree."""
+    if not reservation.period_ids:
+        return True  # it held nothing and was never stored
     with transaction.atomic(savepoint=False):
         claimed = Reservation.objects.filter(pk=reservation.pk, status=Reservation.Status.HELD).update(
             status=Reservation.Status.SETTLED, actual_usd=actual, settled_at=dj_timezone.now()

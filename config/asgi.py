@@ -21,6 +21,12 @@ if settings.SERVE_STATIC:
 
     http_app = ASGIStaticFilesHandler(django_asgi_app)
 
+# The OpenAI-compatible endpoint (/v1/…) answers before Django's middleware stack: it is the
+# streaming hot path, and bearer-authenticated JSON needs none of that stack.
+from conversations.openai_api import OpenAICompatibleApp  # noqa: E402
+
+http_app = OpenAICompatibleApp(http_app)
+
 application: Any = ProtocolTypeRouter(
     {
         "http": http_app,

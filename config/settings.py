@@ -211,17 +211,43 @@ SPECTACULAR_SETTINGS = {
         "OpenAI-compatible endpoint (`/v1/chat/completions`, `/v1/models`) is documented by OpenAI."
     ),
     "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_AUTHENTICATION": [],
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "conversations.api.strict_request_bodies",
+    ],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
 }
 
+# --- Hardening (DEBUG off): `manage.py check --deploy` passes with these and real secrets -----
+# HTTPS redirects default on only when ALLOWED_HOSTS names the deployment's hosts: a
+# services-mode run on loopback (tests, CI, a local cluster) speaks plain HTTP. /healthz stays
+# reachable over HTTP for load-balancer probes. Behind a TLS-terminating proxy, set
+# SECURE_PROXY_SSL_HEADER="HTTP_X_FORWARDED_PROTO,https" (only if the proxy sets that header).
 if not DEBUG:
     SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=True)
     CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=True)
+    SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default="ALLOWED_HOSTS" in env.ENVIRON)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+    SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=True)
+    _proxy_header = env.list("SECURE_PROXY_SSL_HEADER", default=[])
+    if _proxy_header:
+        if len(_proxy_header) != 2:
+            raise ImproperlyConfigured('SECURE_PROXY_SSL_HEADER is "HEADER,VALUE", e.g. HTTP_X_FORWARDED_PROTO,https')
+        SECURE_PROXY_SSL_HEADER = (_proxy_header[0], _proxy_header[1])
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+    SECURE_REFERRER_POLICY = "same-origin"
+    X_FRAME_OPTIONS = "DENY"
+    SESSION_COOKIE_HTTPONLY = True
+    # The admin and the chat page send the form token; no script reads the CSRF cookie.
+    CSRF_COOKIE_HTTPONLY = True
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {

@@ -1,8 +1,11 @@
-"""URL routes: admin, chat page, health, REST API."""
+"""URL routes: admin, chat page, health, REST API (the OpenAI-compatible /v1 is in asgi.py)."""
 
 from django.contrib import admin
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from billing.api import UsageApi
+from conversations import api
 from conversations.views import chat_page
 
 from .health import healthz
@@ -11,4 +14,14 @@ urlpatterns = [
     path("", chat_page, name="chat"),
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
+    # REST API (DRF). Ids are matched as strings: a malformed id answers the same 404 body as
+    # a missing or foreign one. /api/v1/usage/ belongs to billing.
+    path("api/v1/conversations/", api.ConversationListApi.as_view(), name="api-conversations"),
+    path("api/v1/conversations/<str:conversation_id>/", api.ConversationDetailApi.as_view(), name="api-conversation"),
+    path("api/v1/conversations/<str:conversation_id>/messages/", api.MessageListApi.as_view(), name="api-messages"),
+    path("api/v1/end-users/<str:external_id>/token/", api.EndUserTokenApi.as_view(), name="api-end-user-token"),
+    path("api/v1/usage/", UsageApi.as_view(), name="api-usage"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    # /v1/… (the OpenAI-compatible endpoint) is served in front of Django: config/asgi.py.
 ]

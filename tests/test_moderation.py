@@ -318,7 +318,7 @@ async def test_no_provider_target_fails_open(tenant_factory, sim):
 
 
 async def test_a_cancelled_check_is_billed_and_settled(tenant_factory, sim):
-    w = await world(tenant_factory, use_provider=True)
+    w = await world(tenant_factory, use_provider=True, monthly_cap_usd=Decimal("5"))
     sim.inject_moderation(hang=True)
 
     task = asyncio.create_task(w.check("hello"))

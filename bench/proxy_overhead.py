@@ -1,0 +1,282 @@
+"""What Parley's OpenAI-compatible endpoint adds to a streamed completion, measured end to end.
+
+    .venv/bin/python bench/proxy_overhead.py [--requests 200] [--concurrency 1,10,50]
+
+Starts the simulator (`manage.py run_simulator`, TTFT 100 ms, paced chunks) and one Daphne
+process serving Parley, creates a tenant whose provider is the simulator, then sends the same
+streamed requests (20 content chunks, `include_usage`) straight to the simulator and through
+`POST /v1/chat/completions`, alternating blocks, at each concurrency. It prints the time to
+first token and the total time (p50, p95) of both, what the proxy adds, and the Daphne
+process's CPU time per request (utime + stime from /proc, over the proxied requests).
+
+Both servers run with TCP_NODELAY, as OpenAI's and any tuned server do: stock Daphne (Twisted)
+and a uvicorn given a `socket.socket()` leave Nagle's algorithm on, and each small SSE write
+after the first then waits for the client's delayed ACK (up to 40 ms on Linux). `--stock-daphne`
+measures Daphne as `daphne …` starts it, to show that effect.
+
+Services mode when DATABASE_URL / REDIS_URL are set (PostgreSQL + Redis, as in production;
+SECRET_KEY and FIELD_ENCRYPTION_KEYS must be set too); the embedded defaults otherwise. The
+database is migrated first. Accounting is on: every proxied request writes its UsageRecord.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx2
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the helper servers import the project
+PYTHON = sys.executable
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MODEL = "gpt-4o-mini"
+WORDS = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"a server exited early (code {process.returncode})")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def _manage(*args: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [PYTHON, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"manage.py {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def serve_simulator(port: int, tokens_per_second: float) -> None:
+    """The simulator on a TCP_NODELAY socket (accepted sockets inherit it on Linux)."""
+    import django
+    import uvicorn
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    django.setup()
+    from llm.simulator import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", port))
+    app = create_app(ttft_ms=100, tokens_per_second=tokens_per_second)
+    config = uvicorn.Config(app, loop="asyncio", log_level="warning", lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve_daphne(port: int) -> None:
+    """Daphne with TCP_NODELAY on every accepted connection."""
+    from twisted.internet import tcp
+
+    accept = tcp.Server.__init__
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        accept(self, *args, **kwargs)
+        self.setTcpNoDelay(True)
+
+    tcp.Server.__init__ = __init__
+    from daphne.cli import CommandLineInterface
+
+    sys.argv = ["daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"]
+    CommandLineInterface.entrypoint()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+@dataclass
+class Sample:
+    ttft: float
+    total: float
+
+
+@dataclass
+class Series:
+    samples: list[Sample] = field(default_factory=list)
+    errors: int = 0
+
+    def pct(self, attribute: str, q: float) -> float:
+        values = sorted(getattr(s, attribute) for s in self.samples)
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] * 1000
+
+
+async def one_stream(client: httpx2.AsyncClient, url: str, key: str, n: int) -> Sample:
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": f"Benchmark request {n} [[sim:words={WORDS}]]"}],
+    }
+    started = time.perf_counter()
+    ttft = None
+    async with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
+        tail = b""
+        async for chunk in response.aiter_bytes():
+            if ttft is None and b'"content"' in chunk:
+                ttft = time.perf_counter() - started
+            tail = (tail + chunk)[-64:]
+        if b"[DONE]" not in tail:
+            raise RuntimeError("stream ended without [DONE]")
+    return Sample(ttft=ttft if ttft is not None else float("nan"), total=time.perf_counter() - started)
+
+
+async def run_block(url: str, key: str, *, count: int, concurrency: int, series: Series) -> None:
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx2.AsyncClient(timeout=60, limits=limits) as client:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for n in range(count):
+            queue.put_nowait(n)
+
+        async def worker() -> None:
+            while not queue.empty():
+                n = queue.get_nowait()
+                try:
+                    series.samples.append(await one_stream(client, url, key, n))
+                except Exception as error:  # noqa: BLE001 — counted and shown
+                    series.errors += 1
+                    if series.errors <= 3:
+                        print(f"  error: {error}", file=sys.stderr)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+@dataclass
+class Result:
+    concurrency: int
+    direct: Series
+    proxied: Series
+    cpu_ms_per_request: float
+
+
+async def measure(*, sim_url: str, parley_url: str, api_key: str, daphne_pid: int,
+                  concurrency: int, requests: int, blocks: int = 4) -> Result:
+    direct, proxied = Series(), Series()
+    # Warm both paths (connections, first queries, tokenizer) before measuring.
+    await run_block(sim_url, "sk-bench", count=concurrency, concurrency=concurrency, series=Series())
+    await run_block(parley_url, api_key, count=concurrency * 2, concurrency=concurrency, series=Series())
+    cpu = 0.0
+    per_block = max(concurrency, requests // blocks)
+    for _ in range(blocks):
+        await run_block(sim_url, "sk-bench", count=per_block, concurrency=concurrency, series=direct)
+        before = cpu_seconds(daphne_pid)
+        await run_block(parley_url, api_key, count=per_block, concurrency=concurrency, series=proxied)
+        cpu += cpu_seconds(daphne_pid) - before
+    return Result(concurrency, direct, proxied, cpu * 1000 / max(1, len(proxied.samples)))
+
+
+def report(results: list[Result], mode: str) -> None:
+    print(f"\nParley /v1/chat/completions vs the simulator directly — {mode}; "
+          f"{WORDS}-chunk streams, TTFT 100 ms upstream (times in ms)\n")
+    header = (f"{'c':>3} {'n':>5} | {'metric':<11} | {'direct':>8} {'proxied':>8} {'added':>7} {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        for label, attribute, q in (("TTFT p50", "ttft", 0.5), ("TTFT p95", "ttft", 0.95),
+                                     ("total p50", "total", 0.5), ("total p95", "total", 0.95)):
+            d, p = r.direct.pct(attribute, q), r.proxied.pct(attribute, q)
+            print(f"{r.concurrency:>3} {len(r.proxied.samples):>5} | {label:<11} | {d:>8.1f} {p:>8.1f} "
+                  f"{p - d:>+7.1f} {p / d:>6.3f}")
+        errors = f", errors direct/proxied {r.direct.errors}/{r.proxied.errors}" if r.direct.errors or r.proxied.errors else ""
+        print(f"{r.concurrency:>3} {'':>5} | {'CPU/req':<11} | {'':>8} {r.cpu_ms_per_request:>8.2f} ms of the Daphne process{errors}")
+        print("-" * len(header))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="proxied requests per concurrency (same direct)")
+    parser.add_argument("--concurrency", default="1,10,50")
+    parser.add_argument("--tokens-per-second", type=float, default=200.0, help="upstream chunk pacing")
+    parser.add_argument("--stock-daphne", action="store_true", help="Daphne without TCP_NODELAY")
+    parser.add_argument("--serve-simulator", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-daphne", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_simulator:
+        return serve_simulator(args.serve_simulator, args.tokens_per_second)
+    if args.serve_daphne:
+        return serve_daphne(args.serve_daphne)
+
+    env = {**os.environ, "LOG_LEVEL": "WARNING"}
+    services = bool(env.get("DATABASE_URL"))
+    if services:
+        env.setdefault("DEBUG", "false")
+    mode = "services mode (PostgreSQL + Redis)" if services else "embedded mode (SQLite, in-memory layer)"
+    _manage("migrate", "--noinput", env=env)
+
+    processes: list[subprocess.Popen] = []
+    try:
+        sim_port = _free_port()
+        simulator = subprocess.Popen(
+            [PYTHON, __file__, "--serve-simulator", str(sim_port), "--tokens-per-second", str(args.tokens_per_second)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        )
+        processes.append(simulator)
+        _wait_listening(sim_port, simulator)
+        sim_base = f"http://127.0.0.1:{sim_port}/v1"
+
+        tenant = json.loads(_manage(
+            "create_tenant", f"bench-{uuid.uuid4().hex[:8]}", "--provider-base-url", sim_base,
+            "--provider-key", "sk-bench", "--user-rpm", "1000000", env=env,
+        ))
+        web_port = _free_port()
+        command = (
+            [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port), "config.asgi:application"]
+            if args.stock_daphne else [PYTHON, __file__, "--serve-daphne", str(web_port)]
+        )
+        daphne = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+        processes.append(daphne)
+        _wait_listening(web_port, daphne)
+
+        results = []
+        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            print(f"c={concurrency} …", file=sys.stderr)
+            results.append(asyncio.run(measure(
+                sim_url=f"{sim_base}/chat/completions",
+                parley_url=f"http://127.0.0.1:{web_port}/v1/chat/completions",
+                api_key=tenant["api_key"], daphne_pid=daphne.pid,
+                concurrency=concurrency, requests=args.requests,
+            )))
+        report(results, mode + (", stock Daphne (Nagle on)" if args.stock_daphne else ", Daphne with TCP_NODELAY"))
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+if __name__ == "__main__":
+    main()

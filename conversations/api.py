@@ -1,0 +1,358 @@
+"""REST API (DRF) for integrations: conversations, messages, end-user tokens.
+
+Every view authenticates an API key, which acts for its whole tenant; objects are fetched only
+through tenant-scoped selectors, so a foreign id answers exactly like a missing one. Posting a
+message runs the same engine as the WebSocket: `stream: true` answers `text/event-stream`
+carrying the WebSocket events, otherwise the view waits for the reply and returns it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.conf import settings
+from django.db import close_old_connections
+from django.http import Http404, StreamingHttpResponse
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, status
+from rest_framework.pagination import CursorPagination
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from billing.caps import CapExceeded
+from billing.ratelimits import RateLimited
+from billing.services import PriceMissing
+from llm.gateway import UpstreamError
+from tenants.authentication import ApiKeyAuthentication
+from tenants.models import ApiKey
+from tenants.services import end_user_get_or_create, end_user_token_issue
+
+from . import engine, lifecycle, selectors, sse
+from .errors import ChatError, NotFound
+from .protocol import MessageCreate
+from .serializers import (
+    ConversationCreateSerializer,
+    ConversationSerializer,
+    EndUserTokenRequestSerializer,
+    EndUserTokenSerializer,
+    ErrorSerializer,
+    MessageCreateSerializer,
+    MessageSerializer,
+)
+from .services import Caller
+
+# --- errors: the one mapping for the REST surface -----------------------------------------
+
+STATUS_OF_CODE = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "cancelled": 409,
+    "moderation_blocked": 422,
+    "rate_limited": 429,
+    "spending_cap_exceeded": 429,
+    "upstream_error": 502,
+    "upstream_timeout": 504,
+}
+DOMAIN_ERRORS = (ChatError, PriceMissing, UpstreamError, CapExceeded, RateLimited)
+
+
+class TurnFailed(ChatError):
+    """A reply that ended with an error event (upstream failure, cancel) while a
+    `stream: false` caller waited for it."""
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        super().__init__(event.get("message", "the reply failed"), retry_after=event.get("retry_after"))
+        self.code = event.get("code", "upstream_error")
+        self.message_id = event.get("message_id")
+
+
+def _error_response(
+    code: str, message: str, *, status_code: int | None = None, **extra: Any
+) -> Response:
+    body = {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}
+    response = Response({"error": body}, status=status_code or STATUS_OF_CODE[code])
+    if body.get("retry_after") is not None:
+        response["Retry-After"] = str(max(1, round(body["retry_after"])))
+    return response
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """REST_FRAMEWORK["EXCEPTION_HANDLER"]: domain and DRF errors → `{"error": {code, message}}`."""
+    if isinstance(exc, DOMAIN_ERRORS):
+        event = engine.error_event_for(exc)
+        extra = {"retry_after": event.retry_after, **event.extra}
+        if isinstance(exc, TurnFailed):
+            extra["message_id"] = exc.message_id
+        return _error_response(event.code, event.message, **extra)
+    if isinstance(exc, Http404):
+        return _error_response("not_found", "not found")
+    if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
+        response = _error_response("unauthorized", str(exc.detail))
+        response["WWW-Authenticate"] = ApiKeyAuthentication.keyword
+        return response
+    if isinstance(exc, exceptions.ValidationError):
+        return _error_response("invalid_request", "invalid request body", fields=_field_errors(exc.detail))
+    if isinstance(exc, exceptions.NotFound):
+        return _error_response("not_found", str(exc.detail))
+    if isinstance(exc, exceptions.Throttled):
+        return _error_response("rate_limited", str(exc.detail), retry_after=exc.wait)
+    if isinstance(exc, exceptions.APIException):  # parse errors, 405, 406, 415
+        return _error_response("invalid_request", str(exc.detail), status_code=exc.status_code)
+    return None  # a bug: Django's 500
+
+
+def _field_errors(detail: Any) -> dict[str, list[str]]:
+    if isinstance(detail, dict):
+        return {str(k): [str(v) for v in (vs if isinstance(vs, list) else [vs])] for k, vs in detail.items()}
+    return {"non_field_errors": [str(v) for v in (detail if isinstance(detail, list) else [detail])]}
+
+
+def _errors(*codes: str) -> dict[int, OpenApiResponse]:
+    """Schema entries for the error answers a view can give."""
+    statuses = sorted({STATUS_OF_CODE[code] for code in codes})
+    return {s: OpenApiResponse(ErrorSerializer, description=f"error ({', '.join(c for c in codes if STATUS_OF_CODE[c] == s)})") for s in statuses}
+
+
+# --- base ---------------------------------------------------------------------------------
+
+
+class TenantApi(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+    permission_classes = [IsAuthenticated]
+
+    @property
+    def api_key(self) -> ApiKey:
+        return self.request.auth
+
+    @property
+    def tenant_id(self) -> int:
+        return self.request.auth.tenant_id
+
+    def conversation(self, conversation_id: uuid.UUID) -> Any:
+        return selectors.access_tenant_conversation(tenant_id=self.tenant_id, conversation_id=conversation_id)
+
+
+class StrictCursorPagination(CursorPagination):
+    """A malformed `page_size` is a 400, not silently the default (a malformed `cursor` is
+    DRF's 404, "Invalid cursor")."""
+
+    page_size_query_param = "page_size"
+
+    def get_page_size(self, request: Request) -> int:
+        raw = request.query_params.getlist(self.page_size_query_param)
+        if not raw:
+            return self.page_size
+        if len(raw) > 1 or not (raw[0].isascii() and raw[0].isdigit()) or not 1 <= int(raw[0]) <= self.max_page_size:
+            raise exceptions.ValidationError(
+                {self.page_size_query_param: [f"an integer from 1 to {self.max_page_size}"]}
+            )
+        return int(raw[0])
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_size_query_param:
+                parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": self.max_page_size}
+        return parameters
+
+
+class NewestFirst(StrictCursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    max_page_size = 200
+
+
+class BySeq(StrictCursorPagination):
+    ordering = ("seq",)
+    page_size = 100
+    max_page_size = 500
+
+
+def strict_request_bodies(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """drf-spectacular postprocessing hook: request bodies refuse unknown fields (see
+    serializers.StrictSerializer), and the schema says so."""
+    for name, component in result.get("components", {}).get("schemas", {}).items():
+        if name.endswith("Request") and component.get("type") == "object":
+            component["additionalProperties"] = False
+    return result
+
+
+def release_db_connection() -> None:
+    """Give the database connection back before a long wait or stream: a connection held per
+    open stream would exhaust the server's connections."""
+    close_old_connections()
+
+
+# --- conversations ------------------------------------------------------------------------
+
+
+class ConversationListApi(TenantApi):
+    pagination_class = NewestFirst
+
+    @extend_schema(
+        operation_id="conversations_list",
+        responses={200: ConversationSerializer(many=True), **_errors("invalid_request", "unauthorized", "not_found")},
+    )
+    def get(self, request: Request) -> Response:
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(selectors.conversation_list(tenant_id=self.tenant_id), request, view=self)
+        return paginator.get_paginated_response(ConversationSerializer(page, many=True).data)
+
+    @extend_schema(
+        operation_id="conversations_create",
+        request=ConversationCreateSerializer,
+        responses={201: ConversationSerializer, **_errors("invalid_request", "unauthorized", "not_found")},
+    )
+    def post(self, request: Request) -> Response:
+        body = ConversationCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        conversation = lifecycle.conversation_create(
+            tenant=self.api_key.tenant,
+            assistant_slug=body.validated_data["assistant"],
+            end_user_external_id=body.validated_data["end_user"],
+            title=body.validated_data["title"],
+        )
+        return Response(ConversationSerializer(conversation).data, status=status.HTTP_201_CREATED)
+
+
+class ConversationDetailApi(TenantApi):
+    @extend_schema(
+        operation_id="conversations_retrieve",
+        responses={200: ConversationSerializer, **_errors("unauthorized", "not_found")},
+    )
+    def get(self, request: Request, conversation_id: uuid.UUID) -> Response:
+        return Response(ConversationSerializer(self.conversation(conversation_id)).data)
+
+    @extend_schema(
+        operation_id="conversations_destroy",
+        responses={204: None, **_errors("invalid_request", "unauthorized", "not_found")},
+    )
+    def delete(self, request: Request, conversation_id: uuid.UUID) -> Response:
+        lifecycle.conversation_delete(tenant_id=self.tenant_id, conversation_id=conversation_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# --- messages -----------------------------------------------------------------------------
+
+SSE_DESCRIPTION = (
+    "With `stream: true`: `text/event-stream`. Each `data:` line carries one WebSocket event, "
+    "in order: `message.accepted`, `message.started`, `delta`…, then `message.completed` or "
+    "`error`; the stream ends with `data: [DONE]`. Lines starting with `:` are keep-alives."
+)
+SSE_EXAMPLE = (
+    'data: {"type":"message.accepted","message_id":"…"}\n\n'
+    'data: {"type":"message.started","message_id":"…","model":"gpt-4o-mini"}\n\n'
+    'data: {"type":"delta","message_id":"…","content":"Hel"}\n\n'
+    'data: {"type":"message.completed","message_id":"…","finish_reason":"stop",'
+    '"usage":{"prompt_tokens":20,"completion_tokens":25,"cached_tokens":0},"cost_usd":"0.000036"}\n\n'
+    "data: [DONE]\n\n"
+)
+
+# One server-sent event, as SSE clients (and schemathesis) parse it.
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": (
+                "One WebSocket event as JSON (`message.accepted`, `message.started`, `delta`, "
+                "`tool.call`, `tool.result`, `message.completed`, `error`), or `[DONE]` last."
+            ),
+        },
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
+
+class MessageListApi(TenantApi):
+    pagination_class = BySeq
+
+    @extend_schema(
+        operation_id="messages_list",
+        responses={200: MessageSerializer(many=True), **_errors("invalid_request", "unauthorized", "not_found")},
+    )
+    def get(self, request: Request, conversation_id: uuid.UUID) -> Response:
+        conversation = self.conversation(conversation_id)
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(selectors.message_list(conversation=conversation), request, view=self)
+        return paginator.get_paginated_response(MessageSerializer(page, many=True).data)
+
+    @extend_schema(
+        operation_id="messages_create",
+        request=MessageCreateSerializer,
+        responses={
+            (201, "application/json"): OpenApiResponse(
+                MessageSerializer, description="`stream: false`: the assistant's reply, once complete."
+            ),
+            (200, "text/event-stream"): OpenApiResponse(
+                SSE_EVENT_SCHEMA,
+                description=SSE_DESCRIPTION,
+                examples=[OpenApiExample("a turn", value=SSE_EXAMPLE, media_type="text/event-stream")],
+            ),
+            **_errors(
+                "invalid_request", "unauthorized", "not_found", "cancelled", "rate_limited",
+                "spending_cap_exceeded", "upstream_error", "upstream_timeout",
+            ),
+        },
+    )
+    def post(self, request: Request, conversation_id: uuid.UUID) -> Response | StreamingHttpResponse:
+        body = MessageCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        conversation = self.conversation(conversation_id)
+        # A tenant's key talks for the conversation's own end user: limits, caps and the
+        # gatekeeper inside the engine all see that end user.
+        caller = Caller(tenant_id=self.tenant_id, end_user_id=conversation.end_user_id, api_key_id=self.api_key.pk)
+        command = MessageCreate(
+            content=body.validated_data["content"],
+            conversation_id=conversation.id,
+            client_msg_id=body.validated_data["client_msg_id"],
+        )
+        release_db_connection()
+        # caps and rate limits: issue 3 — admission happens inside turn_submit
+        # (services.turn_prepare) before any upstream call, raising the domain errors mapped
+        # above; settlement happens when the engine finishes the turn (services.turn_finish).
+        if body.validated_data["stream"]:
+            listener = async_to_sync(sse.turn_listen)(caller=caller, command=command)
+            return event_stream_response(listener)
+        plan, terminal = async_to_sync(sse.turn_wait)(caller=caller, command=command)
+        if terminal.get("type") != "message.completed":
+            raise TurnFailed(terminal or {"code": "upstream_error", "message": "the reply was lost"})
+        message = selectors.message_get(conversation=conversation, message_id=plan.assistant_message_id)
+        return Response(MessageSerializer(message).data, status=status.HTTP_201_CREATED)
+
+
+def event_stream_response(listener: sse.TurnListener) -> StreamingHttpResponse:
+    # An async iterator: under ASGI, Django streams it on the event loop, not in a thread.
+    response = StreamingHttpResponse(sse.event_stream(listener), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    return response
+
+
+# --- end users ----------------------------------------------------------------------------
+
+
+class EndUserTokenApi(TenantApi):
+    @extend_schema(
+        operation_id="end_user_token_create",
+        parameters=[OpenApiParameter("external_id", str, OpenApiParameter.PATH, description="The tenant's own id for the end user; created on first use.")],
+        request=EndUserTokenRequestSerializer,
+        responses={200: EndUserTokenSerializer, **_errors("invalid_request", "unauthorized")},
+    )
+    def post(self, request: Request, external_id: str) -> Response:
+        if not external_id or len(external_id) > 200:
+            raise NotFound("end user")
+        body = EndUserTokenRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        end_user = end_user_get_or_create(tenant=self.api_key.tenant, external_id=external_id)
+        ttl = body.validated_data.get("ttl", settings.END_USER_TOKEN_DEFAULT_TTL)
+        issued = end_user_token_issue(end_user=end_user, ttl_seconds=ttl)
+        return Response(EndUserTokenSerializer({"token": issued.token, "expires_at": issued.expires_at}).data)

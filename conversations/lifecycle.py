@@ -1,0 +1,41 @@
+"""Conversation writes outside a turn: creating one for an end user (REST), deleting one."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from tenants.models import Tenant
+from tenants.services import end_user_get_or_create
+
+from .errors import GenerationBusy
+from .models import Conversation
+from .selectors import access_tenant_conversation
+from .services import _is_generating, access_assistant
+
+# REST callers that name no end user talk as this one: usage, limits and history still hang
+# off a real EndUser row, shared by the tenant's server-side integrations.
+DEFAULT_END_USER = "api"
+
+
+def conversation_create(
+    *, tenant: Tenant, assistant_slug: str | None, end_user_external_id: str | None, title: str = ""
+) -> Conversation:
+    """Raises NotFound for an unknown assistant slug."""
+    assistant = access_assistant(tenant_id=tenant.pk, slug=assistant_slug)
+    end_user = end_user_get_or_create(tenant=tenant, external_id=end_user_external_id or DEFAULT_END_USER)
+    conversation = Conversation.objects.create(tenant=tenant, assistant=assistant, end_user=end_user, title=title)
+    # The caller gets the related rows back without another query.
+    conversation.assistant, conversation.end_user = assistant, end_user
+    return conversation
+
+
+def conversation_delete(*, tenant_id: int, conversation_id: object) -> None:
+    """Delete a conversation and its messages (the usage ledger keeps its rows). Refused while
+    a reply is being generated: the generation would write into a deleted conversation."""
+    with transaction.atomic():
+        found = access_tenant_conversation(tenant_id=tenant_id, conversation_id=conversation_id)
+        conversation = Conversation.objects.select_for_update().get(pk=found.pk)
+        if _is_generating(conversation, timezone.now()):
+            raise GenerationBusy()
+        conversation.delete()

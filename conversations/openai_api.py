@@ -1,0 +1,412 @@
+"""The OpenAI-compatible surface: `POST /v1/chat/completions`, `GET /v1/models[/{id}]`.
+
+A small ASGI app mounted in front of Django (see `OpenAICompatibleApp`): the official SDK
+pointed at `http://HOST/v1` works unchanged. The hot path is one thread hop to authenticate
+and plan (`completion_prepare`), the upstream call, the upstream's bytes relayed as they
+arrive (`llm.relay`), and one hop after the stream to write the UsageRecord — before
+`[DONE]`, so a client that read to the end finds the call billed. No database connection is
+held while streaming.
+Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`, mapped in one
+place (`openai_error`), so the SDK raises its own classes (AuthenticationError, …).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+
+from billing.caps import CapExceeded
+from billing.models import UsageRecord
+from billing.ratelimits import RateLimited
+from billing.services import PriceMissing
+from llm import relay
+from llm.gateway import UpstreamError
+from tenants.services import InvalidApiKey
+
+from . import engine
+from .completions import (
+    CompletionPlan,
+    EndUserBlocked,
+    ModelNotAvailable,
+    completion_prepare,
+    completion_request_parse,
+    completion_settle,
+    models_available,
+)
+from .errors import ChatError
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class BodyTooLarge(Exception):
+    """A request body over DATA_UPLOAD_MAX_MEMORY_SIZE."""
+
+
+class MethodNotAllowed(Exception):
+    def __init__(self, allow: str) -> None:
+        super().__init__(allow)
+        self.allow = allow
+
+
+class ClientGone(Exception):
+    """The client disconnected before we answered."""
+
+
+# --- errors: the one OpenAI-error-body mapper ---------------------------------------------
+
+# contract code → (HTTP status, OpenAI error type)
+_STATUS_AND_TYPE = {
+    "invalid_request": (400, "invalid_request_error"),
+    "unauthorized": (401, "invalid_request_error"),
+    "not_found": (404, "invalid_request_error"),
+    "moderation_blocked": (400, "invalid_request_error"),
+    "rate_limited": (429, "rate_limit_error"),
+    "spending_cap_exceeded": (429, "insufficient_quota"),
+    "upstream_error": (502, "server_error"),
+    "upstream_timeout": (504, "server_error"),
+    "cancelled": (499, "server_error"),
+}
+_DOMAIN_ERRORS = (ChatError, PriceMissing, UpstreamError, CapExceeded, RateLimited)
+MAPPED_ERRORS = (InvalidApiKey, BodyTooLarge, MethodNotAllowed, *_DOMAIN_ERRORS)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole (non-streamed) answer."""
+
+    status: int
+    body: bytes
+    content_type: bytes = b"application/json"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    @classmethod
+    def json(cls, payload: Any, status: int = 200, headers: tuple[tuple[bytes, bytes], ...] = ()) -> "Reply":
+        return cls(status, json.dumps(payload).encode(), headers=headers)
+
+    async def send(self, send: Send) -> None:
+        headers = [(b"content-type", self.content_type), (b"content-length", str(len(self.body)).encode()), *self.headers]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def error_reply(
+    status: int, message: str, *, error_type: str, code: str | None, param: str | None = None,
+    retry_after: float | None = None, should_retry: bool | None = None, allow: str | None = None,
+) -> Reply:
+    headers: list[tuple[bytes, bytes]] = []
+    if retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
+    if should_retry is not None:  # read by the official SDKs' retry logic
+        headers.append((b"x-should-retry", b"true" if should_retry else b"false"))
+    if allow is not None:
+        headers.append((b"allow", allow.encode()))
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return Reply.json(body, status=status, headers=tuple(headers))
+
+
+def openai_error(error: Exception) -> Reply:
+    if isinstance(error, InvalidApiKey):
+        return error_reply(
+            401, f"Incorrect API key provided ({error}).", error_type="invalid_request_error", code="invalid_api_key"
+        )
+    if isinstance(error, ModelNotAvailable):
+        return error_reply(404, error.message, error_type="invalid_request_error", code="model_not_found", param="model")
+    if isinstance(error, EndUserBlocked):
+        return error_reply(403, error.message, error_type="permission_error", code="unauthorized", param="user")
+    if isinstance(error, BodyTooLarge):
+        return error_reply(413, "the request body is too large", error_type="invalid_request_error", code="invalid_request")
+    if isinstance(error, MethodNotAllowed):
+        return error_reply(
+            405, "method not allowed", error_type="invalid_request_error", code="invalid_request", allow=error.allow
+        )
+    if isinstance(error, UpstreamError) and error.status in relay.CALLER_FAULT_STATUSES:
+        # The provider refused the caller's own request (bad tool schema, context too long…).
+        return error_reply(400, error.message, error_type="invalid_request_error", code="invalid_request")
+    if isinstance(error, _DOMAIN_ERRORS):
+        event = engine.error_event_for(error)
+        status, error_type = _STATUS_AND_TYPE[event.code]
+        return error_reply(
+            status, event.message, error_type=error_type, code=event.code,
+            param=getattr(error, "param", None), retry_after=event.retry_after,
+            # A spent cap does not come back in the SDK's retry window.
+            should_retry=False if event.code == "spending_cap_exceeded" else None,
+        )
+    raise error
+
+
+# --- database work -----------------------------------------------------------------------
+
+# The endpoint's database work runs on a few long-lived threads that keep their connections.
+# Through Django's per-request path each call would run in a fresh thread (the request's
+# ThreadSensitiveContext) and, with CONN_MAX_AGE=0, open a new connection: ~3 ms and a
+# connection handshake's CPU before every first token. Here the connections are a bounded set
+# (one per thread), not one per request or per open stream; none is held while streaming.
+DB_THREADS = 4
+_db_executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="openai-db")
+
+
+def _in_db_thread(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    try:
+        return fn(**kwargs)
+    finally:
+        if connection.errors_occurred or connection.in_atomic_block:
+            connection.close()  # broken or left mid-transaction: the next call reconnects
+
+
+async def db(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """Run a synchronous service on the endpoint's database threads."""
+    return await asyncio.get_running_loop().run_in_executor(_db_executor, _in_db_thread, fn, kwargs)
+
+
+# --- chat completions ---------------------------------------------------------------------
+
+# Settlements run as tasks of their own: a client that disconnects cancels the response, and
+# the usage must still be written. Strong references, as the loop keeps only weak ones.
+_settling: set[asyncio.Task[Any]] = set()
+
+
+class CompletionCall:
+    """One call upstream and its one UsageRecord, however the call ends."""
+
+    def __init__(self, plan: CompletionPlan, started: float) -> None:
+        self.plan = plan
+        self.started = started
+        self.first_byte_at: float | None = None
+        self.settled = False
+
+    async def settle(self, *, usage: Any, content: str, outcome: str) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        now = time.monotonic()
+        task = asyncio.ensure_future(
+            db(
+                completion_settle,
+                plan=self.plan,
+                usage=usage,
+                content=content,
+                outcome=outcome,
+                latency_ms=int((now - self.started) * 1000),
+                ttft_ms=int((self.first_byte_at - self.started) * 1000) if self.first_byte_at else None,
+            )
+        )
+        _settling.add(task)
+        task.add_done_callback(_settling.discard)
+        await asyncio.shield(task)
+
+    async def complete(self) -> Reply:
+        try:
+            completion = await relay.complete(self.plan.target, self.plan.upstream_body)
+        except BaseException as error:  # an upstream failure, or the client left: the call counts
+            await self.settle(usage=None, content="", outcome=_failed(error))
+            raise
+        self.first_byte_at = time.monotonic()
+        # caps and rate limits: issue 3 — settlement of the reservation happens in completion_settle.
+        await self.settle(usage=completion.usage, content=completion.content, outcome=UsageRecord.Outcome.OK)
+        return Reply(200, completion.body, content_type=completion.content_type.encode())
+
+    async def open(self) -> relay.StreamRelay:
+        try:
+            return await relay.open_stream(
+                self.plan.target, self.plan.upstream_body, forward_usage=self.plan.forward_usage
+            )
+        except BaseException as error:
+            await self.settle(usage=None, content="", outcome=_failed(error))
+            raise
+
+    async def relay_stream(self, stream: relay.StreamRelay) -> AsyncIterator[bytes]:
+        outcome = UsageRecord.Outcome.CANCELLED  # unless the stream ends, the client left
+        try:
+            try:
+                async for chunk in stream.chunks():
+                    if self.first_byte_at is None:
+                        self.first_byte_at = time.monotonic()
+                    yield chunk
+            except UpstreamError as error:
+                outcome = UsageRecord.Outcome.ERROR
+                failure: UpstreamError | None = error
+            else:
+                outcome = UsageRecord.Outcome.OK if stream.done else UsageRecord.Outcome.ERROR
+                failure = None if stream.done else UpstreamError("the model provider ended the stream early")
+            await stream.aclose()
+            await self.settle(usage=stream.usage, content=self._content(stream), outcome=outcome)
+            # OpenAI's own mid-stream failure shape: the SDK raises APIError on it.
+            yield relay.DONE_EVENT + b"\n\n" if failure is None else _error_event(failure)
+        finally:
+            if not self.settled:  # the client disconnected: stop the upstream, bill what it made
+                await stream.aclose()
+                await self.settle(usage=stream.usage, content=self._content(stream), outcome=outcome)
+
+    @staticmethod
+    def _content(stream: relay.StreamRelay) -> str:
+        return "" if stream.usage is not None else stream.streamed_content()
+
+
+def _failed(error: BaseException) -> str:
+    cancelled = isinstance(error, asyncio.CancelledError)
+    return UsageRecord.Outcome.CANCELLED if cancelled else UsageRecord.Outcome.ERROR
+
+
+def _error_event(error: UpstreamError) -> bytes:
+    body = {"error": {"message": error.message, "type": "server_error", "param": None, "code": error.code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def chat_completions(request: Request) -> Reply | None:
+    started = time.monotonic()
+    body = completion_request_parse(await request.body())
+    # One hop: authentication, model check, credential, end user (and, with issue 3, the
+    # limits and the reservation).
+    plan = await db(completion_prepare, authorization=request.authorization, request=body)
+    call = CompletionCall(plan, started)
+    if not plan.stream:
+        return await call.complete()
+    stream = await call.open()
+    await request.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    # aclosing: when a disconnect cancels us mid-send, the relay's cleanup (closing the
+    # upstream, billing what was generated) runs now, not whenever the generator is collected.
+    async with contextlib.aclosing(call.relay_stream(stream)) as chunks:
+        async for chunk in chunks:
+            await request.send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await request.send({"type": "http.response.body", "body": b""})
+    return None
+
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def _model(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "parley"}
+
+
+async def models_list(request: Request) -> Reply:
+    models = await db(models_available, authorization=request.authorization)
+    return Reply.json({"object": "list", "data": [_model(m) for m in models]})
+
+
+async def model_retrieve(request: Request, model_id: str) -> Reply:
+    models = await db(models_available, authorization=request.authorization)
+    if model_id not in models:
+        raise ModelNotAvailable(model_id)
+    return Reply.json(_model(model_id))
+
+
+# --- the ASGI app -------------------------------------------------------------------------
+
+
+class Request:
+    """What the handlers need of an ASGI HTTP request, and its `send`."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope, self.receive, self.send = scope, receive, send
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.authorization = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                self.authorization = value.decode("latin-1")
+
+    async def body(self) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+
+async def _route(request: Request) -> Reply | None:
+    path, method = request.path, request.method
+    if path == "/v1/chat/completions":
+        if method != "POST":
+            raise MethodNotAllowed("POST")
+        return await chat_completions(request)
+    if path == "/v1/models" or path.startswith("/v1/models/"):
+        if method != "GET":
+            raise MethodNotAllowed("GET")
+        model_id = path[len("/v1/models/"):]
+        return await (model_retrieve(request, model_id) if model_id else models_list(request))
+    return error_reply(404, f"Invalid URL ({method} {path})", error_type="invalid_request_error", code=None)
+
+
+class OpenAICompatibleApp:
+    """Serves `/v1/…` itself and hands every other request to `app` (Django).
+
+    A raw ASGI app rather than Django views: in async mode every MiddlewareMixin middleware
+    costs two thread hops per request, and Django's handler starts a thread per request for
+    its signals; measured here, that doubled the CPU of a proxied stream. Nothing of what
+    the middleware stack does (sessions, CSRF, messages, frame options) applies to a bearer-
+    authenticated JSON API. What this app does itself: read the body (size-limited like
+    Django's), route three paths, map every error to OpenAI's body, and stop relaying —
+    billing what was generated — when the client disconnects."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        await handle(Request(scope, receive, send))
+
+
+async def handle(request: Request) -> None:
+    try:
+        reply = await _serve(request)
+    except ClientGone:
+        return
+    except MAPPED_ERRORS as error:
+        reply = openai_error(error)
+    except Exception:
+        logger.exception("%s %s failed", request.method, request.path)
+        reply = error_reply(500, "internal error", error_type="server_error", code=None)
+    if reply is not None:
+        await reply.send(request.send)
+
+
+async def _serve(request: Request) -> Reply | None:
+    """Run the route while watching for the client to disconnect; a disconnect cancels the
+    route (a streaming relay then closes the upstream and bills what was generated)."""
+    route = asyncio.ensure_future(_route(request))
+    watcher: asyncio.Future[Any] | None = None
+    try:
+        while not route.done():
+            watcher = watcher or asyncio.ensure_future(request.receive())
+            await asyncio.wait([route, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done() and watcher.result()["type"] == "http.disconnect" and not route.done():
+                route.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await route
+                raise ClientGone()
+            if watcher.done():
+                watcher = None
+        return route.result()
+    finally:
+        if watcher is not None and not watcher.done():
+            watcher.cancel()

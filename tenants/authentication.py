@@ -1,0 +1,97 @@
+"""API-key authentication (`Authorization: Bearer pk_…`) for DRF views and the /v1 surface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from rest_framework import exceptions
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.request import Request
+
+from .models import ApiKey, Tenant
+from .services import InvalidApiKey, api_key_authenticate
+
+# `last_used_at` is a hint for admins, not an audit log: at most one write a minute per key
+# keeps a busy key from turning every request into an UPDATE.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class ApiKeyPrincipal:
+    """`request.user` for an API-key caller: acts for the whole tenant."""
+
+    api_key: ApiKey
+
+    is_authenticated = True
+    is_anonymous = False
+
+    @property
+    def tenant(self) -> Tenant:
+        return self.api_key.tenant
+
+    def __str__(self) -> str:
+        return f"api key {self.api_key.prefix} of {self.api_key.tenant.slug}"
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer …` header; None when there is no bearer."""
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def api_key_touch(key: ApiKey) -> None:
+    now = timezone.now()
+    if key.last_used_at is not None and now - key.last_used_at < LAST_USED_RESOLUTION:
+        return
+    # Conditional: of several processes noticing a stale stamp at once, one writes.
+    ApiKey.objects.filter(pk=key.pk).filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
+    ).update(last_used_at=now)
+    key.last_used_at = now
+
+
+def api_key_from_authorization(authorization: str) -> ApiKey:
+    """The live ApiKey (tenant loaded) named by an Authorization header. Raises InvalidApiKey.
+    Synchronous ORM: call it from a sync view or inside a database_sync_to_async hop."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise InvalidApiKey("missing bearer API key")
+    key = api_key_authenticate(token)
+    api_key_touch(key)
+    return key
+
+
+class ApiKeyAuthentication(BaseAuthentication):
+    """DRF: a missing, unknown, malformed or revoked key is a 401 (never a 403)."""
+
+    keyword = "Bearer"
+
+    def authenticate(self, request: Request) -> tuple[ApiKeyPrincipal, ApiKey] | None:
+        authorization = request.headers.get("Authorization", "")
+        if not authorization:
+            return None  # not attempted: IsAuthenticated answers 401
+        try:
+            key = api_key_from_authorization(authorization)
+        except InvalidApiKey as error:
+            raise exceptions.AuthenticationFailed(str(error)) from None
+        return ApiKeyPrincipal(key), key
+
+    def authenticate_header(self, request: Request) -> str:
+        return self.keyword
+
+
+
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Describes the scheme in the OpenAPI document (loaded with the authentication class)."""
+
+    target_class = ApiKeyAuthentication
+    name = "apiKey"
+
+    def get_security_definition(self, auto_schema: object) -> dict[str, str]:
+        return {"type": "http", "scheme": "bearer", "description": "A tenant API key, `pk_…`."}

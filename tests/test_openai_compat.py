@@ -1,0 +1,326 @@
+"""The OpenAI-compatible endpoint, driven by the official SDK against a live Parley server,
+with the simulator as the tenant's provider over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx2
+import openai
+import pytest
+
+from billing.models import UsageRecord
+from conversations.completions import completion_prepare
+from tenants.models import ApiKey, EndUser
+from tests.conftest import adb
+from tests.liveserver import parley, parley_server  # noqa: F401 — fixtures
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MODEL = "gpt-4o-mini"
+
+
+def _client(parley, api_key: str, **options) -> openai.OpenAI:
+    return openai.OpenAI(base_url=parley.openai_base_url, api_key=api_key, max_retries=0, **options)
+
+
+def _async_client(parley, api_key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=parley.openai_base_url, api_key=api_key, max_retries=0)
+
+
+def _records(tenant) -> list[UsageRecord]:
+    return list(UsageRecord.objects.filter(tenant=tenant).order_by("created_at"))
+
+
+def test_completion_is_answered_and_billed_once(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    reply = _client(parley, setup.api_key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello from the SDK"}]
+    )
+
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.content.startswith("You said: Hello from the SDK.")
+    [record] = _records(setup.tenant)
+    assert (record.kind, record.outcome, record.model) == ("completion", "ok", MODEL)
+    assert (record.prompt_tokens, record.completion_tokens) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    assert not record.estimated and record.cost_usd > 0
+    sent = sim.requests[-1]
+    # Always a max_tokens (the default assistant's), and the end user only as a hash.
+    assert sent["max_tokens"] == setup.assistant.max_tokens
+    assert sent["user"].startswith("pu_") and record.end_user.external_id == "api"
+
+
+async def test_stream_deltas_and_usage_chunk_match_what_was_billed(parley, tenant_factory, sim):
+    setup = await adb(tenant_factory)()
+    client = _async_client(parley, setup.api_key)
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Stream to me"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("You said: Stream to me.")
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    # Written before [DONE]: a client that read to the end finds the call billed.
+    [record] = await adb(_records)(setup.tenant)
+    assert record.prompt_tokens == usage_chunk.usage.prompt_tokens == sim.stats.prompt_tokens
+    assert record.completion_tokens == usage_chunk.usage.completion_tokens == sim.stats.completion_tokens
+    assert record.outcome == "ok" and record.ttft_ms is not None
+
+
+def test_stream_without_include_usage_is_openai_shaped_and_still_billed(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "raw bytes please"}], "stream": True}
+    with httpx2.Client(timeout=10) as http:
+        with http.stream(
+            "POST", f"{parley.openai_base_url}/chat/completions", json=body,
+            headers={"Authorization": f"Bearer {setup.api_key}"},
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            raw = b"".join(response.iter_bytes())
+
+    events = [e for e in raw.decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert all(p["object"] == "chat.completion.chunk" and p["choices"] for p in payloads)
+    assert all("usage" not in p for p in payloads)
+    # We asked upstream for usage anyway: it is how the call is billed.
+    assert sim.requests[-1]["stream_options"] == {"include_usage": True}
+    [record] = _records(setup.tenant)
+    assert record.completion_tokens == sim.stats.completion_tokens and not record.estimated
+
+
+def test_tools_and_parameters_reach_the_provider_and_a_tool_round_trip_works(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    client = _client(parley, setup.api_key)
+    tools = [{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }]
+    client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        response_format={"type": "text"},
+        temperature=0.2,
+        max_tokens=50,
+        user="customer-42",
+    )
+    sent = sim.requests[-1]
+    assert sent["tools"] == tools
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert sent["response_format"] == {"type": "text"} and sent["temperature"] == 0.2
+    assert sent["max_tokens"] == 50
+    end_user = EndUser.objects.get(tenant=setup.tenant, external_id="customer-42")
+    assert sent["user"].startswith("pu_") and "customer-42" not in sent["user"]
+
+    # The second leg of a tool call: the assistant's tool_calls and the tool's result go
+    # upstream as sent, and the answer comes back.
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 21}'},
+        ],
+        tools=tools,
+    )
+    assert reply.choices[0].message.content
+    assert sim.requests[-1]["messages"][1]["tool_calls"] == [call]
+    assert sim.requests[-1]["messages"][2]["tool_call_id"] == "call_1"
+    assert UsageRecord.objects.filter(tenant=setup.tenant, end_user=end_user).count() == 1
+
+
+def test_bad_or_revoked_key_raises_authentication_error(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    for key in ("pk_nothere_secret", "sk-not-even-ours", ""):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            _client(parley, key or "x").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+    ApiKey.objects.filter(tenant=setup.tenant).update(revoked_at="2020-01-01T00:00:00Z")
+    with pytest.raises(openai.AuthenticationError):
+        _client(parley, setup.api_key).models.list()
+    assert sim.stats.requests == 0
+
+
+async def test_bad_key_raises_authentication_error_async(parley, tenant_factory, sim):
+    with pytest.raises(openai.AuthenticationError):
+        await _async_client(parley, "pk_abc_def").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+
+
+def test_invalid_requests_raise_bad_request_and_not_found(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    client = _client(parley, setup.api_key)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[])
+    assert caught.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-unpriced", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.code == "model_not_found"
+
+    # A key limited to some models may use only those.
+    ApiKey.objects.filter(tenant=setup.tenant).update(allowed_models=["gpt-4o"])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert [m.id for m in client.models.list()] == ["gpt-4o"]
+    assert sim.stats.requests == 0 and not _records(setup.tenant)
+
+
+def test_provider_rejection_of_the_callers_request_is_a_bad_request(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    with pytest.raises(openai.BadRequestError) as caught:
+        _client(parley, setup.api_key).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x [[sim:status=400]]"}]
+        )
+    assert caught.value.code == "invalid_request"
+
+
+def test_upstream_failure_is_502_and_the_call_is_recorded_once(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    client = _client(parley, setup.api_key)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "fail [[sim:status=500]]"}])
+    assert caught.value.status_code == 502 and caught.value.code == "upstream_error"
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "fail [[sim:status=503]]"}], stream=True
+        )
+    records = _records(setup.tenant)
+    assert [(r.outcome, r.estimated) for r in records] == [("error", True), ("error", True)]
+
+
+def test_transient_upstream_failure_is_retried_before_the_first_byte(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    reply = _client(parley, setup.api_key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "again [[sim:status=503 fail_times=2]]"}], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+    assert sim.stats.requests == 3 and len(_records(setup.tenant)) == 1
+
+
+def test_upstream_timeout_is_504(parley, tenant_factory, sim, settings):
+    settings.UPSTREAM_MAX_RETRIES = 0
+    settings.UPSTREAM_FIRST_TOKEN_TIMEOUT = 0.5
+    setup = tenant_factory()
+    with pytest.raises(openai.InternalServerError) as caught:
+        _client(parley, setup.api_key, timeout=15).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "wait [[sim:hang=1]]"}], stream=True
+        )
+    assert caught.value.status_code == 504 and caught.value.code == "upstream_timeout"
+
+
+def test_stream_cut_midway_raises_in_the_sdk_and_bills_what_streamed(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    stream = _client(parley, setup.api_key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "cut [[sim:cut=3]]"}], stream=True
+    )
+    received = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+    assert len([r for r in received if r]) == 3
+    [record] = _records(setup.tenant)
+    assert record.outcome == "error" and record.estimated and record.completion_tokens > 0
+
+
+def test_client_that_leaves_midstream_is_billed_for_what_was_generated(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    body = {
+        "model": MODEL, "stream": True,
+        "messages": [{"role": "user", "content": "long [[sim:words=400 tps=100]]"}],
+    }
+    with httpx2.Client(timeout=10) as http:
+        with http.stream(
+            "POST", f"{parley.openai_base_url}/chat/completions", json=body,
+            headers={"Authorization": f"Bearer {setup.api_key}"},
+        ) as response:
+            deltas = 0
+            for line in response.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    deltas += 1
+                if deltas == 3:
+                    break  # and leave
+    deadline = time.monotonic() + 10
+    while not _records(setup.tenant) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [record] = _records(setup.tenant)
+    assert record.outcome == "cancelled" and record.estimated and 3 <= record.completion_tokens < 400
+    deadline = time.monotonic() + 5
+    while sim.stats.incomplete == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sim.stats.incomplete == 1  # the upstream stream was closed, not left running
+
+
+def test_models_list_and_retrieve(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    client = _client(parley, setup.api_key)
+    ids = [model.id for model in client.models.list()]
+    assert {"gpt-4o", "gpt-4o-mini", "gpt-4-turbo", "gpt-3.5-turbo"} <= set(ids)
+    assert client.models.retrieve("gpt-4o").id == "gpt-4o"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-unpriced")
+
+
+def test_unknown_v1_path_answers_openai_shaped_404(parley, tenant_factory):
+    response = httpx2.get(f"{parley.openai_base_url}/embeddings-not-here")
+    assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_prepare_is_a_few_queries(tenant_factory, django_assert_max_num_queries):
+    setup = tenant_factory()
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "user": "u-1"}
+    completion_prepare(authorization=f"Bearer {setup.api_key}", request=request)  # creates the end user
+    # key+tenant, price, default assistant+credential, end user, caps (none: nothing reserved)
+    with django_assert_max_num_queries(5):
+        plan = completion_prepare(authorization=f"Bearer {setup.api_key}", request=request)
+    assert json.loads(plan.upstream_body)["user"].startswith("pu_")
+
+
+def test_a_cap_refusal_raises_rate_limit_error_with_its_code(parley, tenant_factory, sim):
+    from decimal import Decimal
+
+    from billing.models import CapPeriod, SpendingCap
+
+    setup = tenant_factory()
+    SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("0.0001"))
+    client = _client(parley, setup.api_key)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=500)
+    assert refused.value.code == "spending_cap_exceeded" and refused.value.status_code == 429
+    assert sim.stats.requests == 0 and not UsageRecord.objects.filter(tenant=setup.tenant).exists()
+    # A small enough call fits, is billed and settles the cap to what it cost.
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20)
+    [record] = _records(setup.tenant)
+    period = CapPeriod.objects.get(cap__tenant=setup.tenant)
+    assert (period.spent_usd, period.reserved_usd) == (record.cost_usd, 0)
+    assert record.completion_tokens == reply.usage.completion_tokens
+
+
+def test_rate_limited_calls_raise_rate_limit_error(parley, tenant_factory, sim):
+    setup = tenant_factory(user_rpm=2)
+    client = _client(parley, setup.api_key)
+    for _ in range(2):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], user="alice")
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], user="alice")
+    assert refused.value.code == "rate_limited"
+    assert sim.stats.requests == 2

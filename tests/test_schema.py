@@ -1,0 +1,65 @@
+"""The OpenAPI document against the running API: schemathesis generates requests from
+/api/schema/ (valid and invalid ones) and checks that no answer is a 5xx and that every answer
+matches what the schema documents (status, content type, body)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from conversations.models import Conversation
+from conversations.services import access_assistant
+from tenants.models import ApiKey
+from tenants.services import end_user_get_or_create
+from tests.liveserver import parley, parley_server  # noqa: F401 — fixtures
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+
+def _document() -> dict:
+    """The document /api/schema/ serves (test_served_schema_is_this_document checks it)."""
+    from drf_spectacular.generators import SchemaGenerator
+    from drf_spectacular.renderers import OpenApiJsonRenderer
+
+    return json.loads(OpenApiJsonRenderer().render(SchemaGenerator().get_schema(request=None, public=True)))
+
+
+# Built at import (Django is set up by then), not through a fixture: the operations are the
+# test's parameters, so they must be known when pytest collects.
+DOCUMENT = _document()
+schema = schemathesis.openapi.from_dict(DOCUMENT)
+
+
+@pytest.fixture
+def api_key(tenant_factory, sim) -> str:
+    return tenant_factory().api_key
+
+
+def test_served_schema_is_this_document(parley):
+    served = httpx2.get(f"{parley.url}/api/schema/?format=json", timeout=10)
+    assert served.status_code == 200 and served.json() == DOCUMENT
+
+
+@schema.parametrize()
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,  # a flaky test is a bug: the same examples every run
+)
+def test_api_matches_its_schema(case, parley, api_key):
+    setup = ApiKey.objects.select_related("tenant").get(prefix=api_key.split("_")[1])
+    if case.path_parameters and "conversation_id" in case.path_parameters:
+        # Half the time a real conversation, so the success answers are checked too.
+        if hash(repr(case.body)) % 2 == 0:
+            end_user = end_user_get_or_create(tenant=setup.tenant, external_id="schema")
+            conversation = Conversation.objects.create(
+                tenant=setup.tenant, assistant=access_assistant(tenant_id=setup.tenant_id, slug=None), end_user=end_user
+            )
+            case.path_parameters["conversation_id"] = str(conversation.id)
+    case.call_and_validate(base_url=parley.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=20)
