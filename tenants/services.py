@@ -10,7 +10,10 @@ from datetime import datetime, timedelta, timezone
 
 from django.contrib.auth import get_user_model
 from django.core import signing
+from typing import Iterable
+
 from django.db import IntegrityError, transaction
+from django.utils import timezone as dj_timezone
 
 from .models import ApiKey, EndUser, Membership, ProviderCredential, Tenant
 
@@ -36,12 +39,30 @@ class IssuedApiKey:
     plaintext: str  # shown once, never stored
 
 
-def api_key_create(*, tenant: Tenant, name: str = "default") -> IssuedApiKey:
+def api_key_create(*, tenant: Tenant, name: str = "default", actor: object = None, actor_label: str = "") -> IssuedApiKey:
+    from .audit import audit_record
+
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     plaintext = f"{API_KEY_PREFIX}_{prefix}_{secret}"
-    key = ApiKey.objects.create(tenant=tenant, name=name, prefix=prefix, key_hash=_hash_key(plaintext))
+    with transaction.atomic():
+        key = ApiKey.objects.create(tenant=tenant, name=name, prefix=prefix, key_hash=_hash_key(plaintext))
+        audit_record(tenant_id=tenant.pk, action="api_key.create", actor=actor, actor_label=actor_label, obj=key)
     return IssuedApiKey(api_key=key, plaintext=plaintext)
+
+
+def api_keys_revoke(*, keys: Iterable[ApiKey], actor: object = None) -> int:
+    """Revoke each key not revoked yet; each revocation is in the audit trail."""
+    from .audit import audit_record
+
+    revoked = 0
+    now = dj_timezone.now()
+    with transaction.atomic():
+        for key in keys:
+            if ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now):
+                audit_record(tenant_id=key.tenant_id, action="api_key.revoke", actor=actor, obj=key)
+                revoked += 1
+    return revoked
 
 
 def api_key_authenticate(plaintext: str) -> ApiKey:

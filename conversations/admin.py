@@ -1,0 +1,111 @@
+"""Admin for assistants and conversations (a read-only transcript), scoped to the user's tenants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from django import forms
+from django.contrib import admin
+from django.contrib.admin.utils import unquote
+from django.core.paginator import Page, Paginator
+from django.db.models import Count, Sum
+from django.http import HttpRequest, HttpResponse
+
+from billing.models import ModelPrice, UsageRecord
+from tenants.admin_base import TenantScopedAdmin, TenantScopedForm
+
+from .models import Assistant, Conversation, Message
+
+TRANSCRIPT_PAGE_SIZE = 200
+OTHER_USAGE_LIMIT = 50
+
+
+class AssistantForm(TenantScopedForm):
+    """A model without a price is refused at chat time: say so when the assistant is saved."""
+
+    def clean_model(self) -> str:
+        return _priced(self.cleaned_data["model"])
+
+    def clean_summary_model(self) -> str:
+        return _priced(self.cleaned_data["summary_model"])
+
+
+def _priced(model: str) -> str:
+    if not ModelPrice.objects.filter(model=model).exists():
+        raise forms.ValidationError("This model has no price in the price list.")
+    return model
+
+
+@admin.register(Assistant)
+class AssistantAdmin(TenantScopedAdmin):
+    form = AssistantForm
+    list_display = ("slug", "name", "model", "is_default", "updated_at")
+    list_filter = ("model", "is_default")
+    search_fields = ("slug", "name", "model")
+    ordering = ("slug",)
+    # No field list: every setting the assistant model grows is editable here, in model order.
+
+
+@dataclass(frozen=True)
+class TranscriptLine:
+    message: Message
+    cost_usd: Decimal | None
+
+
+@admin.register(Conversation)
+class ConversationAdmin(TenantScopedAdmin):
+    """Conversations are written by the chat engine only: here they are read, or deleted."""
+
+    list_display = ("__str__", "assistant", "end_user", "updated_at")
+    list_filter = ("assistant",)
+    search_fields = ("title", "end_user__external_id")
+    ordering = ("-updated_at",)
+    list_select_related = ("assistant", "end_user", "tenant")
+    fields = ("tenant", "title", "assistant", "end_user", "last_seq", "summary_through_seq", "created_at", "updated_at")
+    date_hierarchy = "updated_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict | None = None
+    ) -> HttpResponse:
+        conversation = self.get_object(request, unquote(object_id))
+        if conversation is not None:  # a missing or foreign one goes to the standard redirect
+            extra_context = {**(extra_context or {}), **transcript_context(conversation, request)}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+
+def transcript_context(conversation: Conversation, request: HttpRequest) -> dict[str, Any]:
+    """One page of messages in seq order, their costs, and the conversation's usage totals."""
+    messages = Message.objects.filter(conversation=conversation, tenant_id=conversation.tenant_id).order_by("seq")
+    page = Paginator(messages, TRANSCRIPT_PAGE_SIZE).get_page(request.GET.get("p"))
+    ids = [message.id for message in page.object_list]
+    usage = UsageRecord.objects.for_tenant(conversation.tenant_id).filter(conversation_id=conversation.id)
+    page_usage = list(usage.filter(message_id__in=ids).order_by("created_at"))
+    other_usage = list(usage.filter(message_id__isnull=True).order_by("-created_at")[:OTHER_USAGE_LIMIT])
+    return {
+        "transcript": _lines(page, page_usage),
+        "transcript_page": page,
+        "usage_records": page_usage + other_usage,
+        "usage_totals": usage.aggregate(
+            calls=Count("id"),
+            cost=Sum("cost_usd"),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+        ),
+        "summary": conversation.summary,
+    }
+
+
+def _lines(page: Page, records: list[UsageRecord]) -> list[TranscriptLine]:
+    costs: dict[UUID, Decimal] = {}
+    for record in records:
+        costs[record.message_id] = costs.get(record.message_id, Decimal(0)) + record.cost_usd
+    return [TranscriptLine(message=message, cost_usd=costs.get(message.id)) for message in page.object_list]

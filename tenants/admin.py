@@ -1,0 +1,246 @@
+"""Admin for tenants, members, end users, provider credentials and API keys (all tenant-scoped)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from llm.gateway import ProviderTarget
+from llm.probe import providers_probe
+
+from .admin_base import (
+    AdminAccess,
+    TenantScopedAdmin,
+    TenantScopedForm,
+    TenantScopedInline,
+    admin_access,
+    tenant_id_of,
+)
+from .models import ApiKey, AuditEntry, EndUser, Membership, ProviderCredential, Tenant
+from .services import api_key_create, api_keys_revoke
+
+PROBE_LIMIT = 10
+
+
+class MembershipInline(TenantScopedInline):
+    """Who belongs to the tenant, at a glance; memberships are edited on their own page."""
+
+    model = Membership
+    read_only = True
+    fields = ("user", "role", "created_at")
+    readonly_fields = fields
+    show_change_link = True
+
+
+@admin.register(Tenant)
+class TenantAdmin(TenantScopedAdmin):
+    """Members see their tenants; owners edit name and limits; only superusers add or delete."""
+
+    list_display = ("slug", "name", "is_active", "end_user_rpm", "tenant_rpm", "tenant_tpm", "created_at")
+    search_fields = ("slug", "name")
+    ordering = ("slug",)
+    fields = ("slug", "name", "is_active", "end_user_rpm", "tenant_rpm", "tenant_tpm", "created_at")
+    readonly_fields = ("created_at",)
+    inlines = (MembershipInline,)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return admin_access(request).is_superuser
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return admin_access(request).is_superuser
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        access = admin_access(request)
+        if obj is None:
+            return access.is_superuser or any(access.is_owner(tenant_id) for tenant_id in access.roles)
+        return access.is_owner(obj.pk)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list:
+        fields = list(super().get_readonly_fields(request, obj))
+        if not admin_access(request).is_superuser:
+            fields += ["slug", "is_active"]
+        return fields
+
+
+class MembershipForm(TenantScopedForm):
+    access: AdminAccess | None = None  # the editor's rights, set per request by MembershipAdmin
+
+    def clean_role(self) -> str:
+        role = self.cleaned_data["role"]
+        tenant = self.cleaned_data.get("tenant")
+        tenant_id = tenant.pk if tenant is not None else tenant_id_of(self.instance)
+        if role == Membership.Role.OWNER and not (self.access and self.access.is_owner(tenant_id)):
+            raise forms.ValidationError("Only an owner can make someone an owner.")
+        return role
+
+
+@admin.register(Membership)
+class MembershipAdmin(TenantScopedAdmin):
+    """Owners and admins manage who belongs to their tenant; only owners touch owners.
+
+    The user is chosen among people already in one of the editor's tenants: accounts are created
+    by superusers or `create_tenant --owner-email`, so no tenant can browse everyone's accounts.
+    """
+
+    form = MembershipForm
+    list_display = ("user", "role", "created_at")
+    list_filter = ("role",)
+    search_fields = ("user__username", "user__email")
+    ordering = ("user__username",)
+    fields = ("tenant", "user", "role", "created_at")
+    readonly_fields = ("created_at",)
+    list_select_related = ("user", "tenant")
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> type:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.access = admin_access(request)  # MembershipForm.clean_role reads it
+        return form
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list:
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields + (["user"] if obj is not None else [])
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_change_permission(request, obj) and self._may_touch(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_delete_permission(request, obj) and self._may_touch(request, obj)
+
+    def _may_touch(self, request: HttpRequest, obj: Membership | None) -> bool:
+        if obj is None or obj.role != Membership.Role.OWNER:
+            return True
+        return admin_access(request).is_owner(obj.tenant_id)
+
+
+@admin.register(EndUser)
+class EndUserAdmin(TenantScopedAdmin):
+    list_display = ("external_id", "is_blocked", "created_at")
+    list_filter = ("is_blocked",)
+    search_fields = ("external_id",)
+    ordering = ("external_id",)
+    fields = ("tenant", "external_id", "is_blocked", "created_at")
+    readonly_fields = ("created_at",)
+    actions = ("block", "unblock")
+
+    @admin.action(description="Block selected end users (their requests answer unauthorized)", permissions=["change"])
+    def block(self, request: HttpRequest, queryset: QuerySet) -> None:
+        changed = self.editable(request, queryset).update(is_blocked=True)
+        self.message_user(request, f"Blocked {changed} end user(s).", messages.SUCCESS)
+
+    @admin.action(description="Unblock selected end users", permissions=["change"])
+    def unblock(self, request: HttpRequest, queryset: QuerySet) -> None:
+        changed = self.editable(request, queryset).update(is_blocked=False)
+        self.message_user(request, f"Unblocked {changed} end user(s).", messages.SUCCESS)
+
+
+class ProviderCredentialForm(TenantScopedForm):
+    """The key is write-only: never rendered, never pre-filled; blank keeps the current one."""
+
+    new_api_key = forms.CharField(
+        label="API key",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only. Leave blank to keep the current key.",
+    )
+
+    def save(self, commit: bool = True) -> ProviderCredential:
+        new_key = self.cleaned_data.get("new_api_key")
+        if new_key:
+            self.instance.api_key = new_key
+        return super().save(commit=commit)
+
+
+@admin.register(ProviderCredential)
+class ProviderCredentialAdmin(TenantScopedAdmin):
+    form = ProviderCredentialForm
+    list_display = ("name", "base_url", "masked_key", "updated_at")
+    search_fields = ("name", "base_url")
+    ordering = ("name",)
+    readonly_fields = ("masked_key", "updated_at", "created_at")
+    actions = ("test_connection",)
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list:
+        fields = ["tenant", "name", "base_url", "organization"]
+        if self.has_change_permission(request, obj) or (obj is None and self.has_add_permission(request)):
+            fields.append("new_api_key")
+        if obj is not None:
+            fields += ["masked_key", "updated_at", "created_at"]
+        return fields
+
+    @admin.display(description="API key")
+    def masked_key(self, obj: ProviderCredential) -> str:
+        return obj.masked_key or "(none)"
+
+    @admin.action(description="Test connection (lists the provider's models)", permissions=["change"])
+    def test_connection(self, request: HttpRequest, queryset: QuerySet) -> None:
+        credentials = list(self.editable(request, queryset).order_by("pk")[:PROBE_LIMIT])
+        targets = [
+            ProviderTarget(credential_id=c.pk, base_url=c.base_url, api_key=c.api_key, organization=c.organization)
+            for c in credentials
+        ]
+        names = {c.pk: f"{c.name} ({c.base_url})" for c in credentials}
+        for result in providers_probe(targets):
+            level = messages.SUCCESS if result.ok else messages.ERROR
+            verdict = "connected" if result.ok else "failed"
+            self.message_user(request, f"{names[result.credential_id]}: {verdict}: {result.detail}", level)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(TenantScopedAdmin):
+    """Keys are made by `api_key_create`: the plaintext is shown once, in a message; only the
+    prefix and a hash are stored, and the hash is never displayed."""
+
+    list_display = ("display_prefix", "name", "created_at", "last_used_at", "revoked_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("name", "prefix")
+    ordering = ("-created_at",)
+    actions = ("revoke",)
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list:
+        fields = ["tenant", "name", "allowed_models", "rpm"]
+        if obj is not None:
+            fields += ["display_prefix", "created_at", "last_used_at", "revoked_at"]
+        return fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list:
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields + ["display_prefix", "created_at", "last_used_at", "revoked_at"]
+
+    @admin.display(description="key", ordering="prefix")
+    def display_prefix(self, obj: ApiKey) -> str:
+        return f"pk_{obj.prefix}_…"
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.Form, change: bool) -> None:
+        if change:
+            return super().save_model(request, obj, form, change)
+        self.assign_tenant(request, obj)
+        issued = api_key_create(tenant=obj.tenant, name=obj.name, actor=request.user)
+        ApiKey.objects.filter(pk=issued.api_key.pk).update(allowed_models=obj.allowed_models, rpm=obj.rpm)
+        obj.pk = issued.api_key.pk
+        obj.refresh_from_db()
+        self.message_user(
+            request,
+            f"Copy this API key now, it will not be shown again: {issued.plaintext}",
+            messages.WARNING,
+        )
+
+    @admin.action(description="Revoke selected API keys", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet) -> None:
+        revoked = api_keys_revoke(keys=self.editable(request, queryset), actor=request.user)
+        self.message_user(request, f"Revoked {revoked} API key(s).", messages.SUCCESS)
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(TenantScopedAdmin):
+    """Each tenant's own trail: who changed what, when (values of secrets are never recorded)."""
+
+    read_only = True
+    list_display = ("created_at", "actor_label", "action", "object_type", "object_repr")
+    list_filter = ("action", "object_type")
+    search_fields = ("actor_label", "object_repr", "object_id")
+    ordering = ("-created_at",)
