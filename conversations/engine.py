@@ -156,6 +156,7 @@ class Generation:
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self._stream_task: asyncio.Task | None = None
+        self._interruptible = False
         # Held while a delta is appended and published, and while a state reply is built and
         # sent: a joiner's state then either includes a delta whose publish already finished,
         # or excludes it and is delivered before it (the joiner drops deltas until its state).
@@ -261,7 +262,7 @@ class Generation:
         request = self.plan.request
         while True:
             await self._call(request)
-            if not self.tool_calls:
+            if not self.tool_calls or self.cancelled:
                 return
             appended = await self._tool_round()
             last_round = self.round_number >= self.plan.max_tool_rounds
@@ -275,20 +276,39 @@ class Generation:
 
     async def _call(self, request: ChatRequest) -> None:
         self.round_called = True
-        async for event in gateway.stream_chat(self.plan.target, request):
-            if isinstance(event, TextDelta):
-                if self.first_token_at is None:
-                    self.first_token_at = time.monotonic()
-                async with self._publish_lock:
-                    self.content_parts.append(event.content)
-                    self.round_parts.append(event.content)
-                    await publish(self.plan, Delta(message_id=self.message_id, content=event.content))
-            elif isinstance(event, ToolCallDelta):
-                self.tool_calls.add(event)
-            elif isinstance(event, Finish):
-                self.finish_reason = event.reason
-            elif isinstance(event, Usage):
-                self.usage = event
+        events = gateway.stream_chat(self.plan.target, request).__aiter__()
+        try:
+            while not self.cancelled:
+                # Cancel interrupts only this wait for the model: never a publish halfway, so
+                # what is stored is exactly what the sockets were sent.
+                self._interruptible = True
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    self._interruptible = False
+                self._take(event)
+                if isinstance(event, TextDelta):
+                    await self._publish_delta(event.content)
+        finally:
+            await events.aclose()
+
+    def _take(self, event: Any) -> None:
+        if isinstance(event, ToolCallDelta):
+            self.tool_calls.add(event)
+        elif isinstance(event, Finish):
+            self.finish_reason = event.reason
+        elif isinstance(event, Usage):
+            self.usage = event
+
+    async def _publish_delta(self, content: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        async with self._publish_lock:
+            self.content_parts.append(content)
+            self.round_parts.append(content)
+            await publish(self.plan, Delta(message_id=self.message_id, content=content))
 
     async def _tool_round(self) -> list[dict[str, Any]]:
         """Run the calls the model just made, store the round, reserve the next call."""
@@ -298,9 +318,13 @@ class Generation:
             conversation_id=plan.conversation_id, end_user_external_id=plan.end_user_external_id,
             tenant_id=plan.caller.tenant_id,
         )
-        outcomes = await tool_round_run(
-            tenant_id=plan.caller.tenant_id, requests=requests, names=plan.tool_names, context=context
-        )
+        self._interruptible = True
+        try:
+            outcomes = await tool_round_run(
+                tenant_id=plan.caller.tenant_id, requests=requests, names=plan.tool_names, context=context
+            )
+        finally:
+            self._interruptible = False
         for request, outcome in zip(requests, outcomes):
             await publish(plan, ToolCall(
                 message_id=self.message_id, call_id=request.call_id, name=request.name,
@@ -358,7 +382,8 @@ class Generation:
             self.cancelled = True  # before the upstream call: it will not be made
         elif not self._stream_task.done():
             self.cancelled = True
-            self._stream_task.cancel()
+            if self._interruptible:  # waiting on the model or on tools: stop now
+                self._stream_task.cancel()
 
     def _outcome(self, error: UpstreamError | CapExceeded | None) -> TurnOutcome:
         now = time.monotonic()
