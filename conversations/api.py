@@ -24,7 +24,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing.caps import CapExceeded
-from billing.ratelimits import RateLimited
+from billing.ratelimits import LimitState, RateLimited
 from billing.services import PriceMissing
 from llm.gateway import UpstreamError
 from tenants.authentication import ApiKeyAuthentication
@@ -78,6 +78,8 @@ def _error_response(
     response = Response({"error": body}, status=status_code or STATUS_OF_CODE[code])
     if body.get("retry_after") is not None:
         response["Retry-After"] = str(max(1, round(body["retry_after"])))
+        if code == "rate_limited":
+            response["x-ratelimit-remaining-requests"] = "0"
     return response
 
 
@@ -321,12 +323,23 @@ class MessageListApi(TenantApi):
         # above; settlement happens when the engine finishes the turn (services.turn_finish).
         if body.validated_data["stream"]:
             listener = async_to_sync(sse.turn_listen)(caller=caller, command=command)
-            return event_stream_response(listener)
+            return ratelimit_headers(event_stream_response(listener), listener.plan.limit_states)
         plan, terminal = async_to_sync(sse.turn_wait)(caller=caller, command=command)
         if terminal.get("type") != "message.completed":
             raise TurnFailed(terminal or {"code": "upstream_error", "message": "the reply was lost"})
         message = selectors.message_get(conversation=conversation, message_id=plan.assistant_message_id)
-        return Response(MessageSerializer(message).data, status=status.HTTP_201_CREATED)
+        response = Response(MessageSerializer(message).data, status=status.HTTP_201_CREATED)
+        return ratelimit_headers(response, plan.limit_states)
+
+
+def ratelimit_headers(response: Any, states: tuple[LimitState, ...]) -> Any:
+    """OpenAI-style `x-ratelimit-*` headers for the tightest request limit that applied."""
+    if states:
+        tightest = min(states, key=lambda state: state.remaining)
+        response["x-ratelimit-limit-requests"] = str(tightest.limit)
+        response["x-ratelimit-remaining-requests"] = str(tightest.remaining)
+        response["x-ratelimit-reset-requests"] = f"{max(0.0, tightest.reset_after):.1f}s"
+    return response
 
 
 def event_stream_response(listener: sse.TurnListener) -> StreamingHttpResponse:

@@ -105,6 +105,7 @@ class TurnPlan:
     summary_due: bool = False
     moderation: PolicySnapshot | None = None
     user_content: str = ""
+    limit_states: tuple[ratelimits.LimitState, ...] = ()
     tool_names: tuple[str, ...] = ()
     max_tool_rounds: int = 0
     end_user_external_id: str = ""
@@ -151,7 +152,9 @@ def turn_prepare(
     now = timezone.now()
     assistant_message_id = uuid.uuid4()
     limits = rate_limits_for(caller)
-    ratelimits.rate_limit_hit(caller=limits)
+    # States (one more Redis read per limit) only for API-key callers, whose REST responses
+    # carry x-ratelimit-* headers; sockets have no headers to carry them.
+    limit_states = ratelimits.rate_limit_hit(caller=limits, with_states=caller.api_key_id is not None)
     with transaction.atomic():
         conversation, created = _open_conversation(
             caller=caller, conversation_id=conversation_id, assistant_slug=assistant_slug, content=content
@@ -220,6 +223,7 @@ def turn_prepare(
         ),
         moderation=policy_for(tenant_id=caller.tenant_id),
         user_content=content,
+        limit_states=tuple(limit_states),
         tool_names=tuple(assistant.tools or ()) if tools else (),
         max_tool_rounds=assistant.max_tool_rounds,
         end_user_external_id=conversation.end_user.external_id if tools else "",

@@ -321,3 +321,21 @@ def test_schema_and_docs_are_served_with_bundled_assets(parley):
     post = paths["/api/v1/conversations/{conversation_id}/messages/"]["post"]
     assert "text/event-stream" in post["responses"]["200"]["content"]
     assert {"201", "400", "401", "404", "429", "502", "504"} <= set(post["responses"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_message_posts_carry_rate_limit_headers_and_refusals_say_when_to_retry(parley, tenant_factory, sim):
+    setup = tenant_factory(user_rpm=2)
+    with _http(parley, setup.api_key) as http:
+        conversation_id = http.post("/api/v1/conversations/", json={"end_user": "cust-rl"}).json()["id"]
+        url = f"/api/v1/conversations/{conversation_id}/messages/"
+        first = http.post(url, json={"content": "one", "stream": False})
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+        with http.stream("POST", url, json={"content": "two", "stream": True}) as streamed:
+            assert streamed.headers["x-ratelimit-remaining-requests"] == "0"
+            streamed.read()
+        refused = http.post(url, json={"content": "three", "stream": False})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-ratelimit-remaining-requests"] == "0"
