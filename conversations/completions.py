@@ -10,10 +10,12 @@ stays short.
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from cachetools import TTLCache, cached
 from django.db import transaction
 
 from billing import ratelimits
@@ -118,22 +120,48 @@ def is_chat_model(model: str) -> bool:
     return "moderation" not in model
 
 
+# Configuration read on every /v1 call is kept per process for a few seconds: an edited price,
+# credential or default assistant applies within CONFIG_TTL_SECONDS. Caps, limits and keys are
+# never cached: they are read or counted on every call.
+CONFIG_TTL_SECONDS = 15
+_prices: TTLCache = TTLCache(maxsize=256, ttl=CONFIG_TTL_SECONDS)
+_defaults: TTLCache = TTLCache(maxsize=4096, ttl=CONFIG_TTL_SECONDS)
+
+
+@dataclass(frozen=True)
+class TenantDefaults:
+    target: ProviderTarget
+    max_tokens: int
+
+
 def _model_price(key: ApiKey, model: str) -> Price:
     if (key.allowed_models and model not in key.allowed_models) or not is_chat_model(model):
         raise ModelNotAvailable(model)
     try:
-        return price_for(model)
+        return _cached_price(model)
     except PriceMissing:
         raise ModelNotAvailable(model) from None
 
 
-def _default_assistant(*, tenant_id: int) -> Assistant:
-    """The tenant's default assistant with its credential, in one query: its credential and
-    its `max_tokens` are what a stateless call uses."""
+def config_caches_clear() -> None:
+    _prices.clear()
+    _defaults.clear()
+
+
+@cached(_prices, lock=threading.Lock())
+def _cached_price(model: str) -> Price:
+    return price_for(model)
+
+
+@cached(_defaults, lock=threading.Lock())
+def _tenant_defaults(tenant_id: int) -> TenantDefaults:
+    """The tenant's default assistant's credential and `max_tokens`: what a stateless call
+    uses. One query, then kept briefly."""
     try:
-        return Assistant.objects.for_tenant(tenant_id).select_related("credential").get(is_default=True)
+        assistant = Assistant.objects.for_tenant(tenant_id).select_related("credential").get(is_default=True)
     except Assistant.DoesNotExist:
         raise NotFound("assistant") from None
+    return TenantDefaults(target=provider_target(assistant), max_tokens=assistant.max_tokens)
 
 
 def upstream_body(request: dict[str, Any], *, user_hash: str, default_max_tokens: int) -> bytes:
@@ -154,14 +182,14 @@ def completion_prepare(*, authorization: str, request: dict[str, Any]) -> Comple
     key = api_key_from_authorization(authorization)
     model = request["model"]
     price = _model_price(key, model)
-    assistant = _default_assistant(tenant_id=key.tenant_id)
-    target = provider_target(assistant)
+    defaults = _tenant_defaults(key.tenant_id)
+    target = defaults.target
     end_user = end_user_get_or_create(tenant=key.tenant, external_id=request.get("user") or DEFAULT_END_USER)
     if end_user.is_blocked:
         raise EndUserBlocked()
     stream = bool(request.get("stream"))
     call_id = f"cmpl-{uuid.uuid4()}"
-    max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or assistant.max_tokens
+    max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or defaults.max_tokens
     reservation = _admit(key=key, end_user=end_user, request=request, price=price, max_tokens=max_tokens, call_id=call_id)
     return CompletionPlan(
         call_id=call_id,
@@ -174,7 +202,7 @@ def completion_prepare(*, authorization: str, request: dict[str, Any]) -> Comple
         upstream_body=upstream_body(
             request,
             user_hash=end_user_hash(tenant_id=key.tenant_id, end_user_id=end_user.id),
-            default_max_tokens=assistant.max_tokens,
+            default_max_tokens=defaults.max_tokens,
         ),
         messages=request["messages"],
         stream=stream,

@@ -107,8 +107,10 @@ async def chat_socket(token: str | None, *, headers: list | None = None, path: s
 def _fresh_rate_limits():
     """Rate-limit counters live in Redis or process memory, outside the test database."""
     from billing.ratelimits import rate_limits_reset
+    from conversations.completions import config_caches_clear
 
     rate_limits_reset()
+    config_caches_clear()
 
 
 @pytest.fixture(autouse=True)
