@@ -27,6 +27,7 @@ from billing.services import money_str
 from llm import gateway
 from llm.gateway import ChatRequest, Finish, TextDelta, ToolCallDelta, UpstreamError, Usage
 from llm.tokens import count_messages
+from moderation.sentences import SentenceSplitter
 from moderation.services import ModerationContext, moderate
 from tools.calls import ToolContext
 
@@ -157,6 +158,12 @@ class Generation:
         self.first_token_at: float | None = None
         self._stream_task: asyncio.Task | None = None
         self._interruptible = False
+        # Output moderation per sentence as it streams, when the tenant's policy asks.
+        policy = plan.moderation
+        self.splitter = (
+            SentenceSplitter() if policy and policy.check_output and policy.stream_check_sentences else None
+        )
+        self.output_blocked = False
         # Held while a delta is appended and published, and while a state reply is built and
         # sent: a joiner's state then either includes a delta whose publish already finished,
         # or excludes it and is delivered before it (the joiner drops deltas until its state).
@@ -237,10 +244,10 @@ class Generation:
         ))
         return False
 
-    async def _output_blocked(self) -> bool:
+    async def _output_blocked(self, text: str) -> bool:
         plan = self.plan
         verdict = await moderate(
-            policy=plan.moderation, direction="output", text=self.content, target=plan.target,
+            policy=plan.moderation, direction="output", text=text, target=plan.target,
             subject=self._subject(), context=ModerationContext(plan.conversation_id, plan.assistant_message_id),
         )
         return verdict.blocked
@@ -262,7 +269,7 @@ class Generation:
         request = self.plan.request
         while True:
             await self._call(request)
-            if not self.tool_calls or self.cancelled:
+            if not self.tool_calls or self.cancelled or self.output_blocked:
                 return
             appended = await self._tool_round()
             last_round = self.round_number >= self.plan.max_tool_rounds
@@ -289,10 +296,33 @@ class Generation:
                 finally:
                     self._interruptible = False
                 self._take(event)
-                if isinstance(event, TextDelta):
-                    await self._publish_delta(event.content)
+                if isinstance(event, TextDelta) and not await self._deliver(event.content):
+                    return
+            if self.splitter is not None and not self.cancelled:
+                await self._deliver_sentence(self.splitter.flush())
         finally:
             await events.aclose()
+
+    async def _deliver(self, content: str) -> bool:
+        """Publish a delta, or with sentence checks on, each sentence once it is complete and
+        has passed. False when a sentence was blocked: the answer stops there."""
+        if self.splitter is None:
+            await self._publish_delta(content)
+            return True
+        for sentence in self.splitter.feed(content):
+            if not await self._deliver_sentence(sentence):
+                return False
+        return True
+
+    async def _deliver_sentence(self, sentence: str) -> bool:
+        if not sentence:
+            return True
+        if await self._output_blocked(sentence):
+            self.output_blocked = True
+            self.round_parts.append(sentence)  # stored for review, never sent
+            return False
+        await self._publish_delta(sentence)
+        return True
 
     def _take(self, event: Any) -> None:
         if isinstance(event, ToolCallDelta):
@@ -416,7 +446,9 @@ class Generation:
 
     async def _finish(self, error: UpstreamError | CapExceeded | None) -> None:
         outcome = self._outcome(error)
-        blocked = error is None and not self.cancelled and await self._output_blocked()
+        blocked = self.output_blocked or (
+            error is None and not self.cancelled and self.splitter is None and await self._output_blocked(self.content)
+        )
         if blocked:
             # Kept for review, never replayed to the model; the end user gets the notice.
             outcome = replace(outcome, status=Message.Status.BLOCKED)

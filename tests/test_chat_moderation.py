@@ -93,3 +93,21 @@ async def test_no_policy_checks_nothing(tenant_factory, chat, sim):
     async with chat(await adb(setup.token)()) as socket:
         events = await socket.turn("contraband kill")
     assert events[-1]["type"] == "message.completed" and sim.stats.moderations == 0
+
+
+async def test_sentence_checks_stop_the_stream_before_a_blocked_sentence_is_sent(tenant_factory, chat, sim):
+    setup = await _tenant(
+        tenant_factory, check_input=False, blocked_terms=["sesame"], output_action="block",
+        stream_check_sentences=True, notice="Withheld.",
+    )
+    async with chat(await adb(setup.token)()) as socket:
+        clean = await socket.turn("hello there")
+        events = await socket.turn("say sesame please", conversation_id=clean[0]["id"])
+    # Clean answers still stream, a sentence at a time.
+    assert clean[-1]["type"] == "message.completed"
+    assert "".join(e["content"] for e in clean if e["type"] == "delta").startswith("You said: hello there.")
+    # The first sentence quotes the blocked term: nothing of it reaches the socket.
+    assert not any(e["type"] == "delta" for e in events)
+    assert events[-1]["code"] == "moderation_blocked" and events[-1]["message"] == "Withheld."
+    stored = await adb(Message.objects.get)(conversation_id=clean[0]["id"], seq=4)
+    assert stored.status == "blocked" and "sesame" in stored.content
