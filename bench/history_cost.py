@@ -14,7 +14,6 @@ columns at gpt-4o-mini prices with cached input at 50% and at 90% off, and the r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import tempfile
@@ -37,11 +36,10 @@ from django.db.models import Sum  # noqa: E402
 from billing.models import ModelPrice, UsageRecord  # noqa: E402
 from conversations import services, summaries  # noqa: E402
 from conversations.onboarding import tenant_onboard  # noqa: E402
-from conversations.services import Caller, TurnOutcome  # noqa: E402
-from llm import gateway  # noqa: E402
-from llm.gateway import Finish, TextDelta, Usage  # noqa: E402
+from conversations.services import Caller  # noqa: E402
 from tenants.services import end_user_get_or_create  # noqa: E402
 from tests.simserver import SimulatorServer  # noqa: E402
+from tests.turns import turn_upstream  # noqa: E402
 
 INPUT, OUTPUT = Decimal("0.30"), Decimal("1.20")  # gpt-4o-mini, USD per 1M tokens
 SYSTEM_PROMPT = (
@@ -79,22 +77,6 @@ def setup(strategy: str, base_url: str) -> Caller:
     return Caller(tenant_id=tenant.pk, end_user_id=end_user.pk)
 
 
-async def stream(plan) -> TurnOutcome:
-    parts, usage, finish = [], None, ""
-    async for event in gateway.stream_chat(plan.target, plan.request):
-        if isinstance(event, TextDelta):
-            parts.append(event.content)
-        elif isinstance(event, Usage):
-            usage = event
-        elif isinstance(event, Finish):
-            finish = event.reason
-    return TurnOutcome(
-        called_upstream=True, content="".join(parts), status="complete", finish_reason=finish,
-        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-        cached_tokens=usage.cached_tokens, latency_ms=0, ttft_ms=0,
-    )
-
-
 def play(caller: Caller, turns: int) -> None:
     conversation_id = None
     for turn in range(turns):
@@ -102,7 +84,7 @@ def play(caller: Caller, turns: int) -> None:
             caller=caller, content=user_line(turn), conversation_id=conversation_id,
             assistant_slug=None, client_msg_id=None, control_channel="bench",
         )
-        services.turn_finish(plan=plan, outcome=asyncio.run(stream(plan)))
+        services.turn_finish(plan=plan, outcome=turn_upstream(plan))
         conversation_id = plan.conversation_id
         if plan.summary_due:  # what the Celery worker does between turns
             summaries.conversation_summarize(tenant_id=caller.tenant_id, conversation_id=conversation_id)

@@ -38,28 +38,11 @@ import httpx2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the helper servers import the project
 PYTHON = sys.executable
+
+from tests.netutil import free_port, wait_listening  # noqa: E402
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MODEL = "gpt-4o-mini"
 WORDS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"a server exited early (code {process.returncode})")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def _manage(*args: str, env: dict[str, str]) -> str:
@@ -236,27 +219,27 @@ def main() -> None:
 
     processes: list[subprocess.Popen] = []
     try:
-        sim_port = _free_port()
+        sim_port = free_port()
         simulator = subprocess.Popen(
             [PYTHON, __file__, "--serve-simulator", str(sim_port), "--tokens-per-second", str(args.tokens_per_second)],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
         )
         processes.append(simulator)
-        _wait_listening(sim_port, simulator)
+        wait_listening(sim_port, lambda: simulator.poll() is None, timeout=30)
         sim_base = f"http://127.0.0.1:{sim_port}/v1"
 
         tenant = json.loads(_manage(
             "create_tenant", f"bench-{uuid.uuid4().hex[:8]}", "--provider-base-url", sim_base,
             "--provider-key", "sk-bench", "--user-rpm", "1000000", env=env,
         ))
-        web_port = _free_port()
+        web_port = free_port()
         command = (
             [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port), "config.asgi:application"]
             if args.stock_daphne else [PYTHON, __file__, "--serve-daphne", str(web_port)]
         )
         daphne = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
         processes.append(daphne)
-        _wait_listening(web_port, daphne)
+        wait_listening(web_port, lambda: daphne.poll() is None, timeout=30)
 
         results = []
         for concurrency in [int(c) for c in args.concurrency.split(",")]:

@@ -492,7 +492,7 @@ class Generation:
 
 def error_event_for(error: Exception, *, message_id: str | None = None, **extra: Any) -> ErrorEvent:
     """The one mapping from domain errors to socket error events."""
-    from billing.caps import CapExceeded, Subject
+    from billing.caps import CapExceeded
     from billing.ratelimits import RateLimited
     from billing.services import PriceMissing
 

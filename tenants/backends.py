@@ -4,7 +4,6 @@ refused for a while, across every web process (the counters live with the rate l
 from __future__ import annotations
 
 import logging
-import time
 
 from django.conf import settings
 from django.contrib.auth.backends import ModelBackend

@@ -9,7 +9,6 @@ does). Either way the server is started once per session; use the `parley` fixtu
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import pytest
 import uvicorn
 from django.conf import settings
 from django.db import connection
+from tests.netutil import free_port, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,25 +33,6 @@ FAST_UPSTREAM_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_listening(port: int, alive, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError("the server exited before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("the server did not start listening")
-
-
 class ThreadServer:
     """uvicorn in a daemon thread, serving the project's ASGI app."""
 
@@ -60,7 +41,7 @@ class ThreadServer:
     def __init__(self) -> None:
         from config.asgi import application
 
-        self.port = _free_port()
+        self.port = free_port()
         config = uvicorn.Config(
             application, host="127.0.0.1", port=self.port, loop="asyncio", log_level="warning",
             log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=1,
@@ -70,7 +51,7 @@ class ThreadServer:
 
     def start(self) -> None:
         self.thread.start()
-        _wait_listening(self.port, self.thread.is_alive)
+        wait_listening(self.port, self.thread.is_alive)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -84,7 +65,7 @@ class DaphneServer:
 
     def __init__(self) -> None:
         db = connection.settings_dict
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {
             **os.environ,
             "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
@@ -102,7 +83,7 @@ class DaphneServer:
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"],
             cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        _wait_listening(self.port, lambda: self.process is not None and self.process.poll() is None)
+        wait_listening(self.port, lambda: self.process is not None and self.process.poll() is None)
 
     def stop(self) -> None:
         if self.process is not None:

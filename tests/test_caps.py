@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -18,44 +17,11 @@ from billing.caps import CapExceeded, Subject, cap_reserve, cap_settle, period_b
 from billing.models import CapAlert, CapPeriod, Reservation, SpendingCap, UsageRecord
 from billing.tasks import cap_alerts_notify
 from conversations import services
-from conversations.services import Caller, TurnOutcome
-from llm import gateway
-from llm.gateway import Finish, TextDelta, UpstreamError, Usage
+from conversations.services import Caller
 from tests.conftest import adb
+from tests.turns import turn_upstream
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _stream(plan) -> TurnOutcome:
-    """The engine's upstream leg, run to completion in this thread's own event loop."""
-
-    async def consume():
-        parts, usage, finish, error = [], None, "", None
-        try:
-            async for event in gateway.stream_chat(plan.target, plan.request):
-                if isinstance(event, TextDelta):
-                    parts.append(event.content)
-                elif isinstance(event, Usage):
-                    usage = event
-                elif isinstance(event, Finish):
-                    finish = event.reason
-        except UpstreamError as failure:
-            error = failure
-        return parts, usage, finish, error
-
-    parts, usage, finish, error = asyncio.run(consume())
-    return TurnOutcome(
-        called_upstream=True,
-        content="".join(parts),
-        status="complete" if error is None else "incomplete",
-        finish_reason=finish or "error",
-        prompt_tokens=usage.prompt_tokens if usage else None,
-        completion_tokens=usage.completion_tokens if usage else None,
-        cached_tokens=usage.cached_tokens if usage else 0,
-        latency_ms=1,
-        ttft_ms=1,
-        usage_outcome="ok" if error is None else "error",
-    )
 
 
 def _concurrent_turns(caller: Caller, count: int, content: str = "hello [[sim:words=20]]") -> dict[str, int]:
@@ -75,7 +41,7 @@ def _concurrent_turns(caller: Caller, count: int, content: str = "hello [[sim:wo
             except CapExceeded:
                 result = "refused"
             else:
-                services.turn_finish(plan=plan, outcome=_stream(plan))
+                services.turn_finish(plan=plan, outcome=turn_upstream(plan))
                 result = "served"
         except Exception as error:  # surfaced through the assertion below
             result = f"crashed: {error!r}"
@@ -110,7 +76,7 @@ def _one_turn_cost(caller: Caller) -> Decimal:
         caller=caller, content="hello [[sim:words=20]]", conversation_id=None,
         assistant_slug=None, client_msg_id=None, control_channel="test",
     )
-    return services.turn_finish(plan=plan, outcome=_stream(plan)).cost_usd
+    return services.turn_finish(plan=plan, outcome=turn_upstream(plan)).cost_usd
 
 
 def test_fifty_concurrent_turns_never_exceed_the_tenant_cap(tenant_factory, sim):
@@ -218,7 +184,7 @@ def test_every_turn_is_billed_and_the_ledger_matches_what_was_served(tenant_fact
         caller=caller, content=content, conversation_id=None,
         assistant_slug=None, client_msg_id=None, control_channel="test",
     )
-    services.turn_finish(plan=plan, outcome=_stream(plan))
+    services.turn_finish(plan=plan, outcome=turn_upstream(plan))
 
     record = UsageRecord.objects.get(tenant=setup.tenant)
     assert record.outcome == outcome

@@ -11,7 +11,7 @@ from django.utils import timezone
 from billing.models import UsageRecord
 from conversations import summaries
 from conversations.context import SUMMARY_PREAMBLE, _Window, history_budget, prompt_assemble
-from conversations.models import Assistant, Conversation, Message
+from conversations.models import Conversation, Message
 from conversations.services import Caller
 from conversations.tasks import summarize_conversation
 from llm.gateway import UpstreamError

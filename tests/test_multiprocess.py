@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from django.db import connection
 
 from conversations.models import Message
 from tests.conftest import adb
+from tests.netutil import free_port, wait_listening
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -34,12 +33,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -55,7 +48,7 @@ def daphne_processes(count: int):
         "DEBUG": "false",
         "LOG_LEVEL": "WARNING",
     }
-    ports = [_free_port() for _ in range(count)]
+    ports = [free_port() for _ in range(count)]
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
@@ -65,7 +58,7 @@ def daphne_processes(count: int):
     ]
     try:
         for port, process in zip(ports, processes):
-            _wait_listening(port, process)
+            wait_listening(port, lambda process=process: process.poll() is None)
         yield ports
     finally:
         for process in processes:
@@ -75,19 +68,6 @@ def daphne_processes(count: int):
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
-
-
-def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daphne exited: {process.stderr.read().decode()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("daphne did not start listening")
 
 
 async def _until(ws, *types: str, timeout: float = 10) -> list[dict]:
