@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the helper servers import the project
 PYTHON = sys.executable
 
-from tests.netutil import free_port, wait_listening  # noqa: E402
+from tests.netutil import free_port, processes_stop, wait_listening  # noqa: E402
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MODEL = "gpt-4o-mini"
 WORDS = 20
@@ -252,13 +252,7 @@ def main() -> None:
             )))
         report(results, mode + (", stock Daphne (Nagle on)" if args.stock_daphne else ", Daphne with TCP_NODELAY"))
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        processes_stop(processes)
 
 
 if __name__ == "__main__":

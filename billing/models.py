@@ -16,7 +16,13 @@ PER_MILLION = {"max_digits": 12, "decimal_places": 4}
 class ModelPrice(models.Model):
     """USD per 1M tokens. A model without a row here has no price and is refused, never free."""
 
+    class Kind(models.TextChoices):
+        CHAT = "chat"
+        MODERATION = "moderation"
+
     model = models.CharField(max_length=100, unique=True)
+    # What the model is for: a chat surface never offers or calls a moderation model.
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.CHAT)
     input_per_million = models.DecimalField(**PER_MILLION)
     cached_input_per_million = models.DecimalField(**PER_MILLION)
     output_per_million = models.DecimalField(**PER_MILLION)

@@ -59,8 +59,12 @@ def _base_model(model: str) -> str:
     return model
 
 
-def price_for(model: str) -> Price:
-    rows = {row.model: row for row in ModelPrice.objects.filter(model__in={model, _base_model(model)})}
+def price_for(model: str, *, kind: str = ModelPrice.Kind.CHAT) -> Price:
+    """The model's price, for a call of this kind. A model without a price — or priced for
+    another kind of call — raises PriceMissing."""
+    rows = {
+        row.model: row for row in ModelPrice.objects.filter(model__in={model, _base_model(model)}, kind=kind)
+    }
     row = rows.get(model) or rows.get(_base_model(model))
     if row is None:
         raise PriceMissing(model)

@@ -23,17 +23,14 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from billing.caps import CapExceeded
-from billing.ratelimits import LimitState, RateLimited
-from billing.services import PriceMissing
-from llm.gateway import UpstreamError
+from billing.ratelimits import LimitState
 from tenants.authentication import ApiKeyAuthentication
 from tenants.models import ApiKey
 from tenants.services import end_user_get_or_create, end_user_token_issue
 
-from . import engine, lifecycle, selectors, sse
+from . import lifecycle, selectors, sse
 from .errors import ChatError, NotFound
-from .protocol import MessageCreate
+from .protocol import DOMAIN_ERRORS, MessageCreate, error_event_for
 from .serializers import (
     ConversationCreateSerializer,
     ConversationSerializer,
@@ -58,7 +55,6 @@ STATUS_OF_CODE = {
     "upstream_error": 502,
     "upstream_timeout": 504,
 }
-DOMAIN_ERRORS = (ChatError, PriceMissing, UpstreamError, CapExceeded, RateLimited)
 
 
 class TurnFailed(ChatError):
@@ -86,7 +82,7 @@ def _error_response(
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """REST_FRAMEWORK["EXCEPTION_HANDLER"]: domain and DRF errors → `{"error": {code, message}}`."""
     if isinstance(exc, DOMAIN_ERRORS):
-        event = engine.error_event_for(exc)
+        event = error_event_for(exc)
         extra = {"retry_after": event.retry_after, **event.extra}
         if isinstance(exc, TurnFailed):
             extra["message_id"] = exc.message_id

@@ -115,11 +115,6 @@ class CompletionPlan:
     reservation: Reservation | None = None
 
 
-def is_chat_model(model: str) -> bool:
-    """Priced models that are not chat models (moderation) are not offered on /v1."""
-    return "moderation" not in model
-
-
 # Configuration read on every /v1 call is kept per process for a few seconds: an edited price,
 # credential or default assistant applies within CONFIG_TTL_SECONDS. Caps, limits and keys are
 # never cached: they are read or counted on every call.
@@ -135,7 +130,7 @@ class TenantDefaults:
 
 
 def _model_price(key: ApiKey, model: str) -> Price:
-    if (key.allowed_models and model not in key.allowed_models) or not is_chat_model(model):
+    if key.allowed_models and model not in key.allowed_models:
         raise ModelNotAvailable(model)
     try:
         return _cached_price(model)
@@ -257,7 +252,7 @@ def _record(*, plan: CompletionPlan, usage: Usage | None, content: str, outcome:
             call_id=plan.call_id,
             tenant_id=plan.tenant_id,
             model=plan.model,
-            prompt_tokens=usage.prompt_tokens if usage else _count_prompt(plan),
+            prompt_tokens=usage.prompt_tokens if usage else _count_prompt_of(plan.messages, plan.model),
             completion_tokens=usage.completion_tokens if usage else count_text(content, plan.model),
             cached_tokens=usage.cached_tokens if usage else 0,
             estimated=usage is None,
@@ -270,10 +265,6 @@ def _record(*, plan: CompletionPlan, usage: Usage | None, content: str, outcome:
         ),
         price=plan.price,
     )
-
-
-def _count_prompt(plan: CompletionPlan) -> int:
-    return _count_prompt_of(plan.messages, plan.model)
 
 
 def _count_prompt_of(messages: list[dict[str, Any]], model: str) -> int:
@@ -289,7 +280,7 @@ def _count_prompt_of(messages: list[dict[str, Any]], model: str) -> int:
 def models_available(*, authorization: str) -> list[str]:
     """The models the key may call: priced, and in its allowed list when it has one."""
     key = api_key_from_authorization(authorization)
-    models = sorted(m for m in ModelPrice.objects.values_list("model", flat=True) if is_chat_model(m))
+    models = sorted(ModelPrice.objects.filter(kind=ModelPrice.Kind.CHAT).values_list("model", flat=True))
     if key.allowed_models:
         models = [m for m in models if m in key.allowed_models]
     return models

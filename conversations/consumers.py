@@ -12,21 +12,19 @@ from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from billing.caps import CapExceeded
-from billing.ratelimits import RateLimited
-from billing.services import PriceMissing
-from llm.gateway import UpstreamError
 from tenants.models import Membership
 from tenants.services import InvalidEndUserToken, end_user_token_verify, member_end_user
 
 from . import engine
 from .errors import ChatError
 from .protocol import (
+    DOMAIN_ERRORS,
     ConversationJoin,
     ErrorEvent,
     GenerationCancel,
     InvalidFrame,
     MessageCreate,
+    error_event_for,
     parse_client_frame,
 )
 from .services import Caller
@@ -34,7 +32,6 @@ from .services import Caller
 # A generation that does not answer a state request in this long is gone (its process died
 # or it just finished); the joiner then gets the stored state.
 STATE_REPLY_TIMEOUT = 2.0
-DOMAIN_ERRORS = (ChatError, PriceMissing, UpstreamError, CapExceeded, RateLimited)
 
 
 def _authenticate(scope: dict[str, Any]) -> Caller | None:
@@ -110,7 +107,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             await self._dispatch(command)
         except DOMAIN_ERRORS as error:
-            await self._send_error(engine.error_event_for(error, **extra))
+            await self._send_error(error_event_for(error, **extra))
 
     async def _dispatch(self, command: MessageCreate | GenerationCancel | ConversationJoin) -> None:
         assert self.caller is not None
@@ -125,10 +122,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _join(self, conversation_id: uuid.UUID) -> None:
         assert self.caller is not None
-        generating = await engine.conversation_join(
+        group, generating = await engine.conversation_join(
             caller=self.caller, conversation_id=conversation_id, subscriber=self.channel_name
         )
-        self.groups_joined.add(f"t{self.caller.tenant_id}.c{conversation_id}")
+        self.groups_joined.add(group)
         key = str(conversation_id)
         if not generating:
             await self.send_json(engine.idle_state(conversation_id).as_dict())

@@ -30,6 +30,7 @@ from llm.tokens import count_messages
 from moderation.sentences import SentenceSplitter
 from moderation.services import ModerationContext, moderate
 from tools.calls import ToolContext
+from tools.execution import tool_calls_execute
 
 from . import services, summaries
 from .models import Message
@@ -45,9 +46,10 @@ from .protocol import (
     MessageStarted,
     ToolCall,
     ToolResult,
+    error_event_for,
 )
 from .services import Caller, ToolRoundRecord, TurnOutcome, TurnPlan
-from .tool_rounds import ToolCallAssembler, arguments_object, tool_round_run, wire_tool_calls
+from .tool_rounds import ToolCallAssembler, arguments_object, wire_tool_calls
 
 logger = logging.getLogger(__name__)
 
@@ -107,26 +109,23 @@ async def generation_cancel(*, caller: Caller, conversation_id: uuid.UUID) -> bo
     return True
 
 
-async def conversation_join(*, caller: Caller, conversation_id: uuid.UUID, subscriber: str) -> bool:
-    """Subscribe `subscriber` to the conversation's events. When a generation is running, it
-    is asked to send its state (content so far) to the subscriber as a `chat.state` message;
-    returns True then. Returns False when nothing is generating."""
+async def conversation_join(*, caller: Caller, conversation_id: uuid.UUID, subscriber: str) -> tuple[str, bool]:
+    """Subscribe `subscriber` to the conversation's events; returns the group and whether a
+    generation is running. If one is, it is asked to send its state (content so far) to the
+    subscriber as a `chat.state` message."""
     layer = get_channel_layer()
     conversation = await database_sync_to_async(services.access_conversation)(
         caller=caller, conversation_id=conversation_id
     )
-    await layer.group_add(
-        services.group_name(tenant_id=caller.tenant_id, conversation_id=conversation.id), subscriber
-    )
+    group = services.group_name(tenant_id=caller.tenant_id, conversation_id=conversation.id)
+    await layer.group_add(group, subscriber)
     # Read the claim after subscribing: a generation that starts in between is seen either
     # here or through the group.
-    _, control = await database_sync_to_async(services.conversation_generation)(
-        caller=caller, conversation_id=conversation.id
-    )
+    control = await database_sync_to_async(services.generation_control_channel)(conversation=conversation)
     if control is None:
-        return False
+        return group, False
     await layer.send(control, {"type": CONTROL_STATE, "reply_to": subscriber})
-    return True
+    return group, True
 
 
 def idle_state(conversation_id: uuid.UUID) -> ConversationState:
@@ -350,8 +349,10 @@ class Generation:
         )
         self._interruptible = True
         try:
-            outcomes = await tool_round_run(
-                tenant_id=plan.caller.tenant_id, requests=requests, names=plan.tool_names, context=context
+            # Validated, then the valid calls run concurrently; a tool's failure is an answer
+            # for the model, never an exception here.
+            outcomes = await tool_calls_execute(
+                tenant_id=plan.caller.tenant_id, calls=requests, context=context, names=plan.tool_names
             )
         finally:
             self._interruptible = False
@@ -488,37 +489,3 @@ class Generation:
             )
         except Exception:
             logger.exception("could not release generation %s", self.message_id)
-
-
-def error_event_for(error: Exception, *, message_id: str | None = None, **extra: Any) -> ErrorEvent:
-    """The one mapping from domain errors to socket error events."""
-    from billing.caps import CapExceeded
-    from billing.ratelimits import RateLimited
-    from billing.services import PriceMissing
-
-    from .errors import ChatError
-    from .protocol import InvalidFrame
-
-    if isinstance(error, CapExceeded):
-        cap = {
-            "scope": error.scope,
-            "period": error.period,
-            "limit_usd": money_str(error.limit),
-            "remaining_usd": money_str(error.remaining),
-            "resets_at": error.resets_at.isoformat().replace("+00:00", "Z") if error.resets_at else None,
-        }
-        return ErrorEvent(
-            code="spending_cap_exceeded", message=str(error), retry_after=error.retry_after, message_id=message_id,
-            extra={**extra, "cap": cap},
-        )
-    if isinstance(error, RateLimited):
-        return ErrorEvent(code="rate_limited", message=str(error), retry_after=error.retry_after, message_id=message_id, extra=extra)
-    if isinstance(error, ChatError):
-        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, message_id=message_id, extra=extra)
-    if isinstance(error, InvalidFrame):
-        return ErrorEvent(code="invalid_request", message=str(error), message_id=message_id, extra=extra)
-    if isinstance(error, PriceMissing):
-        return ErrorEvent(code="invalid_request", message=str(error), message_id=message_id, extra=extra)
-    if isinstance(error, UpstreamError):
-        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, message_id=message_id, extra=extra)
-    raise error

@@ -25,15 +25,12 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 
-from billing.caps import CapExceeded
 from billing.models import UsageRecord
-from billing.ratelimits import RateLimited
-from billing.services import PriceMissing
 from llm import relay
 from llm.gateway import UpstreamError
 from tenants.services import InvalidApiKey
 
-from . import engine
+from .protocol import DOMAIN_ERRORS, error_event_for
 from .completions import (
     CompletionPlan,
     EndUserBlocked,
@@ -43,7 +40,6 @@ from .completions import (
     completion_settle,
     models_available,
 )
-from .errors import ChatError
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +76,7 @@ _STATUS_AND_TYPE = {
     "upstream_timeout": (504, "server_error"),
     "cancelled": (499, "server_error"),
 }
-_DOMAIN_ERRORS = (ChatError, PriceMissing, UpstreamError, CapExceeded, RateLimited)
-MAPPED_ERRORS = (InvalidApiKey, BodyTooLarge, MethodNotAllowed, *_DOMAIN_ERRORS)
+MAPPED_ERRORS = (InvalidApiKey, BodyTooLarge, MethodNotAllowed, *DOMAIN_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -136,8 +131,8 @@ def openai_error(error: Exception) -> Reply:
     if isinstance(error, UpstreamError) and error.status in relay.CALLER_FAULT_STATUSES:
         # The provider refused the caller's own request (bad tool schema, context too long…).
         return error_reply(400, error.message, error_type="invalid_request_error", code="invalid_request")
-    if isinstance(error, _DOMAIN_ERRORS):
-        event = engine.error_event_for(error)
+    if isinstance(error, DOMAIN_ERRORS):
+        event = error_event_for(error)
         status, error_type = _STATUS_AND_TYPE[event.code]
         return error_reply(
             status, event.message, error_type=error_type, code=event.code,

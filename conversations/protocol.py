@@ -11,6 +11,13 @@ from typing import Any, ClassVar
 
 from django.conf import settings
 
+from billing.caps import CapExceeded
+from billing.ratelimits import RateLimited
+from billing.services import PriceMissing, money_str
+from llm.gateway import UpstreamError
+
+from .errors import ChatError
+
 ERROR_CODES = frozenset(
     {
         "invalid_request",
@@ -220,3 +227,36 @@ class ErrorEvent(Event):
     @classmethod
     def invalid_request(cls, message: str) -> "ErrorEvent":
         return cls(code="invalid_request", message=message)
+
+
+# --- domain errors → error events: the one mapping ----------------------------------------
+
+DOMAIN_ERRORS = (ChatError, InvalidFrame, PriceMissing, UpstreamError, CapExceeded, RateLimited)
+
+
+def error_event_for(error: Exception, *, message_id: str | None = None, **extra: Any) -> ErrorEvent:
+    """The one mapping from domain errors to the contract's error events; each surface turns
+    the event into its own wire shape (socket frame, REST body, OpenAI error body)."""
+    if isinstance(error, CapExceeded):
+        cap = {
+            "scope": error.scope,
+            "period": error.period,
+            "limit_usd": money_str(error.limit),
+            "remaining_usd": money_str(error.remaining),
+            "resets_at": error.resets_at.isoformat().replace("+00:00", "Z") if error.resets_at else None,
+        }
+        return ErrorEvent(
+            code="spending_cap_exceeded", message=str(error), retry_after=error.retry_after, message_id=message_id,
+            extra={**extra, "cap": cap},
+        )
+    if isinstance(error, RateLimited):
+        return ErrorEvent(code="rate_limited", message=str(error), retry_after=error.retry_after, message_id=message_id, extra=extra)
+    if isinstance(error, ChatError):
+        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, message_id=message_id, extra=extra)
+    if isinstance(error, InvalidFrame):
+        return ErrorEvent(code="invalid_request", message=str(error), message_id=message_id, extra=extra)
+    if isinstance(error, PriceMissing):
+        return ErrorEvent(code="invalid_request", message=str(error), message_id=message_id, extra=extra)
+    if isinstance(error, UpstreamError):
+        return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, message_id=message_id, extra=extra)
+    raise error

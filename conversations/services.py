@@ -23,7 +23,7 @@ from billing.models import Reservation, UsageRecord
 from billing.services import Price, UsageInput, price_for, usage_record
 from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message, count_text
-from tenants.models import ApiKey, EndUser, Tenant
+from tenants.models import ApiKey, Tenant
 from tenants.services import credential_default, end_user_hash
 
 from .context import Prompt, prompt_assemble
@@ -451,18 +451,22 @@ def generation_release(*, conversation_id: uuid.UUID, generation_id: uuid.UUID, 
     Conversation.objects.filter(pk=conversation_id, generation_id=generation_id).update(**fields)
 
 
-def caller_for_end_user(end_user: EndUser) -> Caller:
-    return Caller(tenant_id=end_user.tenant_id, end_user_id=end_user.id)
-
-
 def conversation_generation(*, caller: Caller, conversation_id: Any) -> tuple[Conversation, str | None]:
     """The conversation (through the gatekeeper) and the control channel of its running
     generation, if one is running and not stale."""
     conversation = access_conversation(caller=caller, conversation_id=conversation_id)
+    return conversation, _control_channel(conversation)
+
+
+def generation_control_channel(*, conversation: Conversation) -> str | None:
+    """Re-read only the generation claim of a conversation the caller already passed the
+    gatekeeper for (joining reads it again after subscribing)."""
+    conversation.refresh_from_db(fields=["generation_id", "generation_channel", "generation_started_at"])
+    return _control_channel(conversation)
+
+
+def _control_channel(conversation: Conversation) -> str | None:
     if not _is_generating(conversation, timezone.now()) or not conversation.generation_channel:
-        return conversation, None
-    return conversation, conversation.generation_channel
+        return None
+    return conversation.generation_channel
 
-
-def tenant_of(caller: Caller) -> Tenant:
-    return Tenant.objects.get(pk=caller.tenant_id)

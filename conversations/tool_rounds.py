@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm.gateway import ToolCallDelta
-from tools.calls import ToolCallRequest, ToolContext, ToolOutcome
-from tools.execution import tool_calls_execute
+from tools.calls import ToolCallRequest, ToolOutcome
 
 
 @dataclass
@@ -63,10 +62,3 @@ def arguments_object(request: ToolCallRequest, outcome: ToolOutcome) -> dict[str
         return {}
     return parsed if isinstance(parsed, dict) else {}
 
-
-async def tool_round_run(
-    *, tenant_id: int, requests: list[ToolCallRequest], names: tuple[str, ...], context: ToolContext
-) -> list[ToolOutcome]:
-    """Validate and run one round's calls (valid ones concurrently); never raises for a tool's
-    failure: the model reads every failure in its tool message."""
-    return await tool_calls_execute(tenant_id=tenant_id, calls=requests, context=context, names=names)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -269,6 +268,3 @@ async def stream_chat(target: ProviderTarget, request: ChatRequest) -> AsyncIter
     if not finished:
         raise UpstreamError("the model provider ended the stream early")
 
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000

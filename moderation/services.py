@@ -50,7 +50,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.caps import CapExceeded, Subject, cap_reserve, cap_settle
-from billing.models import Reservation, UsageRecord
+from billing.models import ModelPrice, Reservation, UsageRecord
 from billing.services import Price, PriceMissing, UsageInput, price_for, usage_record
 from llm.gateway import ProviderTarget, UpstreamError
 from llm.moderation import MODERATION_MODEL, provider_check
@@ -219,7 +219,7 @@ class ProviderCall:
 def provider_call_open(*, subject: Subject, text: str) -> ProviderCall:
     """Price the call and reserve its worst case. Raises PriceMissing, and CapExceeded for a
     priced call that does not fit (a $0 one is admitted without a hold: it cannot raise spend)."""
-    price = price_for(MODERATION_MODEL)
+    price = price_for(MODERATION_MODEL, kind=ModelPrice.Kind.MODERATION)
     tokens = count_text(text, MODERATION_MODEL)
     worst = price.cost(prompt_tokens=tokens, completion_tokens=0)
     call_id = f"mod-{uuid.uuid4()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from typing import Callable
 
@@ -26,3 +27,14 @@ def wait_listening(port: int, alive: Callable[[], bool], timeout: float = 20) ->
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port}")
+
+
+def processes_stop(processes: list[subprocess.Popen], timeout: float = 10) -> None:
+    """Terminate every process, then wait for each, killing what does not exit in time."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()

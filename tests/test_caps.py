@@ -353,3 +353,17 @@ def test_reconciliation_finds_no_drift_after_real_turns_and_reports_tampering(te
     drift = json_module.loads(out.getvalue())["drift"]
     assert len(drift) == 1 and drift[0]["counted_reserved_usd"] == "0.01"
     assert held.status == "held"
+
+
+def test_a_moderation_model_is_not_a_chat_model(tenant_factory, sim):
+    from billing.services import PriceMissing
+
+    setup, caller = _setup(tenant_factory)
+    setup.assistant.model = "omni-moderation-latest"  # priced ($0), but for moderation calls
+    setup.assistant.save()
+    with pytest.raises(PriceMissing):
+        services.turn_prepare(
+            caller=caller, content="hi", conversation_id=None,
+            assistant_slug=None, client_msg_id=None, control_channel="test",
+        )
+    assert sim.stats.requests == 0

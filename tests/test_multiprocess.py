@@ -22,7 +22,7 @@ from django.db import connection
 
 from conversations.models import Message
 from tests.conftest import adb
-from tests.netutil import free_port, wait_listening
+from tests.netutil import free_port, processes_stop, wait_listening
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -61,13 +61,7 @@ def daphne_processes(count: int):
             wait_listening(port, lambda process=process: process.poll() is None)
         yield ports
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        processes_stop(processes)
 
 
 async def _until(ws, *types: str, timeout: float = 10) -> list[dict]:

@@ -275,6 +275,7 @@ def test_models_list_and_retrieve(parley, tenant_factory, sim):
     client = _client(parley, setup.api_key)
     ids = [model.id for model in client.models.list()]
     assert {"gpt-4o", "gpt-4o-mini", "gpt-4-turbo", "gpt-3.5-turbo"} <= set(ids)
+    assert "omni-moderation-latest" not in ids  # priced, but not a chat model
     assert client.models.retrieve("gpt-4o").id == "gpt-4o"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-unpriced")
