@@ -20,7 +20,11 @@ run: install
 	$(PY) manage.py seed_demo --base-url http://$(HOST):$(PORT)
 	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) config.asgi:application
 
+# Services mode (DATABASE_URL set) needs SECRET_KEY and FIELD_ENCRYPTION_KEYS; when the caller
+# sets none, the suite runs with throwaway ones.
 test: install
+	SECRET_KEY="$${SECRET_KEY:-test-$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(32))')}" \
+	FIELD_ENCRYPTION_KEYS="$${FIELD_ENCRYPTION_KEYS:-$$($(PY) -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')}" \
 	$(PY) -m pytest -q
 
 clean:
