@@ -49,7 +49,7 @@ def make_caller(*, capped: bool) -> Caller:
     tenant.save()
     if capped:
         SpendingCap.objects.create(tenant=tenant, scope="end_user", period="day", limit_usd=Decimal("100000"))
-    end_user = end_user_get_or_create(tenant=tenant, external_id="bench")
+    end_user = end_user_get_or_create(tenant_id=tenant.pk, external_id="bench")
     return Caller(tenant_id=tenant.pk, end_user_id=end_user.pk)
 
 

@@ -73,7 +73,7 @@ def setup(strategy: str, base_url: str) -> Caller:
         setattr(assistant, name, value)
     assistant.max_tokens = 400
     assistant.save()
-    end_user = end_user_get_or_create(tenant=tenant, external_id="bench")
+    end_user = end_user_get_or_create(tenant_id=tenant.pk, external_id="bench")
     return Caller(tenant_id=tenant.pk, end_user_id=end_user.pk)
 
 

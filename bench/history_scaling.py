@@ -49,7 +49,7 @@ def conversation_of(size: int, strategy: str) -> tuple[Caller, Conversation]:
     tenant.save()
     assistant.history_strategy = strategy
     assistant.save()
-    end_user = end_user_get_or_create(tenant=tenant, external_id="scale")
+    end_user = end_user_get_or_create(tenant_id=tenant.pk, external_id="scale")
     conversation = Conversation.objects.create(tenant=tenant, assistant=assistant, end_user=end_user)
     Message.objects.bulk_create(
         (

@@ -5,9 +5,12 @@
 Starts the simulator (`manage.py run_simulator`, TTFT 100 ms, paced chunks) and one Daphne
 process serving Parley, creates a tenant whose provider is the simulator, then sends the same
 streamed requests (20 content chunks, `include_usage`) straight to the simulator and through
-`POST /v1/chat/completions`, alternating blocks, at each concurrency. It prints the time to
-first token and the total time (p50, p95) of both, what the proxy adds, and the Daphne
-process's CPU time per request (utime + stime from /proc, over the proxied requests).
+`POST /v1/chat/completions`, alternating blocks, at each concurrency. A third target, a Daphne
+app that only relays the bytes (`bench/bare_relay.py`), measured in the same run, is the floor
+any Python proxy under Daphne pays here. It prints the time to first token and the total time
+(p50, p95) of each, what each adds, and the serving process's CPU time per request (utime +
+stime from /proc, over its own blocks). The tenant has a monthly cap (so every call is reserved
+and settled), rate limits (counted, set high enough not to refuse) and accounting.
 
 Both servers run with TCP_NODELAY, as OpenAI's and any tuned server do: stock Daphne (Twisted)
 and a uvicorn given a `socket.socket()` leave Nagle's algorithm on, and each small SSE write
@@ -72,7 +75,7 @@ def serve_simulator(port: int, tokens_per_second: float) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def serve_daphne(port: int) -> None:
+def serve_daphne(port: int, application: str = "config.asgi:application") -> None:
     """Daphne with TCP_NODELAY on every accepted connection."""
     from twisted.internet import tcp
 
@@ -85,7 +88,7 @@ def serve_daphne(port: int) -> None:
     tcp.Server.__init__ = __init__
     from daphne.cli import CommandLineInterface
 
-    sys.argv = ["daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"]
+    sys.argv = ["daphne", "-b", "127.0.0.1", "-p", str(port), application]
     CommandLineInterface.entrypoint()
 
 
@@ -159,40 +162,60 @@ async def run_block(url: str, key: str, *, count: int, concurrency: int, series:
 class Result:
     concurrency: int
     direct: Series
+    bare: Series
     proxied: Series
-    cpu_ms_per_request: float
+    bare_cpu_ms: float
+    cpu_ms: float
 
 
-async def measure(*, sim_url: str, parley_url: str, api_key: str, daphne_pid: int,
-                  concurrency: int, requests: int, blocks: int = 4) -> Result:
-    direct, proxied = Series(), Series()
-    # Warm both paths (connections, first queries, tokenizer) before measuring.
-    await run_block(sim_url, "sk-bench", count=concurrency, concurrency=concurrency, series=Series())
-    await run_block(parley_url, api_key, count=concurrency * 2, concurrency=concurrency, series=Series())
-    cpu = 0.0
+@dataclass(frozen=True)
+class Target:
+    url: str
+    key: str
+    pid: int | None = None  # the serving process, whose CPU is counted
+
+
+async def measure(*, direct: Target, bare: Target, parley: Target, concurrency: int, requests: int,
+                  blocks: int = 4) -> Result:
+    """Blocks of direct, bare-relay and Parley requests in turn, so drift hits all three alike."""
+    series = {name: Series() for name in ("direct", "bare", "parley")}
+    cpu = {"bare": 0.0, "parley": 0.0}
+    targets = {"direct": direct, "bare": bare, "parley": parley}
+    # Warm every path (connections, first queries, tokenizer, caches) before measuring.
+    for target in targets.values():
+        await run_block(target.url, target.key, count=concurrency * 2, concurrency=concurrency, series=Series())
     per_block = max(concurrency, requests // blocks)
     for _ in range(blocks):
-        await run_block(sim_url, "sk-bench", count=per_block, concurrency=concurrency, series=direct)
-        before = cpu_seconds(daphne_pid)
-        await run_block(parley_url, api_key, count=per_block, concurrency=concurrency, series=proxied)
-        cpu += cpu_seconds(daphne_pid) - before
-    return Result(concurrency, direct, proxied, cpu * 1000 / max(1, len(proxied.samples)))
+        for name, target in targets.items():
+            before = cpu_seconds(target.pid) if target.pid else 0.0
+            await run_block(target.url, target.key, count=per_block, concurrency=concurrency, series=series[name])
+            if target.pid:
+                cpu[name] += cpu_seconds(target.pid) - before
+    return Result(
+        concurrency, series["direct"], series["bare"], series["parley"],
+        bare_cpu_ms=cpu["bare"] * 1000 / max(1, len(series["bare"].samples)),
+        cpu_ms=cpu["parley"] * 1000 / max(1, len(series["parley"].samples)),
+    )
 
 
 def report(results: list[Result], mode: str) -> None:
     print(f"\nParley /v1/chat/completions vs the simulator directly — {mode}; "
-          f"{WORDS}-chunk streams, TTFT 100 ms upstream (times in ms)\n")
-    header = (f"{'c':>3} {'n':>5} | {'metric':<11} | {'direct':>8} {'proxied':>8} {'added':>7} {'ratio':>6}")
+          f"{WORDS}-chunk streams, TTFT 100 ms upstream (times in ms).\n"
+          "bare = a Daphne ASGI app that only relays the bytes (bench/bare_relay.py): the floor.\n")
+    header = (f"{'c':>3} {'n':>5} | {'metric':<11} | {'direct':>8} {'bare':>8} {'parley':>8} | "
+              f"{'bare+':>7} {'parley+':>7} {'ratio':>6}")
     print(header)
     print("-" * len(header))
     for r in results:
         for label, attribute, q in (("TTFT p50", "ttft", 0.5), ("TTFT p95", "ttft", 0.95),
                                      ("total p50", "total", 0.5), ("total p95", "total", 0.95)):
-            d, p = r.direct.pct(attribute, q), r.proxied.pct(attribute, q)
-            print(f"{r.concurrency:>3} {len(r.proxied.samples):>5} | {label:<11} | {d:>8.1f} {p:>8.1f} "
-                  f"{p - d:>+7.1f} {p / d:>6.3f}")
-        errors = f", errors direct/proxied {r.direct.errors}/{r.proxied.errors}" if r.direct.errors or r.proxied.errors else ""
-        print(f"{r.concurrency:>3} {'':>5} | {'CPU/req':<11} | {'':>8} {r.cpu_ms_per_request:>8.2f} ms of the Daphne process{errors}")
+            d, b, p = (s.pct(attribute, q) for s in (r.direct, r.bare, r.proxied))
+            print(f"{r.concurrency:>3} {len(r.proxied.samples):>5} | {label:<11} | {d:>8.1f} {b:>8.1f} {p:>8.1f} | "
+                  f"{b - d:>+7.1f} {p - d:>+7.1f} {p / d:>6.3f}")
+        errors = [s.errors for s in (r.direct, r.bare, r.proxied)]
+        error_note = f"; errors direct/bare/parley {errors}" if any(errors) else ""
+        print(f"{r.concurrency:>3} {'':>5} | {'CPU/req':<11} | {'':>8} {r.bare_cpu_ms:>8.2f} {r.cpu_ms:>8.2f} | "
+              f"ms of the serving process{error_note}")
         print("-" * len(header))
 
 
@@ -204,11 +227,14 @@ def main() -> None:
     parser.add_argument("--stock-daphne", action="store_true", help="Daphne without TCP_NODELAY")
     parser.add_argument("--serve-simulator", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-daphne", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_simulator:
         return serve_simulator(args.serve_simulator, args.tokens_per_second)
     if args.serve_daphne:
         return serve_daphne(args.serve_daphne)
+    if args.serve_bare:
+        return serve_daphne(args.serve_bare, "bench.bare_relay:app")
 
     env = {**os.environ, "LOG_LEVEL": "WARNING"}
     services = bool(env.get("DATABASE_URL"))
@@ -230,24 +256,31 @@ def main() -> None:
 
         tenant = json.loads(_manage(
             "create_tenant", f"bench-{uuid.uuid4().hex[:8]}", "--provider-base-url", sim_base,
-            "--provider-key", "sk-bench", "--user-rpm", "1000000", env=env,
+            "--provider-key", "sk-bench", "--user-rpm", "1000000", "--tenant-rpm", "1000000",
+            "--tenant-tpm", "2000000000", "--monthly-cap", "1000000", env=env,
         ))
-        web_port = free_port()
+        web_port, bare_port = free_port(), free_port()
         command = (
             [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port), "config.asgi:application"]
             if args.stock_daphne else [PYTHON, __file__, "--serve-daphne", str(web_port)]
         )
         daphne = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
         processes.append(daphne)
+        bare = subprocess.Popen(
+            [PYTHON, __file__, "--serve-bare", str(bare_port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+            env={**env, "BARE_RELAY_UPSTREAM": f"{sim_base}/chat/completions"},
+        )
+        processes.append(bare)
         wait_listening(web_port, lambda: daphne.poll() is None, timeout=30)
+        wait_listening(bare_port, lambda: bare.poll() is None, timeout=30)
 
         results = []
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
             print(f"c={concurrency} …", file=sys.stderr)
             results.append(asyncio.run(measure(
-                sim_url=f"{sim_base}/chat/completions",
-                parley_url=f"http://127.0.0.1:{web_port}/v1/chat/completions",
-                api_key=tenant["api_key"], daphne_pid=daphne.pid,
+                direct=Target(f"{sim_base}/chat/completions", "sk-bench"),
+                bare=Target(f"http://127.0.0.1:{bare_port}/", "sk-bench", bare.pid),
+                parley=Target(f"http://127.0.0.1:{web_port}/v1/chat/completions", tenant["api_key"], daphne.pid),
                 concurrency=concurrency, requests=args.requests,
             )))
         report(results, mode + (", stock Daphne (Nagle on)" if args.stock_daphne else ", Daphne with TCP_NODELAY"))

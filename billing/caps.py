@@ -10,13 +10,16 @@ row starting at zero.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Iterable
 
-from django.db import transaction
+from cachetools import LRUCache
+from django.db import connection, transaction
+from django.db.models.signals import post_delete
 from django.db.models import F, Q
 from django.utils import timezone as dj_timezone
 
@@ -73,77 +76,133 @@ class Subject:
     api_key_id: int | None = None
 
 
-def caps_for(subject: Subject) -> list[tuple[SpendingCap, str]]:
-    """Applicable caps with the subject key of their counter. A per-end-user or per-key cap
-    with no specific end user / key applies to each one separately."""
-    scoped = Q(scope=SpendingCap.Scope.TENANT)
-    if subject.end_user_id is not None:
-        scoped |= Q(scope=SpendingCap.Scope.END_USER) & (Q(end_user_id=subject.end_user_id) | Q(end_user__isnull=True))
-    if subject.api_key_id is not None:
-        scoped |= Q(scope=SpendingCap.Scope.API_KEY) & (Q(api_key_id=subject.api_key_id) | Q(api_key__isnull=True))
-    caps = SpendingCap.objects.for_tenant(subject.tenant_id).filter(scoped).order_by("id")
+def caps_applicable(caps: Iterable[SpendingCap], subject: Subject) -> list[tuple[SpendingCap, str]]:
+    """Of a tenant's caps (in id order), those that apply to `subject`, with the subject key of
+    their counter. A per-end-user or per-key cap with no specific end user / key applies to
+    each one separately."""
     result = []
     for cap in caps:
-        key = ""
-        if cap.scope == SpendingCap.Scope.END_USER:
-            key = f"u:{subject.end_user_id}"
-        elif cap.scope == SpendingCap.Scope.API_KEY:
-            key = f"k:{subject.api_key_id}"
-        result.append((cap, key))
+        if cap.scope == SpendingCap.Scope.TENANT:
+            result.append((cap, ""))
+        elif cap.scope == SpendingCap.Scope.END_USER and subject.end_user_id is not None:
+            if cap.end_user_id is None or cap.end_user_id == subject.end_user_id:
+                result.append((cap, f"u:{subject.end_user_id}"))
+        elif cap.scope == SpendingCap.Scope.API_KEY and subject.api_key_id is not None:
+            if cap.api_key_id is None or cap.api_key_id == subject.api_key_id:
+                result.append((cap, f"k:{subject.api_key_id}"))
     return result
+
+
+def caps_for(subject: Subject) -> list[tuple[SpendingCap, str]]:
+    """Applicable caps with the subject key of their counter (one query: a tenant has few)."""
+    return caps_applicable(SpendingCap.objects.for_tenant(subject.tenant_id).order_by("id"), subject)
+
+
+# (cap id, subject key, period start) → (CapPeriod id, the limit it was synced to). A period's
+# row never changes identity, so once found it is not looked up again; a cap whose limit
+# differs from the synced one is looked up (and synced) afresh. Deleting a cap clears it all
+# (signal below): SQLite may hand a deleted row's id to the next row.
+_known_periods: LRUCache = LRUCache(maxsize=100_000)
+_known_lock = threading.Lock()
+
+
+def known_periods_clear() -> None:
+    with _known_lock:
+        _known_periods.clear()
 
 
 def _periods(
     subject: Subject, caps: list[tuple[SpendingCap, str]], now: datetime
-) -> list[tuple[SpendingCap, CapPeriod, datetime | None]]:
+) -> list[tuple[SpendingCap, int, datetime | None]]:
+    """(cap, CapPeriod id, period end) of each cap, in CapPeriod id order (the lock order);
+    creates the rows of a new period and syncs a period's limit to its cap's."""
     wanted = {}
     for cap, key in caps:
         start, end = period_bounds(cap.period, now)
         wanted[(cap.pk, key, start)] = (cap, end)
+    with _known_lock:
+        known = {ident: _known_periods.get(ident) for ident in wanted}
+    missing = [ident for ident, hit in known.items() if hit is None or hit[1] != wanted[ident][0].limit_usd]
+    if missing:
+        found = _periods_load(subject, {i: wanted[i] for i in missing})
+        known.update(found)
+        # A row this transaction created (or a limit it synced) holds for others only once it
+        # commits — it may roll back — so it is remembered then.
+        transaction.on_commit(lambda: _remember(found))
+    return sorted(
+        ((cap, known[ident][0], end) for ident, (cap, end) in wanted.items()),  # type: ignore[index]
+        key=lambda item: item[1],
+    )
+
+
+def _remember(periods: dict[tuple[int, str, datetime], tuple[int, Decimal]]) -> None:
+    with _known_lock:
+        _known_periods.update(periods)
+
+
+def _periods_load(
+    subject: Subject, wanted: dict[tuple[int, str, datetime], tuple[SpendingCap, datetime | None]]
+) -> dict[tuple[int, str, datetime], tuple[int, Decimal]]:
     query = Q()
     for cap_id, key, start in wanted:
         query |= Q(cap_id=cap_id, subject=key, period_start=start)
     rows = {(p.cap_id, p.subject, p.period_start): p for p in CapPeriod.objects.filter(query)}
-    missing = [
+    absent = [
         CapPeriod(cap=cap, tenant_id=subject.tenant_id, subject=key, period_start=start, limit_usd=cap.limit_usd)
         for (cap_id, key, start), (cap, _) in wanted.items()
         if (cap_id, key, start) not in rows
     ]
-    if missing:  # the first call of a period; a concurrent first call may win the insert
-        CapPeriod.objects.bulk_create(missing, ignore_conflicts=True)
+    if absent:  # the first call of a period; a concurrent first call may win the insert
+        CapPeriod.objects.bulk_create(absent, ignore_conflicts=True)
         rows = {(p.cap_id, p.subject, p.period_start): p for p in CapPeriod.objects.filter(query)}
-    return sorted(
-        ((cap, rows[(cap.pk, key, start)], end) for (_, key, start), (cap, end) in wanted.items()),
-        key=lambda item: item[1].pk,
-    )
+    found = {}
+    for ident, (cap, _) in wanted.items():
+        period = rows[ident]
+        if period.limit_usd != cap.limit_usd:
+            CapPeriod.objects.filter(pk=period.pk).update(limit_usd=cap.limit_usd)
+        found[ident] = (period.pk, cap.limit_usd)
+    return found
 
 
 def cap_reserve(*, subject: Subject, amount: Decimal, call_id: str) -> Reservation:
-    """Hold `amount` against every applicable cap, all or nothing. Raises CapExceeded.
+    """Hold `amount` against every applicable cap, all or nothing. Raises CapExceeded."""
+    return cap_hold(subject=subject, caps=caps_for(subject), amount=amount, call_id=call_id)
+
+
+def cap_hold(*, subject: Subject, caps: list[tuple[SpendingCap, str]], amount: Decimal, call_id: str) -> Reservation:
+    """`cap_reserve` with the applicable caps already known (a caller that caches them).
     With no cap to hold against, nothing is written: the reservation returned holds nothing
-    and settling it is free (the hot path of an uncapped tenant stays one query)."""
-    now = dj_timezone.now()
-    caps = caps_for(subject)
+    and settling it is free. Otherwise one conditional UPDATE per cap period, in id order, and
+    the Reservation row, in one transaction."""
     if not caps:
         return Reservation(call_id=call_id, tenant_id=subject.tenant_id, amount_usd=amount, period_ids=[])
+    now = dj_timezone.now()
+    return _hold(subject=subject, periods=_periods(subject, caps, now), amount=amount, call_id=call_id)
+
+
+def _hold(
+    *, subject: Subject, periods: list[tuple[SpendingCap, int, datetime | None]], amount: Decimal, call_id: str
+) -> Reservation:
+    table = CapPeriod._meta.db_table
+    hold = (
+        f"UPDATE {table} SET reserved_usd = reserved_usd + %s "
+        f"WHERE id = %s AND limit_usd >= spent_usd + reserved_usd + %s"
+    )
     # No savepoint: a refusal must roll back the caller's whole transaction anyway.
     with transaction.atomic(savepoint=False):
-        periods = _periods(subject, caps, now)
-        for cap, period, end in periods:
-            if period.limit_usd != cap.limit_usd:
-                CapPeriod.objects.filter(pk=period.pk).update(limit_usd=cap.limit_usd)
-            admitted = CapPeriod.objects.filter(
-                pk=period.pk, limit_usd__gte=F("spent_usd") + F("reserved_usd") + amount
-            ).update(reserved_usd=F("reserved_usd") + amount)
-            if not admitted:
-                period.refresh_from_db()
-                remaining = cap.limit_usd - period.spent_usd - period.reserved_usd
-                raise CapExceeded(cap=cap, remaining=remaining, resets_at=end)
+        with connection.cursor() as cursor:
+            for cap, period_id, end in periods:
+                cursor.execute(hold, [amount, period_id, amount])
+                if cursor.rowcount != 1:
+                    period = CapPeriod.objects.filter(pk=period_id).first()
+                    if period is None:  # not reachable while deleting a cap clears the ids
+                        known_periods_clear()
+                        raise RuntimeError(f"cap period {period_id} vanished; the next call looks again")
+                    remaining = cap.limit_usd - period.spent_usd - period.reserved_usd
+                    raise CapExceeded(cap=cap, remaining=remaining, resets_at=end)
         return Reservation.objects.create(
-            call_id=call_id,
-            tenant_id=subject.tenant_id,
-            amount_usd=amount,
-            period_ids=[period.pk for _, period, _ in periods],
+            call_id=call_id, tenant_id=subject.tenant_id, amount_usd=amount,
+            period_ids=[period_id for _, period_id, _ in periods],
         )
 
 
@@ -215,3 +274,10 @@ def reservations_expire(*, older_than: timedelta) -> int:
                 Reservation.objects.filter(pk=reservation.pk).update(status=Reservation.Status.EXPIRED)
                 count += 1
     return count
+
+
+def _cap_deleted(sender: type, **kwargs: object) -> None:
+    known_periods_clear()
+
+
+post_delete.connect(_cap_deleted, sender=SpendingCap, dispatch_uid="caps-known-periods")

@@ -361,7 +361,7 @@ class EndUserTokenApi(TenantApi):
             raise NotFound("end user")
         body = EndUserTokenRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        end_user = end_user_get_or_create(tenant=self.api_key.tenant, external_id=external_id)
+        end_user = end_user_get_or_create(tenant_id=self.api_key.tenant_id, external_id=external_id)
         ttl = body.validated_data.get("ttl", settings.END_USER_TOKEN_DEFAULT_TTL)
         issued = end_user_token_issue(end_user=end_user, ttl_seconds=ttl)
         return Response(EndUserTokenSerializer({"token": issued.token, "expires_at": issued.expires_at}).data)

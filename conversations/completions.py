@@ -1,49 +1,53 @@
 """The stateless OpenAI-compatible call: who may use which model, what goes upstream, what is billed.
 
 Nothing of the conversation is stored: the caller's messages are the prompt, and the only
-write is the UsageRecord of the call. Everything before the upstream call happens in one
-synchronous function (`completion_prepare`: four indexed queries, one thread hop from the async
-view) and everything after it in another (`completion_settle`), so the path to the first token
-stays short.
+write is the UsageRecord of the call. Everything before the upstream call is
+`completion_admit`, on the event loop: the caller's configuration from the process cache
+(`access`), the rate limits and the configuration versions in one Redis round trip, and — when
+a cap applies — the reservation, the one database hop before the first token. Everything after
+the call is `completion_settle`, on a database thread, after the stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cachetools import TTLCache, cached
 from django.db import transaction
 
 from billing import ratelimits
-from billing.caps import Subject, cap_reserve, cap_settle
+from billing.caps import Subject, cap_hold, cap_settle
 from billing.models import ModelPrice, Reservation, UsageRecord
-from billing.services import Price, PriceMissing, UsageInput, price_for, usage_record
+from billing.services import Price, UsageInput, usage_record
 from llm.gateway import ProviderTarget, Usage
 from llm.tokens import count_messages, count_text
-from tenants.authentication import api_key_from_authorization
-from tenants.models import ApiKey, EndUser
-from tenants.services import end_user_get_or_create, end_user_hash
+from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
+from tenants.freshness import local_versions, version_keys
+from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
 
-from .errors import ChatError, InvalidInput, NotFound
+from .access import (
+    EndUserAccess,
+    EndUserBlocked,
+    KeyAccess,
+    ModelNotAvailable,
+    access_load,
+    cached_end_user,
+    cached_key,
+    cached_price,
+    end_user_load,
+    price_load,
+)
+from .errors import InvalidInput
 from .lifecycle import DEFAULT_END_USER
-from .models import Assistant
-from .services import provider_target, worst_case_cost
+from .services import worst_case_cost
+
+__all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the access cache
 
 MAX_USER_CHARS = 200
-
-
-class ModelNotAvailable(ChatError):
-    """A model without a price, or outside the key's allowed list (OpenAI: 404)."""
-
-    code = "not_found"
-
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist or you do not have access to it.")
-        self.model = model
 
 
 class InvalidRequest(InvalidInput):
@@ -52,13 +56,6 @@ class InvalidRequest(InvalidInput):
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
-
-
-class EndUserBlocked(ChatError):
-    code = "unauthorized"
-
-    def __init__(self) -> None:
-        super().__init__("this end user is blocked")
 
 
 # --- the request --------------------------------------------------------------------------
@@ -115,50 +112,6 @@ class CompletionPlan:
     reservation: Reservation | None = None
 
 
-# Configuration read on every /v1 call is kept per process for a few seconds: an edited price,
-# credential or default assistant applies within CONFIG_TTL_SECONDS. Caps, limits and keys are
-# never cached: they are read or counted on every call.
-CONFIG_TTL_SECONDS = 15
-_prices: TTLCache = TTLCache(maxsize=256, ttl=CONFIG_TTL_SECONDS)
-_defaults: TTLCache = TTLCache(maxsize=4096, ttl=CONFIG_TTL_SECONDS)
-
-
-@dataclass(frozen=True)
-class TenantDefaults:
-    target: ProviderTarget
-    max_tokens: int
-
-
-def _model_price(key: ApiKey, model: str) -> Price:
-    if key.allowed_models and model not in key.allowed_models:
-        raise ModelNotAvailable(model)
-    try:
-        return _cached_price(model)
-    except PriceMissing:
-        raise ModelNotAvailable(model) from None
-
-
-def config_caches_clear() -> None:
-    _prices.clear()
-    _defaults.clear()
-
-
-@cached(_prices, lock=threading.Lock())
-def _cached_price(model: str) -> Price:
-    return price_for(model)
-
-
-@cached(_defaults, lock=threading.Lock())
-def _tenant_defaults(tenant_id: int) -> TenantDefaults:
-    """The tenant's default assistant's credential and `max_tokens`: what a stateless call
-    uses. One query, then kept briefly."""
-    try:
-        assistant = Assistant.objects.for_tenant(tenant_id).select_related("credential").get(is_default=True)
-    except Assistant.DoesNotExist:
-        raise NotFound("assistant") from None
-    return TenantDefaults(target=provider_target(assistant), max_tokens=assistant.max_tokens)
-
-
 def upstream_body(request: dict[str, Any], *, user_hash: str, default_max_tokens: int) -> bytes:
     """The caller's request with what we always send: a hashed `user`, a `max_tokens`, and,
     when streaming, `stream_options.include_usage` (usage is how the call is billed)."""
@@ -171,33 +124,66 @@ def upstream_body(request: dict[str, Any], *, user_hash: str, default_max_tokens
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def completion_prepare(*, authorization: str, request: dict[str, Any]) -> CompletionPlan:
-    """Authenticate, check the model, pick the tenant's credential and the end user. Raises
-    InvalidApiKey, ModelNotAvailable, EndUserBlocked, InvalidInput (no credential)."""
-    key = api_key_from_authorization(authorization)
+Hop = Callable[..., Awaitable[Any]]  # runs a synchronous database function off the event loop
+
+# Prompts longer than this are counted on a thread: tiktoken holds the loop otherwise.
+COUNT_ON_LOOP_CHARS = 16_000
+
+
+async def completion_admit(*, authorization: str, request: dict[str, Any], hop: Hop) -> CompletionPlan:
+    """Authenticate, check the model and the end user, count the rate limits and reserve the
+    worst case against the caps. Raises InvalidApiKey, ModelNotAvailable, EndUserBlocked,
+    RateLimited, CapExceeded, InvalidInput / NotFound (no credential or default assistant)."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise InvalidApiKey("missing bearer API key")
+    prefix = api_key_prefix(token)
     model = request["model"]
-    price = _model_price(key, model)
-    defaults = _tenant_defaults(key.tenant_id)
-    target = defaults.target
-    end_user = end_user_get_or_create(tenant=key.tenant, external_id=request.get("user") or DEFAULT_END_USER)
-    if end_user.is_blocked:
-        raise EndUserBlocked()
-    stream = bool(request.get("stream"))
+    external_id = request.get("user") or DEFAULT_END_USER
+
+    access = cached_key(prefix)
+    if access is None:
+        loaded = await hop(access_load, prefix=prefix, external_id=external_id, model=model)
+        access, end_user, price = loaded.access, loaded.end_user, loaded.price
+    else:
+        end_user = cached_end_user(access, external_id) or await hop(end_user_load, access=access, external_id=external_id)
+        price = cached_price(access, model)
+        if price is False:
+            price = await hop(price_load, access=access, model=model)
+    price = _admissible(access, token=token, end_user=end_user, price=price, model=model)
+    _, default_max_tokens = access.defaults()
+    max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or default_max_tokens
+    prompt_tokens = await _prompt_tokens(request["messages"], model)
+
+    # One Redis round trip: every rate limit, and the versions the cached configuration needs.
+    keys = version_keys(access.tenant_id)
+    checks = ratelimits.checks_for(access.limits(end_user.id), tokens=prompt_tokens + max_tokens)
+    versions = await ratelimits.rate_limits_acquire_async(checks, also_read=keys) or local_versions(keys)
+    if versions != access.versions:  # changed since cached: judge the call again on fresh rows
+        loaded = await hop(access_load, prefix=prefix, external_id=external_id, model=model)
+        access, end_user = loaded.access, loaded.end_user
+        price = _admissible(access, token=token, end_user=end_user, price=loaded.price, model=model)
+    target, default_max_tokens = access.defaults()
+
     call_id = f"cmpl-{uuid.uuid4()}"
-    max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or defaults.max_tokens
-    reservation = _admit(key=key, end_user=end_user, request=request, price=price, max_tokens=max_tokens, call_id=call_id)
+    caps = access.caps_for(end_user.id)
+    subject = Subject(access.tenant_id, end_user.id, access.key_id)
+    amount = worst_case_cost(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+    hold = dict(subject=subject, caps=caps, amount=amount, call_id=call_id)
+    reservation = await hop(cap_hold, **hold) if caps else cap_hold(**hold)
+    stream = bool(request.get("stream"))
     return CompletionPlan(
         call_id=call_id,
-        tenant_id=key.tenant_id,
-        api_key_id=key.pk,
+        tenant_id=access.tenant_id,
+        api_key_id=access.key_id,
         end_user_id=end_user.id,
         model=model,
         price=price,
         target=target,
         upstream_body=upstream_body(
             request,
-            user_hash=end_user_hash(tenant_id=key.tenant_id, end_user_id=end_user.id),
-            default_max_tokens=defaults.max_tokens,
+            user_hash=end_user_hash(tenant_id=access.tenant_id, end_user_id=end_user.id),
+            default_max_tokens=default_max_tokens,
         ),
         messages=request["messages"],
         stream=stream,
@@ -206,22 +192,21 @@ def completion_prepare(*, authorization: str, request: dict[str, Any]) -> Comple
     )
 
 
-def _admit(*, key: ApiKey, end_user: EndUser, request: dict[str, Any], price: Price, max_tokens: int, call_id: str) -> Reservation:
-    """Rate limits (requests, then tokens), then the worst case reserved against every cap.
-    Raises RateLimited, CapExceeded."""
-    tenant = key.tenant
-    limits = ratelimits.Caller(
-        tenant_id=tenant.pk, end_user_rpm=tenant.end_user_rpm, tenant_rpm=tenant.tenant_rpm,
-        tenant_tpm=tenant.tenant_tpm, end_user_id=end_user.id, api_key_id=key.pk, api_key_rpm=key.rpm,
-    )
-    ratelimits.rate_limit_hit(caller=limits)
-    prompt_tokens = _count_prompt_of(request["messages"], request["model"])
-    ratelimits.rate_limit_hit(caller=limits, tokens=prompt_tokens + max_tokens)
-    return cap_reserve(
-        subject=Subject(tenant.pk, end_user.id, key.pk),
-        amount=worst_case_cost(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens),
-        call_id=call_id,
-    )
+def _admissible(access: KeyAccess, *, token: str, end_user: EndUserAccess, price: Price | None, model: str) -> Price:
+    access.authenticate(token)
+    access.model_check(model)
+    if price is None:
+        raise ModelNotAvailable(model)
+    if end_user.is_blocked:
+        raise EndUserBlocked()
+    return price
+
+
+async def _prompt_tokens(messages: list[dict[str, Any]], model: str) -> int:
+    size = sum(len(str(message.get("content") or "")) for message in messages)
+    if size > COUNT_ON_LOOP_CHARS:
+        return await asyncio.to_thread(_count_prompt_of, messages, model)
+    return _count_prompt_of(messages, model)
 
 
 # --- after the call -----------------------------------------------------------------------
@@ -243,6 +228,7 @@ def completion_settle(
         record = _record(plan=plan, usage=usage, content=content, outcome=outcome, latency_ms=latency_ms, ttft_ms=ttft_ms)
         if plan.reservation is not None:
             cap_settle(reservation=plan.reservation, actual=record.cost_usd)
+    api_key_touch_by_id(plan.api_key_id)
     return record
 
 

@@ -23,7 +23,7 @@ def conversation_create(
 ) -> Conversation:
     """Raises NotFound for an unknown assistant slug."""
     assistant = access_assistant(tenant_id=tenant.pk, slug=assistant_slug)
-    end_user = end_user_get_or_create(tenant=tenant, external_id=end_user_external_id or DEFAULT_END_USER)
+    end_user = end_user_get_or_create(tenant_id=tenant.pk, external_id=end_user_external_id or DEFAULT_END_USER)
     conversation = Conversation.objects.create(tenant=tenant, assistant=assistant, end_user=end_user, title=title)
     # The caller gets the related rows back without another query.
     conversation.assistant, conversation.end_user = assistant, end_user

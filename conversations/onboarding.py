@@ -34,6 +34,8 @@ def tenant_onboard(
     provider_key: str = "",
     monthly_cap_usd: Decimal | None = None,
     user_rpm: int | None = None,
+    tenant_rpm: int | None = None,
+    tenant_tpm: int | None = None,
     tools: list[str] | None = None,
     owner_email: str | None = None,
     owner_password: str | None = None,
@@ -49,9 +51,12 @@ def tenant_onboard(
         owner_email=owner_email,
         owner_password=owner_password,
     )
-    if user_rpm is not None:
-        tenant.end_user_rpm = user_rpm
-        tenant.save(update_fields=["end_user_rpm"])
+    limits = {"end_user_rpm": user_rpm, "tenant_rpm": tenant_rpm, "tenant_tpm": tenant_tpm}
+    limits = {field: value for field, value in limits.items() if value is not None}
+    if limits:
+        for field, value in limits.items():
+            setattr(tenant, field, value)
+        tenant.save(update_fields=list(limits))
     assistant = Assistant.objects.create(
         tenant=tenant,
         slug="default",

@@ -1,11 +1,12 @@
 """The OpenAI-compatible surface: `POST /v1/chat/completions`, `GET /v1/models[/{id}]`.
 
 A small ASGI app mounted in front of Django (see `OpenAICompatibleApp`): the official SDK
-pointed at `http://HOST/v1` works unchanged. The hot path is one thread hop to authenticate
-and plan (`completion_prepare`), the upstream call, the upstream's bytes relayed as they
-arrive (`llm.relay`), and one hop after the stream to write the UsageRecord — before
-`[DONE]`, so a client that read to the end finds the call billed. No database connection is
-held while streaming.
+pointed at `http://HOST/v1` works unchanged. The hot path is `completion_admit` on the event
+loop (cached configuration, one Redis round trip, one database hop only for the reservation
+when a cap applies), the upstream call, the upstream's bytes relayed as they arrive
+(`llm.relay`), and one hop after the stream to write the UsageRecord — before `[DONE]`, so a
+client that read to the end finds the call billed. No database connection is held while
+streaming.
 Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`, mapped in one
 place (`openai_error`), so the SDK raises its own classes (AuthenticationError, …).
 """
@@ -35,7 +36,7 @@ from .completions import (
     CompletionPlan,
     EndUserBlocked,
     ModelNotAvailable,
-    completion_prepare,
+    completion_admit,
     completion_request_parse,
     completion_settle,
     models_available,
@@ -210,7 +211,6 @@ class CompletionCall:
             await self.settle(usage=None, content="", outcome=_failed(error))
             raise
         self.first_byte_at = time.monotonic()
-        # caps and rate limits: issue 3 — settlement of the reservation happens in completion_settle.
         await self.settle(usage=completion.usage, content=completion.content, outcome=UsageRecord.Outcome.OK)
         return Reply(200, completion.body, content_type=completion.content_type.encode())
 
@@ -264,9 +264,7 @@ def _error_event(error: UpstreamError) -> bytes:
 async def chat_completions(request: Request) -> Reply | None:
     started = time.monotonic()
     body = completion_request_parse(await request.body())
-    # One hop: authentication, model check, credential, end user (and, with issue 3, the
-    # limits and the reservation).
-    plan = await db(completion_prepare, authorization=request.authorization, request=body)
+    plan = await completion_admit(authorization=request.authorization, request=body, hop=db)
     call = CompletionCall(plan, started)
     if not plan.stream:
         return await call.complete()

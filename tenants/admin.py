@@ -20,6 +20,7 @@ from .admin_base import (
     admin_access,
     tenant_id_of,
 )
+from .freshness import config_changed
 from .models import ApiKey, AuditEntry, EndUser, Membership, ProviderCredential, Tenant
 from .services import api_key_create, api_keys_revoke
 
@@ -116,6 +117,12 @@ class MembershipAdmin(TenantScopedAdmin):
         return admin_access(request).is_owner(obj.tenant_id)
 
 
+def _tenants_changed(queryset: QuerySet) -> None:
+    """A bulk update bypasses the signals: tell the configuration caches ourselves."""
+    for tenant_id in set(queryset.values_list("tenant_id", flat=True)):
+        config_changed(tenant_id)
+
+
 @admin.register(EndUser)
 class EndUserAdmin(TenantScopedAdmin):
     list_display = ("external_id", "is_blocked", "created_at")
@@ -129,11 +136,13 @@ class EndUserAdmin(TenantScopedAdmin):
     @admin.action(description="Block selected end users (their requests answer unauthorized)", permissions=["change"])
     def block(self, request: HttpRequest, queryset: QuerySet) -> None:
         changed = self.editable(request, queryset).update(is_blocked=True)
+        _tenants_changed(queryset)
         self.message_user(request, f"Blocked {changed} end user(s).", messages.SUCCESS)
 
     @admin.action(description="Unblock selected end users", permissions=["change"])
     def unblock(self, request: HttpRequest, queryset: QuerySet) -> None:
         changed = self.editable(request, queryset).update(is_blocked=False)
+        _tenants_changed(queryset)
         self.message_user(request, f"Unblocked {changed} end user(s).", messages.SUCCESS)
 
 
@@ -221,6 +230,7 @@ class ApiKeyAdmin(TenantScopedAdmin):
         self.assign_tenant(request, obj)
         issued = api_key_create(tenant=obj.tenant, name=obj.name, actor=request.user)
         ApiKey.objects.filter(pk=issued.api_key.pk).update(allowed_models=obj.allowed_models, rpm=obj.rpm)
+        config_changed(issued.api_key.tenant_id)
         obj.pk = issued.api_key.pk
         obj.refresh_from_db()
         self.message_user(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db.models import Q
 from django.utils import timezone
@@ -54,6 +54,22 @@ def api_key_touch(key: ApiKey) -> None:
         Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
     ).update(last_used_at=now)
     key.last_used_at = now
+
+
+_touched: dict[int, datetime] = {}  # key id → when this process last stamped it
+
+
+def api_key_touch_by_id(key_id: int) -> None:
+    """`api_key_touch` for a caller that holds no ApiKey row (the /v1 endpoint, after its
+    call): at most one conditional UPDATE a minute per key from this process."""
+    now = timezone.now()
+    last = _touched.get(key_id)
+    if last is not None and now - last < LAST_USED_RESOLUTION:
+        return
+    _touched[key_id] = now
+    ApiKey.objects.filter(pk=key_id).filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
+    ).update(last_used_at=now)
 
 
 def api_key_from_authorization(authorization: str) -> ApiKey:

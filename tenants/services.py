@@ -54,6 +54,7 @@ def api_key_create(*, tenant: Tenant, name: str = "default", actor: object = Non
 def api_keys_revoke(*, keys: Iterable[ApiKey], actor: object = None) -> int:
     """Revoke each key not revoked yet; each revocation is in the audit trail."""
     from .audit import audit_record
+    from .freshness import config_changed
 
     revoked = 0
     now = dj_timezone.now()
@@ -61,31 +62,41 @@ def api_keys_revoke(*, keys: Iterable[ApiKey], actor: object = None) -> int:
         for key in keys:
             if ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now):
                 audit_record(tenant_id=key.tenant_id, action="api_key.revoke", actor=actor, obj=key)
+                config_changed(key.tenant_id)
                 revoked += 1
     return revoked
 
 
+def api_key_prefix(plaintext: str) -> str:
+    """The lookup prefix of a presented key (`pk_<prefix>_<secret>`). Raises InvalidApiKey."""
+    parts = plaintext.split("_", 2)
+    if len(parts) != 3 or parts[0] != API_KEY_PREFIX or not parts[1]:
+        raise InvalidApiKey("malformed API key")
+    return parts[1]
+
+
+def api_key_hash_matches(plaintext: str, key_hash: str) -> bool:
+    return hmac.compare_digest(key_hash, _hash_key(plaintext))
+
+
 def api_key_authenticate(plaintext: str) -> ApiKey:
     """The ApiKey (with its tenant loaded) for a presented key. Raises InvalidApiKey."""
-    parts = plaintext.split("_", 2)
-    if len(parts) != 3 or parts[0] != API_KEY_PREFIX:
-        raise InvalidApiKey("malformed API key")
     try:
-        key = ApiKey.objects.select_related("tenant").get(prefix=parts[1])
+        key = ApiKey.objects.select_related("tenant").get(prefix=api_key_prefix(plaintext))
     except ApiKey.DoesNotExist:
         raise InvalidApiKey("unknown API key") from None
-    if not hmac.compare_digest(key.key_hash, _hash_key(plaintext)):
+    if not api_key_hash_matches(plaintext, key.key_hash):
         raise InvalidApiKey("unknown API key")
     if key.revoked_at is not None or not key.tenant.is_active:
         raise InvalidApiKey("revoked API key")
     return key
 
 
-def end_user_get_or_create(*, tenant: Tenant, external_id: str) -> EndUser:
+def end_user_get_or_create(*, tenant_id: int, external_id: str) -> EndUser:
     try:
-        end_user, _ = EndUser.objects.get_or_create(tenant=tenant, external_id=external_id)
+        end_user, _ = EndUser.objects.get_or_create(tenant_id=tenant_id, external_id=external_id)
     except IntegrityError:  # a concurrent first request created it
-        end_user = EndUser.objects.get(tenant=tenant, external_id=external_id)
+        end_user = EndUser.objects.get(tenant_id=tenant_id, external_id=external_id)
     return end_user
 
 
@@ -125,7 +136,7 @@ def end_user_token_verify(token: str) -> EndUser:
 
 def member_end_user(*, tenant: Tenant, user_id: int) -> EndUser:
     """Tenant members chatting on the built-in page do so as an end user of their own."""
-    return end_user_get_or_create(tenant=tenant, external_id=f"member:{user_id}")
+    return end_user_get_or_create(tenant_id=tenant.pk, external_id=f"member:{user_id}")
 
 
 @transaction.atomic

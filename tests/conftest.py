@@ -107,10 +107,12 @@ async def chat_socket(token: str | None, *, headers: list | None = None, path: s
 def _fresh_rate_limits():
     """Rate-limit counters live in Redis or process memory, outside the test database."""
     from billing.ratelimits import rate_limits_reset
-    from conversations.completions import config_caches_clear
+    from billing.caps import known_periods_clear
+    from conversations.access import access_caches_clear
 
     rate_limits_reset()
-    config_caches_clear()
+    access_caches_clear()
+    known_periods_clear()
 
 
 @pytest.fixture(autouse=True)

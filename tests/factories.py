@@ -21,7 +21,7 @@ class TenantSetup:
     api_key: str
 
     def end_user(self, external_id: str = "user-1") -> EndUser:
-        return end_user_get_or_create(tenant=self.tenant, external_id=external_id)
+        return end_user_get_or_create(tenant_id=self.tenant.pk, external_id=external_id)
 
     def token(self, external_id: str = "user-1", ttl: int = 3600) -> str:
         return end_user_token_issue(end_user=self.end_user(external_id), ttl_seconds=ttl).token

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from billing.models import UsageRecord
-from conversations.completions import completion_prepare
 from tenants.models import ApiKey, EndUser
+from tenants.services import api_keys_revoke
 from tests.conftest import adb
 from tests.liveserver import parley, parley_server  # noqa: F401 — fixtures
 
@@ -152,10 +152,15 @@ def test_bad_or_revoked_key_raises_authentication_error(parley, tenant_factory, 
         with pytest.raises(openai.AuthenticationError) as caught:
             _client(parley, key or "x").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
         assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
-    ApiKey.objects.filter(tenant=setup.tenant).update(revoked_at="2020-01-01T00:00:00Z")
-    with pytest.raises(openai.AuthenticationError):
-        _client(parley, setup.api_key).models.list()
-    assert sim.stats.requests == 0
+    _client(parley, setup.api_key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    api_keys_revoke(keys=ApiKey.objects.filter(tenant=setup.tenant))
+    for call in (
+        lambda client: client.models.list(),
+        lambda client: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}]),
+    ):
+        with pytest.raises(openai.AuthenticationError):
+            call(_client(parley, setup.api_key))
+    assert sim.stats.requests == 1  # the call made before the key was revoked
 
 
 async def test_bad_key_raises_authentication_error_async(parley, tenant_factory, sim):
@@ -177,8 +182,10 @@ def test_invalid_requests_raise_bad_request_and_not_found(parley, tenant_factory
         client.chat.completions.create(model="gpt-unpriced", messages=[{"role": "user", "content": "x"}])
     assert caught.value.code == "model_not_found"
 
-    # A key limited to some models may use only those.
-    ApiKey.objects.filter(tenant=setup.tenant).update(allowed_models=["gpt-4o"])
+    # A key limited to some models may use only those (saved as the admin saves it).
+    key = ApiKey.objects.get(tenant=setup.tenant)
+    key.allowed_models = ["gpt-4o"]
+    key.save()
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert [m.id for m in client.models.list()] == ["gpt-4o"]
@@ -286,16 +293,6 @@ def test_unknown_v1_path_answers_openai_shaped_404(parley, tenant_factory):
     assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_prepare_is_a_few_queries(tenant_factory, django_assert_max_num_queries):
-    setup = tenant_factory()
-    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "user": "u-1"}
-    completion_prepare(authorization=f"Bearer {setup.api_key}", request=request)  # creates the end user
-    # key+tenant, price, default assistant+credential, end user, caps (none: nothing reserved)
-    with django_assert_max_num_queries(5):
-        plan = completion_prepare(authorization=f"Bearer {setup.api_key}", request=request)
-    assert json.loads(plan.upstream_body)["user"].startswith("pu_")
-
-
 def test_a_cap_refusal_raises_rate_limit_error_with_its_code(parley, tenant_factory, sim):
     from decimal import Decimal
 
@@ -325,3 +322,91 @@ def test_rate_limited_calls_raise_rate_limit_error(parley, tenant_factory, sim):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], user="alice")
     assert refused.value.code == "rate_limited"
     assert sim.stats.requests == 2
+
+
+def test_every_configuration_change_reaches_the_very_next_call(parley, tenant_factory, sim):
+    """/v1 keeps each caller's configuration in the web process between calls; a change made
+    anywhere (admin, services, another process) applies to the next call, not after a TTL."""
+    from decimal import Decimal
+
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+    from django.urls import reverse
+
+    from billing.models import ModelPrice, SpendingCap
+    from billing.services import price_for
+
+    setup = tenant_factory(owner_email="owner@fresh.test", owner_password="a-long-password-1")
+    client = _client(parley, setup.api_key)
+
+    def ask(user: str = "alice"):
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20, user=user
+        )
+
+    ask()  # warm: the key, tenant, end user and price are cached now
+    cap = SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("0.000001"))
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask()
+    assert refused.value.code == "spending_cap_exceeded"
+    cap.delete()
+    ask()
+
+    price = ModelPrice.objects.get(model=MODEL, kind="chat")
+    price.output_per_million *= 10
+    price.save()
+    reply = ask()
+    record = UsageRecord.objects.filter(tenant=setup.tenant).latest("created_at")
+    expected = price_for(MODEL).cost(prompt_tokens=reply.usage.prompt_tokens, completion_tokens=reply.usage.completion_tokens)
+    assert record.cost_usd == expected
+
+    admin = Client()
+    admin.force_login(get_user_model().objects.get(email="owner@fresh.test"))
+    alice = EndUser.objects.get(tenant=setup.tenant, external_id="alice")
+    admin.post(reverse("admin:tenants_enduser_changelist"), {"action": "block", "_selected_action": [alice.pk]})
+    with pytest.raises(openai.PermissionDeniedError):
+        ask()  # a bulk admin action, not a save(): it announces the change itself
+    ask(user="bob")
+
+    api_keys_revoke(keys=ApiKey.objects.filter(tenant=setup.tenant))
+    with pytest.raises(openai.AuthenticationError):
+        ask(user="bob")
+
+
+async def test_a_warm_call_goes_to_the_database_only_to_reserve(tenant_factory, sim):
+    """The path to the first token: a warm call reads nothing from the database; with a cap,
+    its one hop is the reservation (conditional UPDATE + Reservation INSERT)."""
+    from decimal import Decimal
+
+    from asgiref.sync import sync_to_async
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from billing.models import SpendingCap
+    from conversations.completions import completion_admit
+
+    setup = await adb(tenant_factory)()
+    hops: list[tuple[str, list[str]]] = []
+
+    def run(fn, kwargs):
+        with CaptureQueriesContext(connection) as queries:
+            result = fn(**kwargs)
+        hops.append((fn.__name__, [q["sql"].split()[0] for q in queries.captured_queries]))
+        return result
+
+    async def hop(fn, **kwargs):
+        return await sync_to_async(run, thread_sensitive=False)(fn, kwargs)
+
+    async def admit() -> list[tuple[str, list[str]]]:
+        hops.clear()
+        request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "user": "carol"}
+        await completion_admit(authorization=f"Bearer {setup.api_key}", request=request, hop=hop)
+        return [name for name, _ in hops]
+
+    assert await admit() == ["access_load"]
+    assert await admit() == []
+    await adb(SpendingCap.objects.create)(tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("5"))
+    assert await admit() == ["access_load", "cap_hold"]  # the version changed: reloaded
+    assert await admit() == ["cap_hold"]
+    [(_, statements)] = hops
+    assert [s for s in statements if s not in ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")] == ["UPDATE", "INSERT"]

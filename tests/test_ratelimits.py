@@ -124,3 +124,47 @@ def test_limit_holds_across_processes_sharing_redis():
             pass
     admitted = admitted_here + sum(int(child.communicate(timeout=60)[0].strip()) for child in children)
     assert admitted == 30  # 75 attempts from three processes, one shared limit of 30
+
+
+def test_a_refused_request_counts_against_no_limit():
+    from billing.ratelimits import _limiter, checks_for
+
+    caller = _caller(end_user_rpm=1, tenant_rpm=100)
+    rate_limit_hit(caller=caller)
+    for _ in range(3):
+        with pytest.raises(RateLimited):
+            rate_limit_hit(caller=caller)
+    # The end user was over their own limit: the tenant's counter saw only the admitted call.
+    [tenant, _] = checks_for(caller)
+    assert _limiter().get_window_stats(tenant.item, *tenant.identifiers).remaining == 99
+
+
+async def test_the_event_loop_path_counts_the_counters_the_library_reads():
+    """`rate_limits_acquire_async` (the /v1 path, one Redis script) and `rate_limit_hit` (the
+    socket and REST paths, through `limits`) share one set of counters."""
+    from billing.ratelimits import _limiter, checks_for, rate_limits_acquire_async
+
+    caller = _caller(end_user_rpm=3, tenant_rpm=100, tenant_tpm=1000)
+    await rate_limits_acquire_async(checks_for(caller, tokens=400))
+    rate_limit_hit(caller=caller)
+    states = {c.name: _limiter().get_window_stats(c.item, *c.identifiers).remaining for c in checks_for(caller, tokens=1)}
+    assert states == {"requests per tenant": 98, "requests per end user": 1, "tokens per tenant": 600}
+    await rate_limits_acquire_async(checks_for(caller))
+    with pytest.raises(RateLimited) as refused:
+        await rate_limits_acquire_async(checks_for(caller))
+    assert refused.value.name == "requests per end user" and 1 <= refused.value.retry_after <= 60
+    with pytest.raises(RateLimited) as refused:  # tokens: all or nothing too
+        await rate_limits_acquire_async(checks_for(_caller(tenant_id=caller.tenant_id), tokens=700))
+    assert refused.value.name == "tokens per tenant"
+    assert _limiter().get_window_stats(checks_for(caller)[0].item, *checks_for(caller)[0].identifiers).remaining == 97
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="only Redis reads other keys in the same round trip")
+async def test_the_event_loop_path_reads_other_keys_in_the_same_round_trip():
+    import redis
+
+    from billing.ratelimits import checks_for, rate_limits_acquire_async
+
+    redis.Redis.from_url(settings.REDIS_URL).set("parley-test:version", "v42")
+    read = await rate_limits_acquire_async(checks_for(_caller()), also_read=("parley-test:version", "parley-test:none"))
+    assert read == ("v42", "")

@@ -35,7 +35,9 @@ class Command(BaseCommand):
         parser.add_argument("--provider-base-url", default="https://api.openai.com/v1")
         parser.add_argument("--provider-key", default="")
         parser.add_argument("--monthly-cap", type=_money, default=None)
-        parser.add_argument("--user-rpm", type=int, default=None)
+        parser.add_argument("--user-rpm", type=int, default=None, help="requests a minute per end user")
+        parser.add_argument("--tenant-rpm", type=int, default=None, help="requests a minute for the whole tenant")
+        parser.add_argument("--tenant-tpm", type=int, default=None, help="tokens a minute for the whole tenant")
         parser.add_argument("--tools", default="", help="comma-separated built-in tool names")
         parser.add_argument("--owner-email", default=None)
         parser.add_argument("--owner-password", default=None)
@@ -50,8 +52,9 @@ class Command(BaseCommand):
             raise CommandError(f"tenant {slug!r} already exists")
         if bool(options["owner_email"]) != bool(options["owner_password"]):
             raise CommandError("--owner-email and --owner-password go together")
-        if options["user_rpm"] is not None and options["user_rpm"] < 1:
-            raise CommandError("--user-rpm must be at least 1")
+        for option in ("user_rpm", "tenant_rpm", "tenant_tpm"):
+            if options[option] is not None and not 1 <= options[option] <= 2**31 - 1:
+                raise CommandError(f"--{option.replace('_', '-')} must be between 1 and {2**31 - 1}")
         tools = [t.strip() for t in options["tools"].split(",") if t.strip()]
         try:
             onboarded = tenant_onboard(
@@ -62,6 +65,8 @@ class Command(BaseCommand):
                 provider_key=options["provider_key"],
                 monthly_cap_usd=options["monthly_cap"],
                 user_rpm=options["user_rpm"],
+                tenant_rpm=options["tenant_rpm"],
+                tenant_tpm=options["tenant_tpm"],
                 tools=tools,
                 owner_email=options["owner_email"],
                 owner_password=options["owner_password"],

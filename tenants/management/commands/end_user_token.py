@@ -29,7 +29,7 @@ class Command(BaseCommand):
             tenant = Tenant.objects.get(slug=options["slug"])
         except Tenant.DoesNotExist:
             raise CommandError(f"no tenant {options['slug']!r}") from None
-        end_user = end_user_get_or_create(tenant=tenant, external_id=external_id)
+        end_user = end_user_get_or_create(tenant_id=tenant.pk, external_id=external_id)
         issued = end_user_token_issue(end_user=end_user, ttl_seconds=options["ttl"])
         self.stdout.write(
             json.dumps({"token": issued.token, "expires_at": issued.expires_at.isoformat().replace("+00:00", "Z")})
