@@ -10,6 +10,7 @@ row starting at zero.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from dataclasses import dataclass
@@ -183,6 +184,8 @@ def cap_hold(*, subject: Subject, caps: list[tuple[SpendingCap, str]], amount: D
 def _hold(
     *, subject: Subject, periods: list[tuple[SpendingCap, int, datetime | None]], amount: Decimal, call_id: str
 ) -> Reservation:
+    if connection.vendor == "postgresql" and len(periods) == 1:
+        return _hold_one(subject=subject, period=periods[0], amount=amount, call_id=call_id)
     table = CapPeriod._meta.db_table
     hold = (
         f"UPDATE {table} SET reserved_usd = reserved_usd + %s "
@@ -194,23 +197,102 @@ def _hold(
             for cap, period_id, end in periods:
                 cursor.execute(hold, [amount, period_id, amount])
                 if cursor.rowcount != 1:
-                    period = CapPeriod.objects.filter(pk=period_id).first()
-                    if period is None:  # not reachable while deleting a cap clears the ids
-                        known_periods_clear()
-                        raise RuntimeError(f"cap period {period_id} vanished; the next call looks again")
-                    remaining = cap.limit_usd - period.spent_usd - period.reserved_usd
-                    raise CapExceeded(cap=cap, remaining=remaining, resets_at=end)
+                    _refuse(cap, period_id, end)
         return Reservation.objects.create(
             call_id=call_id, tenant_id=subject.tenant_id, amount_usd=amount,
             period_ids=[period_id for _, period_id, _ in periods],
         )
 
 
+# One cap (the common case) on PostgreSQL: the hold and the Reservation row in one statement —
+# one round trip, atomic on its own, inside or outside the caller's transaction. The INSERT
+# selects from the UPDATE's RETURNING, so a refused hold inserts nothing.
+_HOLD_ONE = """
+WITH held AS (
+    UPDATE {period} SET reserved_usd = reserved_usd + %(amount)s
+    WHERE id = %(period_id)s AND limit_usd >= spent_usd + reserved_usd + %(amount)s
+    RETURNING id
+)
+INSERT INTO {reservation} (id, call_id, tenant_id, amount_usd, period_ids, status, created_at)
+SELECT %(id)s, %(call_id)s, %(tenant_id)s, %(amount)s, %(period_ids)s::jsonb, %(status)s, now() FROM held
+RETURNING created_at
+"""
+
+
+def _hold_one(
+    *, subject: Subject, period: tuple[SpendingCap, int, datetime | None], amount: Decimal, call_id: str
+) -> Reservation:
+    cap, period_id, end = period
+    reservation = Reservation(
+        id=uuid.uuid4(), call_id=call_id, tenant_id=subject.tenant_id, amount_usd=amount, period_ids=[period_id],
+        status=Reservation.Status.HELD,
+    )
+    sql = _HOLD_ONE.format(period=CapPeriod._meta.db_table, reservation=Reservation._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {
+            "amount": amount, "period_id": period_id, "id": reservation.id, "call_id": call_id,
+            "tenant_id": subject.tenant_id, "period_ids": f"[{period_id}]", "status": reservation.status,
+        })
+        row = cursor.fetchone()
+    if row is None:
+        _refuse(cap, period_id, end)
+    reservation.created_at = row[0]
+    reservation._state.adding = False  # it is stored: a later save() updates, never inserts twice
+    return reservation
+
+
+def _refuse(cap: SpendingCap, period_id: int, end: datetime | None) -> None:
+    period = CapPeriod.objects.filter(pk=period_id).first()
+    if period is None:  # not reachable while deleting a cap clears the ids
+        known_periods_clear()
+        raise RuntimeError(f"cap period {period_id} vanished; the next call looks again")
+    remaining = cap.limit_usd - period.spent_usd - period.reserved_usd
+    raise CapExceeded(cap=cap, remaining=remaining, resets_at=end)
+
+
+# The settlement of a one-cap reservation on PostgreSQL: claim it and book it in one statement,
+# so the cap's row is locked for one statement, not for a transaction of several.
+_SETTLE_ONE = """
+WITH claimed AS (
+    UPDATE {reservation} SET status = %(settled)s, actual_usd = %(actual)s, settled_at = now()
+    WHERE id = %(id)s AND status = %(held)s
+    RETURNING amount_usd
+)
+UPDATE {period} AS p SET reserved_usd = p.reserved_usd - claimed.amount_usd, spent_usd = p.spent_usd + %(actual)s
+FROM claimed WHERE p.id = %(period_id)s
+RETURNING p.spent_usd, p.limit_usd, (SELECT alert_thresholds FROM {cap} WHERE id = p.cap_id)
+"""
+
+
+def _settle_one(*, reservation: Reservation, actual: Decimal) -> bool:
+    [period_id] = reservation.period_ids
+    sql = _SETTLE_ONE.format(
+        reservation=Reservation._meta.db_table, period=CapPeriod._meta.db_table, cap=SpendingCap._meta.db_table
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {
+            "settled": Reservation.Status.SETTLED, "held": Reservation.Status.HELD, "actual": actual,
+            "id": reservation.pk, "period_id": period_id,
+        })
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    spent, limit, thresholds = row
+    if isinstance(thresholds, str):  # Django's psycopg setup leaves jsonb undecoded
+        thresholds = json.loads(thresholds)
+    if limit > 0 and any(spent * 100 / limit >= threshold for threshold in thresholds or ()):
+        alerts_record(period_ids=[period_id])
+    return True
+
+
 def cap_settle(*, reservation: Reservation, actual: Decimal) -> bool:
     """Release the hold and book the actual cost, once. Returns False when already settled.
-    Call inside the transaction that writes the UsageRecord, so ledger and counters agree."""
+    Best right after the UsageRecord is written; should the process die in between, the
+    stale-reservation sweep settles it from that record (`reservations_expire`)."""
     if not reservation.period_ids:
         return True  # it held nothing and was never stored
+    if connection.vendor == "postgresql" and len(reservation.period_ids) == 1:
+        return _settle_one(reservation=reservation, actual=actual)
     with transaction.atomic(savepoint=False):
         claimed = Reservation.objects.filter(pk=reservation.pk, status=Reservation.Status.HELD).update(
             status=Reservation.Status.SETTLED, actual_usd=actual, settled_at=dj_timezone.now()

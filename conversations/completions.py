@@ -17,8 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import transaction
-
 from billing import ratelimits
 from billing.caps import Subject, cap_hold, cap_settle
 from billing.models import ModelPrice, Reservation, UsageRecord
@@ -222,12 +220,13 @@ def completion_settle(
     ttft_ms: int | None,
 ) -> UsageRecord:
     """Write the call's one UsageRecord: the provider's usage, or our own count when it sent
-    none (a broken stream, a client that left), and settle the call's reservation to its cost
-    in the same transaction. Idempotent on the plan's call id."""
-    with transaction.atomic():
-        record = _record(plan=plan, usage=usage, content=content, outcome=outcome, latency_ms=latency_ms, ttft_ms=ttft_ms)
-        if plan.reservation is not None:
-            cap_settle(reservation=plan.reservation, actual=record.cost_usd)
+    none (a broken stream, a client that left), then settle the call's reservation to its cost.
+    Two short transactions, not one: the cap's row is locked only while it is booked, and a
+    process that dies between them leaves a held reservation that the stale-reservation sweep
+    settles from this record. Idempotent on the plan's call id."""
+    record = _record(plan=plan, usage=usage, content=content, outcome=outcome, latency_ms=latency_ms, ttft_ms=ttft_ms)
+    if plan.reservation is not None:
+        cap_settle(reservation=plan.reservation, actual=record.cost_usd)
     api_key_touch_by_id(plan.api_key_id)
     return record
 

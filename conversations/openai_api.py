@@ -151,8 +151,11 @@ def openai_error(error: Exception) -> Reply:
 # ThreadSensitiveContext) and, with CONN_MAX_AGE=0, open a new connection: ~3 ms and a
 # connection handshake's CPU before every first token. Here the connections are a bounded set
 # (one per thread), not one per request or per open stream; none is held while streaming.
+# Two pools: what a call waits on before its first token (configuration loads, the
+# reservation) never queues behind the bookkeeping of finished streams.
 DB_THREADS = 4
-_db_executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="openai-db")
+_before_executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="openai-db")
+_after_executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="openai-settle")
 
 
 def _in_db_thread(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
@@ -164,8 +167,13 @@ def _in_db_thread(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
 
 
 async def db(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
-    """Run a synchronous service on the endpoint's database threads."""
-    return await asyncio.get_running_loop().run_in_executor(_db_executor, _in_db_thread, fn, kwargs)
+    """Run a synchronous service on the endpoint's database threads (before the stream)."""
+    return await asyncio.get_running_loop().run_in_executor(_before_executor, _in_db_thread, fn, kwargs)
+
+
+async def db_after(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """`db` for the work after a stream (the UsageRecord and the settlement)."""
+    return await asyncio.get_running_loop().run_in_executor(_after_executor, _in_db_thread, fn, kwargs)
 
 
 # --- chat completions ---------------------------------------------------------------------
@@ -190,7 +198,7 @@ class CompletionCall:
         self.settled = True
         now = time.monotonic()
         task = asyncio.ensure_future(
-            db(
+            db_after(
                 completion_settle,
                 plan=self.plan,
                 usage=usage,
@@ -240,7 +248,7 @@ class CompletionCall:
             await stream.aclose()
             await self.settle(usage=stream.usage, content=self._content(stream), outcome=outcome)
             # OpenAI's own mid-stream failure shape: the SDK raises APIError on it.
-            yield relay.DONE_EVENT + b"\n\n" if failure is None else _error_event(failure)
+            yield relay.DONE_EVENT + b"\n\n" if failure is None else _error_event(failure.message, failure.code)
         finally:
             if not self.settled:  # the client disconnected: stop the upstream, bill what it made
                 await stream.aclose()
@@ -256,8 +264,8 @@ def _failed(error: BaseException) -> str:
     return UsageRecord.Outcome.CANCELLED if cancelled else UsageRecord.Outcome.ERROR
 
 
-def _error_event(error: UpstreamError) -> bytes:
-    body = {"error": {"message": error.message, "type": "server_error", "param": None, "code": error.code}}
+def _error_event(message: str, code: str | None) -> bytes:
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -312,13 +320,19 @@ class Request:
     """What the handlers need of an ASGI HTTP request, and its `send`."""
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.scope, self.receive, self.send = scope, receive, send
+        self.scope, self.receive, self._send = scope, receive, send
+        self.started = False  # the response's status line has gone out
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.authorization = ""
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 self.authorization = value.decode("latin-1")
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
     async def body(self) -> bytes:
         chunks, size = [], 0
@@ -378,6 +392,9 @@ async def handle(request: Request) -> None:
         reply = openai_error(error)
     except Exception:
         logger.exception("%s %s failed", request.method, request.path)
+        if request.started:  # mid-stream: end it the way OpenAI ends a failed stream
+            await request.send({"type": "http.response.body", "body": _error_event("internal error", None), "more_body": False})
+            return
         reply = error_reply(500, "internal error", error_type="server_error", code=None)
     if reply is not None:
         await reply.send(request.send)

@@ -3,6 +3,7 @@ with the simulator as the tenant's provider over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -375,10 +376,10 @@ def test_every_configuration_change_reaches_the_very_next_call(parley, tenant_fa
 
 async def test_a_warm_call_goes_to_the_database_only_to_reserve(tenant_factory, sim):
     """The path to the first token: a warm call reads nothing from the database; with a cap,
-    its one hop is the reservation (conditional UPDATE + Reservation INSERT)."""
+    its one hop is the reservation (the conditional UPDATE and the Reservation INSERT)."""
     from decimal import Decimal
 
-    from asgiref.sync import sync_to_async
+    from channels.db import database_sync_to_async
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
@@ -395,7 +396,7 @@ async def test_a_warm_call_goes_to_the_database_only_to_reserve(tenant_factory, 
         return result
 
     async def hop(fn, **kwargs):
-        return await sync_to_async(run, thread_sensitive=False)(fn, kwargs)
+        return await database_sync_to_async(run)(fn, kwargs)  # closes its connection after
 
     async def admit() -> list[tuple[str, list[str]]]:
         hops.clear()
@@ -409,4 +410,46 @@ async def test_a_warm_call_goes_to_the_database_only_to_reserve(tenant_factory, 
     assert await admit() == ["access_load", "cap_hold"]  # the version changed: reloaded
     assert await admit() == ["cap_hold"]
     [(_, statements)] = hops
-    assert [s for s in statements if s not in ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")] == ["UPDATE", "INSERT"]
+    # PostgreSQL: the hold and the Reservation row in one statement; elsewhere two.
+    one_statement = ["WITH"] if connection.vendor == "postgresql" else ["UPDATE", "INSERT"]
+    assert [s for s in statements if s not in ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")] == one_statement
+
+
+async def _closing_hop(fn, /, **kwargs):
+    from channels.db import database_sync_to_async
+
+    return await database_sync_to_async(fn)(**kwargs)
+
+
+async def test_a_failure_after_the_stream_started_ends_it_with_an_error_event(tenant_factory, sim, monkeypatch):
+    """Once the status line is out, a 500 can no longer be sent: the stream must still end
+    (OpenAI's error event), not leave the client waiting."""
+    from conversations import openai_api
+
+    def broken_settle(**kwargs):
+        raise RuntimeError("the ledger is down")
+
+    monkeypatch.setattr(openai_api, "completion_settle", broken_settle)
+    for name in ("db", "db_after"):  # the endpoint's own threads would keep a connection open
+        monkeypatch.setattr(openai_api, name, _closing_hop)
+    setup = await adb(tenant_factory)()
+    body = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if incoming:
+            return incoming.pop()
+        await asyncio.sleep(3600)  # the client stays connected
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"authorization", f"Bearer {setup.api_key}".encode())]}
+    await asyncio.wait_for(openai_api.handle(openai_api.Request(scope, receive, send)), timeout=10)
+
+    assert [m["type"] for m in sent][:1] == ["http.response.start"] and sent[0]["status"] == 200
+    assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body")
+    assert json.loads(sent[-1]["body"].removeprefix(b"data: "))["error"]["message"] == "internal error"
+    assert sum(m["type"] == "http.response.start" for m in sent) == 1
