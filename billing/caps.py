@@ -15,7 +15,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from typing import Iterable
 
 from cachetools import LRUCache
@@ -363,3 +363,74 @@ def _cap_deleted(sender: type, **kwargs: object) -> None:
 
 
 post_delete.connect(_cap_deleted, sender=SpendingCap, dispatch_uid="caps-known-periods")
+
+
+# --- leases: budget held in advance (see billing/leases.py) --------------------------------
+
+LEASE_CALL_PREFIX = "lease-"
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    reservation_id: uuid.UUID
+    period_id: int
+    amount: Decimal
+    period_end: datetime | None
+
+
+def lease_take(
+    *, subject: Subject, cap: SpendingCap, key: str, at_least: Decimal, most: Decimal, share: int
+) -> LeaseGrant | None:
+    """Hold min(`most`, headroom / `share`) of the cap's current period as one Reservation,
+    or nothing (None) when that is less than `at_least`. The conditional UPDATE makes it
+    safe against every concurrent hold, lease and settlement."""
+    [(cap, period_id, end)] = _periods(subject, [(cap, key)], dj_timezone.now())
+    with transaction.atomic():
+        period = CapPeriod.objects.filter(pk=period_id).values("limit_usd", "spent_usd", "reserved_usd").first()
+        if period is None:
+            return None
+        headroom = period["limit_usd"] - period["spent_usd"] - period["reserved_usd"]
+        amount = min(most, headroom / share).quantize(Decimal("0.0000000001"), rounding=ROUND_DOWN)
+        if amount < at_least or amount <= 0:
+            return None
+        held = CapPeriod.objects.filter(
+            pk=period_id, limit_usd__gte=F("spent_usd") + F("reserved_usd") + amount
+        ).update(reserved_usd=F("reserved_usd") + amount)
+        if not held:
+            return None  # a concurrent hold took the headroom meanwhile
+        reservation = Reservation.objects.create(
+            call_id=f"{LEASE_CALL_PREFIX}{uuid.uuid4()}", tenant_id=subject.tenant_id, amount_usd=amount,
+            period_ids=[period_id],
+        )
+    return LeaseGrant(reservation_id=reservation.pk, period_id=period_id, amount=amount, period_end=end)
+
+
+def lease_book(*, reservation_id: uuid.UUID, period_id: int, actual: Decimal) -> None:
+    """Book one leased call's actual cost: moved from the lease's hold to the period's spend.
+    Should the lease be gone (released, or expired by the sweep), the spend is still booked."""
+    with transaction.atomic():
+        claimed = Reservation.objects.filter(pk=reservation_id, status=Reservation.Status.HELD).update(
+            amount_usd=F("amount_usd") - actual
+        )
+        CapPeriod.objects.filter(pk=period_id).update(
+            spent_usd=F("spent_usd") + actual,
+            reserved_usd=F("reserved_usd") - (actual if claimed else Decimal(0)),
+        )
+        alerts_record(period_ids=[period_id])
+
+
+def lease_release(*, reservation_id: uuid.UUID, period_id: int) -> None:
+    """Give back what is left of a lease. Idempotent."""
+    with transaction.atomic():
+        left = (
+            Reservation.objects.select_for_update()
+            .filter(pk=reservation_id, status=Reservation.Status.HELD)
+            .values_list("amount_usd", flat=True)
+            .first()
+        )
+        if left is None:
+            return
+        Reservation.objects.filter(pk=reservation_id).update(
+            status=Reservation.Status.SETTLED, actual_usd=Decimal(0), settled_at=dj_timezone.now()
+        )
+        CapPeriod.objects.filter(pk=period_id).update(reserved_usd=F("reserved_usd") - left)

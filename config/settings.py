@@ -299,6 +299,12 @@ SIMULATOR_TPS = env.float("SIMULATOR_TPS", default=40)
 RESERVATION_TTL_SECONDS = env.int("RESERVATION_TTL_SECONDS", default=1800)
 # Margin on the reserved prompt cost: our tiktoken count vs the provider's.
 RESERVATION_PROMPT_MARGIN = env.float("RESERVATION_PROMPT_MARGIN", default=0.05)
+# Spending-cap leases on /v1 (billing/leases.py): each web process holds at most this much USD
+# of a cap, at most 1/CAP_LEASE_SHARE of what remains, for CAP_LEASE_SECONDS (0: no leases,
+# every call reserves exactly).
+CAP_LEASE_MAX_USD = env.float("CAP_LEASE_MAX_USD", default=1.0)
+CAP_LEASE_SHARE = env.int("CAP_LEASE_SHARE", default=16)
+CAP_LEASE_SECONDS = env.float("CAP_LEASE_SECONDS", default=10.0)
 
 EMAIL_BACKEND = env.str(
     "EMAIL_BACKEND",

@@ -15,10 +15,12 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from billing import ratelimits
-from billing.caps import Subject, cap_hold, cap_settle
+from billing.caps import CapExceeded, Subject, cap_hold, cap_settle, lease_book
+from billing.leases import Draw, leases
 from billing.models import ModelPrice, Reservation, UsageRecord
 from billing.services import Price, UsageInput, usage_record
 from llm.gateway import ProviderTarget, Usage
@@ -107,7 +109,8 @@ class CompletionPlan:
     messages: list[dict[str, Any]]
     stream: bool
     forward_usage: bool  # the caller asked for stream_options.include_usage
-    reservation: Reservation | None = None
+    reservation: Reservation | None = None  # an exact hold, or
+    draw: Draw | None = None  # what the call took from this process's leases
 
 
 def upstream_body(request: dict[str, Any], *, user_hash: str, default_max_tokens: int) -> bytes:
@@ -158,6 +161,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     checks = ratelimits.checks_for(access.limits(end_user.id), tokens=prompt_tokens + max_tokens)
     versions = await ratelimits.rate_limits_acquire_async(checks, also_read=keys) or local_versions(keys)
     if versions != access.versions:  # changed since cached: judge the call again on fresh rows
+        leases().close_tenant(access.tenant_id, hop)
         loaded = await hop(access_load, prefix=prefix, external_id=external_id, model=model)
         access, end_user = loaded.access, loaded.end_user
         price = _admissible(access, token=token, end_user=end_user, price=loaded.price, model=model)
@@ -167,8 +171,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     caps = access.caps_for(end_user.id)
     subject = Subject(access.tenant_id, end_user.id, access.key_id)
     amount = worst_case_cost(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
-    hold = dict(subject=subject, caps=caps, amount=amount, call_id=call_id)
-    reservation = await hop(cap_hold, **hold) if caps else cap_hold(**hold)
+    reservation, draw = await _hold(subject=subject, caps=caps, amount=amount, call_id=call_id, hop=hop)
     stream = bool(request.get("stream"))
     return CompletionPlan(
         call_id=call_id,
@@ -187,7 +190,27 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
         stream=stream,
         forward_usage=stream and bool((request.get("stream_options") or {}).get("include_usage")),
         reservation=reservation,
+        draw=draw,
     )
+
+
+async def _hold(
+    *, subject: Subject, caps: list, amount: Decimal, call_id: str, hop: Hop
+) -> tuple[Reservation | None, Draw | None]:
+    """The worst case held against every cap: from this process's leases when they cover it
+    (no database round trip), else reserved for this call alone. Raises CapExceeded."""
+    if not caps:
+        return cap_hold(subject=subject, caps=caps, amount=amount, call_id=call_id), None
+    draw = await leases().draw(subject=subject, caps=caps, amount=amount, hop=hop)
+    if draw is not None:
+        return None, draw
+    try:
+        return await hop(cap_hold, subject=subject, caps=caps, amount=amount, call_id=call_id), None
+    except CapExceeded:
+        # Budget parked in this process's idle leases must not be what refuses the call.
+        if not await leases().release_idle(caps, hop):
+            raise
+        return await hop(cap_hold, subject=subject, caps=caps, amount=amount, call_id=call_id), None
 
 
 def _admissible(access: KeyAccess, *, token: str, end_user: EndUserAccess, price: Price | None, model: str) -> Price:
@@ -227,6 +250,8 @@ def completion_settle(
     record = _record(plan=plan, usage=usage, content=content, outcome=outcome, latency_ms=latency_ms, ttft_ms=ttft_ms)
     if plan.reservation is not None:
         cap_settle(reservation=plan.reservation, actual=record.cost_usd)
+    for lease in plan.draw.leases if plan.draw is not None else ():
+        lease_book(reservation_id=lease.reservation_id, period_id=lease.period_id, actual=record.cost_usd)
     api_key_touch_by_id(plan.api_key_id)
     return record
 

@@ -21,11 +21,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.db import connection
 
+from billing.leases import leases
 from billing.models import UsageRecord
 from llm import relay
 from llm.gateway import UpstreamError
@@ -210,6 +212,9 @@ class CompletionCall:
         )
         _settling.add(task)
         task.add_done_callback(_settling.discard)
+        if self.plan.draw is not None:  # return the unspent worst case to the leases, however it ends
+            draw = self.plan.draw
+            task.add_done_callback(lambda done: leases().settled(draw, actual=_cost_of(done), hop=db_after))
         await asyncio.shield(task)
 
     async def complete(self) -> Reply:
@@ -257,6 +262,12 @@ class CompletionCall:
     @staticmethod
     def _content(stream: relay.StreamRelay) -> str:
         return "" if stream.usage is not None else stream.streamed_content()
+
+
+def _cost_of(task: asyncio.Future[Any]) -> Decimal | None:
+    if task.cancelled() or task.exception() is not None:
+        return None
+    return task.result().cost_usd
 
 
 def _failed(error: BaseException) -> str:

@@ -108,11 +108,25 @@ def _fresh_rate_limits():
     """Rate-limit counters live in Redis or process memory, outside the test database."""
     from billing.ratelimits import rate_limits_reset
     from billing.caps import known_periods_clear
+    from billing.leases import leases_forget
     from conversations.access import access_caches_clear
 
     rate_limits_reset()
     access_caches_clear()
     known_periods_clear()
+    leases_forget()
+
+
+@pytest.fixture(autouse=True)
+def _async_orm_connections_closed():
+    """Django's async ORM methods (`aget`, `aexists`…) from an async test run on asgiref's one
+    sync thread and leave its connection open, which keeps the test database from being
+    dropped at the end of the session: close it after each test."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
 
 
 @pytest.fixture(autouse=True)

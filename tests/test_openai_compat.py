@@ -374,45 +374,68 @@ def test_every_configuration_change_reaches_the_very_next_call(parley, tenant_fa
         ask(user="bob")
 
 
-async def test_a_warm_call_goes_to_the_database_only_to_reserve(tenant_factory, sim):
-    """The path to the first token: a warm call reads nothing from the database; with a cap,
-    its one hop is the reservation (the conditional UPDATE and the Reservation INSERT)."""
-    from decimal import Decimal
-
+def _recording_hop():
+    """A hop that records the name of each database function a call ran, and its statements."""
     from channels.db import database_sync_to_async
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from billing.models import SpendingCap
-    from conversations.completions import completion_admit
-
-    setup = await adb(tenant_factory)()
     hops: list[tuple[str, list[str]]] = []
 
     def run(fn, kwargs):
         with CaptureQueriesContext(connection) as queries:
             result = fn(**kwargs)
-        hops.append((fn.__name__, [q["sql"].split()[0] for q in queries.captured_queries]))
+        statements = [q["sql"].split()[0] for q in queries.captured_queries]
+        hops.append((fn.__name__, [s for s in statements if s not in ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")]))
         return result
 
     async def hop(fn, **kwargs):
         return await database_sync_to_async(run)(fn, kwargs)  # closes its connection after
 
-    async def admit() -> list[tuple[str, list[str]]]:
-        hops.clear()
-        request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "user": "carol"}
-        await completion_admit(authorization=f"Bearer {setup.api_key}", request=request, hop=hop)
-        return [name for name, _ in hops]
+    return hop, hops
 
-    assert await admit() == ["access_load"]
-    assert await admit() == []
+
+async def _admit_names(setup, hop, hops) -> list[str]:
+    from conversations.completions import completion_admit
+
+    hops.clear()
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "user": "carol"}
+    await completion_admit(authorization=f"Bearer {setup.api_key}", request=request, hop=hop)
+    return [name for name, _ in hops]
+
+
+async def test_a_warm_call_touches_no_database_before_the_provider(tenant_factory, sim):
+    """The path to the first token: a warm call reads nothing from the database, and a cap is
+    drawn on from this process's lease — taken once, by the first capped call."""
+    from decimal import Decimal
+
+    from billing.models import SpendingCap
+
+    setup = await adb(tenant_factory)()
+    hop, hops = _recording_hop()
+    assert await _admit_names(setup, hop, hops) == ["access_load"]
+    assert await _admit_names(setup, hop, hops) == []
     await adb(SpendingCap.objects.create)(tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("5"))
-    assert await admit() == ["access_load", "cap_hold"]  # the version changed: reloaded
-    assert await admit() == ["cap_hold"]
+    assert await _admit_names(setup, hop, hops) == ["access_load", "lease_take"]  # the version changed: reloaded
+    assert await _admit_names(setup, hop, hops) == []
+
+
+async def test_without_a_lease_the_one_hop_is_the_reservation(tenant_factory, sim, settings):
+    from decimal import Decimal
+
+    from django.db import connection
+
+    from billing.models import SpendingCap
+
+    settings.CAP_LEASE_SECONDS = 0
+    setup = await adb(tenant_factory)()
+    await adb(SpendingCap.objects.create)(tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("5"))
+    hop, hops = _recording_hop()
+    await _admit_names(setup, hop, hops)
+    assert await _admit_names(setup, hop, hops) == ["cap_hold"]
     [(_, statements)] = hops
     # PostgreSQL: the hold and the Reservation row in one statement; elsewhere two.
-    one_statement = ["WITH"] if connection.vendor == "postgresql" else ["UPDATE", "INSERT"]
-    assert [s for s in statements if s not in ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")] == one_statement
+    assert statements == (["WITH"] if connection.vendor == "postgresql" else ["UPDATE", "INSERT"])
 
 
 async def _closing_hop(fn, /, **kwargs):
