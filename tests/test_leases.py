@@ -154,3 +154,20 @@ async def test_two_processes_drawing_at_once_never_pass_the_cap(tenant_factory, 
     assert refused and {"leased", "exact"} <= set(paths)  # both paths ran, and some calls were refused
     assert period.spent_usd == sum(admitted) <= limit
     assert period.reserved_usd == 0
+
+
+async def test_a_booking_through_a_lease_records_the_threshold_it_crosses(tenant_factory, settings):
+    from billing.models import CapAlert
+
+    settings.CAP_LEASE_MAX_USD, settings.CAP_LEASE_SHARE = 5.0, 1
+    subject, caps = await _capped(tenant_factory, "8")
+    await adb(SpendingCap.objects.update)(alert_thresholds=[50, 80])
+    caps = await adb(caps_for)(subject)
+    leases = Leases()
+    draw = await leases.draw(subject=subject, caps=caps, amount=Decimal("4.5"), hop=hop)
+    [lease] = draw.leases
+    await hop(lease_book, reservation_id=lease.reservation_id, period_id=lease.period_id, actual=Decimal("3.9"))
+    assert not await adb(CapAlert.objects.exists)()  # 48.75%
+    draw = await leases.draw(subject=subject, caps=caps, amount=Decimal("0.5"), hop=hop)
+    await hop(lease_book, reservation_id=lease.reservation_id, period_id=lease.period_id, actual=Decimal("0.2"))
+    assert await adb(lambda: list(CapAlert.objects.values_list("threshold", flat=True)))() == [50]
