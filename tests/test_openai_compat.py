@@ -476,3 +476,41 @@ async def test_a_failure_after_the_stream_started_ends_it_with_an_error_event(te
     assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body")
     assert json.loads(sent[-1]["body"].removeprefix(b"data: "))["error"]["message"] == "internal error"
     assert sum(m["type"] == "http.response.start" for m in sent) == 1
+
+
+def test_concurrent_calls_through_the_server_never_pass_the_cap(parley, tenant_factory, sim):
+    """Sixty concurrent SDK calls, each able to cost its whole worst case, against a cap that
+    covers about forty: the server draws on leases first and reserves exactly near the cap.
+    Spend never passes it, the ledger and the cap agree, and refused calls cost nothing upstream."""
+    from concurrent.futures import ThreadPoolExecutor
+    from decimal import Decimal
+
+    from billing.models import CapPeriod, SpendingCap
+    from billing.services import price_for
+    from conversations.services import worst_case_cost
+    from llm.tokens import count_messages
+
+    setup = tenant_factory(user_rpm=1000)
+    messages = [{"role": "user", "content": "Tell me a long story [[sim:words=200]]"}]
+    worst = worst_case_cost(price=price_for(MODEL), prompt_tokens=count_messages(messages, MODEL), max_tokens=30)
+    limit = (worst * 40).quantize(Decimal("0.0001"))
+    SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=limit)
+    client = _client(parley, setup.api_key)
+
+    def call(n: int) -> str:
+        try:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30)
+        except openai.RateLimitError as refused:
+            assert refused.code == "spending_cap_exceeded"
+            return "refused"
+        return "served"
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        outcomes = list(pool.map(call, range(60)))
+
+    served = outcomes.count("served")
+    period = CapPeriod.objects.get(cap__tenant=setup.tenant)
+    records = _records(setup.tenant)
+    assert 20 <= served < 60 and len(records) == served == sim.stats.requests
+    assert period.spent_usd == sum(r.cost_usd for r in records) <= limit
+    assert period.spent_usd + period.reserved_usd <= limit
