@@ -15,7 +15,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import ROUND_DOWN, Decimal
+from decimal import Decimal
 from typing import Any, Iterable
 
 from cachetools import LRUCache
@@ -112,7 +112,7 @@ def known_periods_clear() -> None:
         _known_periods.clear()
 
 
-def _periods(
+def cap_periods(
     subject: Subject, caps: list[tuple[SpendingCap, str]], now: datetime
 ) -> list[tuple[SpendingCap, int, datetime | None]]:
     """(cap, CapPeriod id, period end) of each cap, in CapPeriod id order (the lock order);
@@ -178,7 +178,7 @@ def cap_hold(*, subject: Subject, caps: list[tuple[SpendingCap, str]], amount: D
     if not caps:
         return Reservation(call_id=call_id, tenant_id=subject.tenant_id, amount_usd=amount, period_ids=[])
     now = dj_timezone.now()
-    return _hold(subject=subject, periods=_periods(subject, caps, now), amount=amount, call_id=call_id)
+    return _hold(subject=subject, periods=cap_periods(subject, caps, now), amount=amount, call_id=call_id)
 
 
 def _hold(
@@ -277,11 +277,11 @@ def _settle_one(*, reservation: Reservation, actual: Decimal) -> bool:
         row = cursor.fetchone()
     if row is None:
         return False
-    _alerts_if_crossed(period_id, *row)
+    alerts_if_crossed(period_id, *row)
     return True
 
 
-def _alerts_if_crossed(period_id: int, spent: Decimal, limit: Decimal, thresholds: Any) -> None:
+def alerts_if_crossed(period_id: int, spent: Decimal, limit: Decimal, thresholds: Any) -> None:
     """`alerts_record`, only when the booked period is at or past one of its thresholds (the
     statement that booked it returned them): most bookings cross none and read nothing more."""
     if isinstance(thresholds, str):  # Django's psycopg setup leaves jsonb undecoded
@@ -368,101 +368,3 @@ def _cap_deleted(sender: type, **kwargs: object) -> None:
 
 
 post_delete.connect(_cap_deleted, sender=SpendingCap, dispatch_uid="caps-known-periods")
-
-
-# --- leases: budget held in advance (see billing/leases.py) --------------------------------
-
-LEASE_CALL_PREFIX = "lease-"
-
-
-@dataclass(frozen=True)
-class LeaseGrant:
-    reservation_id: uuid.UUID
-    period_id: int
-    amount: Decimal
-    period_end: datetime | None
-
-
-def lease_take(
-    *, subject: Subject, cap: SpendingCap, key: str, at_least: Decimal, most: Decimal, share: int
-) -> LeaseGrant | None:
-    """Hold min(`most`, headroom / `share`) of the cap's current period as one Reservation,
-    or nothing (None) when that is less than `at_least`. The conditional UPDATE makes it
-    safe against every concurrent hold, lease and settlement."""
-    [(cap, period_id, end)] = _periods(subject, [(cap, key)], dj_timezone.now())
-    with transaction.atomic():
-        period = CapPeriod.objects.filter(pk=period_id).values("limit_usd", "spent_usd", "reserved_usd").first()
-        if period is None:
-            return None
-        headroom = period["limit_usd"] - period["spent_usd"] - period["reserved_usd"]
-        amount = min(most, headroom / share).quantize(Decimal("0.0000000001"), rounding=ROUND_DOWN)
-        if amount < at_least or amount <= 0:
-            return None
-        held = CapPeriod.objects.filter(
-            pk=period_id, limit_usd__gte=F("spent_usd") + F("reserved_usd") + amount
-        ).update(reserved_usd=F("reserved_usd") + amount)
-        if not held:
-            return None  # a concurrent hold took the headroom meanwhile
-        reservation = Reservation.objects.create(
-            call_id=f"{LEASE_CALL_PREFIX}{uuid.uuid4()}", tenant_id=subject.tenant_id, amount_usd=amount,
-            period_ids=[period_id],
-        )
-    return LeaseGrant(reservation_id=reservation.pk, period_id=period_id, amount=amount, period_end=end)
-
-
-# One statement on PostgreSQL, as `_SETTLE_ONE`: the lease shrinks by the call's cost when it
-# is still held, and the period books it either way.
-_BOOK_LEASED = """
-WITH claimed AS (
-    UPDATE {reservation} SET amount_usd = amount_usd - %(actual)s
-    WHERE id = %(id)s AND status = %(held)s
-    RETURNING id
-)
-UPDATE {period} AS p SET spent_usd = p.spent_usd + %(actual)s,
-    reserved_usd = p.reserved_usd - CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN %(actual)s ELSE 0 END
-WHERE p.id = %(period_id)s
-RETURNING p.spent_usd, p.limit_usd, (SELECT alert_thresholds FROM {cap} WHERE id = p.cap_id)
-"""
-
-
-def lease_book(*, reservation_id: uuid.UUID, period_id: int, actual: Decimal) -> None:
-    """Book one leased call's actual cost: moved from the lease's hold to the period's spend.
-    Should the lease be gone (released, or expired by the sweep), the spend is still booked."""
-    if connection.vendor == "postgresql":
-        sql = _BOOK_LEASED.format(
-            reservation=Reservation._meta.db_table, period=CapPeriod._meta.db_table, cap=SpendingCap._meta.db_table
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, {
-                "actual": actual, "id": reservation_id, "held": Reservation.Status.HELD, "period_id": period_id,
-            })
-            row = cursor.fetchone()
-        if row is not None:
-            _alerts_if_crossed(period_id, *row)
-        return
-    with transaction.atomic():
-        claimed = Reservation.objects.filter(pk=reservation_id, status=Reservation.Status.HELD).update(
-            amount_usd=F("amount_usd") - actual
-        )
-        CapPeriod.objects.filter(pk=period_id).update(
-            spent_usd=F("spent_usd") + actual,
-            reserved_usd=F("reserved_usd") - (actual if claimed else Decimal(0)),
-        )
-        alerts_record(period_ids=[period_id])
-
-
-def lease_release(*, reservation_id: uuid.UUID, period_id: int) -> None:
-    """Give back what is left of a lease. Idempotent."""
-    with transaction.atomic():
-        left = (
-            Reservation.objects.select_for_update()
-            .filter(pk=reservation_id, status=Reservation.Status.HELD)
-            .values_list("amount_usd", flat=True)
-            .first()
-        )
-        if left is None:
-            return
-        Reservation.objects.filter(pk=reservation_id).update(
-            status=Reservation.Status.SETTLED, actual_usd=Decimal(0), settled_at=dj_timezone.now()
-        )
-        CapPeriod.objects.filter(pk=period_id).update(reserved_usd=F("reserved_usd") - left)

@@ -5,13 +5,13 @@ A per-call reservation is a durable write on the cap's row before every upstream
 half a millisecond on an idle machine and several under load, all of it in front of the first
 token. A lease is the same reservation made once for many calls: the process holds
 min(`CAP_LEASE_MAX_USD`, headroom / `CAP_LEASE_SHARE`) of the cap's current period as one
-Reservation row (`caps.lease_take`) and admits calls against it in memory, each for its worst
+Reservation row (`lease_take`) and admits calls against it in memory, each for its worst
 case, all or nothing across the caps a call draws on. After the call, its actual cost moves from
-the lease's hold to the period's spend (`caps.lease_book`) and the difference comes back to the
+the lease's hold to the period's spend (`lease_book`) and the difference comes back to the
 lease. The hard cap holds as before: what is admitted in memory was held in the database first.
 
 Bounds:
-- A lease lives `CAP_LEASE_SECONDS`, then admits nothing more and is released (`caps.lease_release`)
+- A lease lives `CAP_LEASE_SECONDS`, then admits nothing more and is released (`lease_release`)
   once its last call is booked; a configuration change of the tenant closes its leases at once.
 - Headroom / share: near the cap, leases shrink, and a call whose worst case no lease can cover
   takes the exact per-call reservation — which, refused, first gives back this process's idle
@@ -32,13 +32,116 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
 from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F
+from django.utils import timezone as dj_timezone
 
-from .caps import Subject, lease_book, lease_release, lease_take, period_bounds
-from .models import SpendingCap
+from .caps import Subject, alerts_if_crossed, alerts_record, cap_periods, period_bounds
+from .models import CapPeriod, Reservation, SpendingCap
+
+# --- in the database (synchronous: run through a hop) -------------------------------------
+
+LEASE_CALL_PREFIX = "lease-"
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    reservation_id: uuid.UUID
+    period_id: int
+    amount: Decimal
+    period_end: datetime | None
+
+
+def lease_take(
+    *, subject: Subject, cap: SpendingCap, key: str, at_least: Decimal, most: Decimal, share: int
+) -> LeaseGrant | None:
+    """Hold min(`most`, headroom / `share`) of the cap's current period as one Reservation,
+    or nothing (None) when that is less than `at_least`. The conditional UPDATE makes it
+    safe against every concurrent hold, lease and settlement."""
+    [(cap, period_id, end)] = cap_periods(subject, [(cap, key)], dj_timezone.now())
+    with transaction.atomic():
+        period = CapPeriod.objects.filter(pk=period_id).values("limit_usd", "spent_usd", "reserved_usd").first()
+        if period is None:
+            return None
+        headroom = period["limit_usd"] - period["spent_usd"] - period["reserved_usd"]
+        amount = min(most, headroom / share).quantize(Decimal("0.0000000001"), rounding=ROUND_DOWN)
+        if amount < at_least or amount <= 0:
+            return None
+        held = CapPeriod.objects.filter(
+            pk=period_id, limit_usd__gte=F("spent_usd") + F("reserved_usd") + amount
+        ).update(reserved_usd=F("reserved_usd") + amount)
+        if not held:
+            return None  # a concurrent hold took the headroom meanwhile
+        reservation = Reservation.objects.create(
+            call_id=f"{LEASE_CALL_PREFIX}{uuid.uuid4()}", tenant_id=subject.tenant_id, amount_usd=amount,
+            period_ids=[period_id],
+        )
+    return LeaseGrant(reservation_id=reservation.pk, period_id=period_id, amount=amount, period_end=end)
+
+
+# One statement on PostgreSQL, as `_SETTLE_ONE`: the lease shrinks by the call's cost when it
+# is still held, and the period books it either way.
+_BOOK_LEASED = """
+WITH claimed AS (
+    UPDATE {reservation} SET amount_usd = amount_usd - %(actual)s
+    WHERE id = %(id)s AND status = %(held)s
+    RETURNING id
+)
+UPDATE {period} AS p SET spent_usd = p.spent_usd + %(actual)s,
+    reserved_usd = p.reserved_usd - CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN %(actual)s ELSE 0 END
+WHERE p.id = %(period_id)s
+RETURNING p.spent_usd, p.limit_usd, (SELECT alert_thresholds FROM {cap} WHERE id = p.cap_id)
+"""
+
+
+def lease_book(*, reservation_id: uuid.UUID, period_id: int, actual: Decimal) -> None:
+    """Book one leased call's actual cost: moved from the lease's hold to the period's spend.
+    Should the lease be gone (released, or expired by the sweep), the spend is still booked."""
+    if connection.vendor == "postgresql":
+        sql = _BOOK_LEASED.format(
+            reservation=Reservation._meta.db_table, period=CapPeriod._meta.db_table, cap=SpendingCap._meta.db_table
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, {
+                "actual": actual, "id": reservation_id, "held": Reservation.Status.HELD, "period_id": period_id,
+            })
+            row = cursor.fetchone()
+        if row is not None:
+            alerts_if_crossed(period_id, *row)
+        return
+    with transaction.atomic():
+        claimed = Reservation.objects.filter(pk=reservation_id, status=Reservation.Status.HELD).update(
+            amount_usd=F("amount_usd") - actual
+        )
+        CapPeriod.objects.filter(pk=period_id).update(
+            spent_usd=F("spent_usd") + actual,
+            reserved_usd=F("reserved_usd") - (actual if claimed else Decimal(0)),
+        )
+        alerts_record(period_ids=[period_id])
+
+
+def lease_release(*, reservation_id: uuid.UUID, period_id: int) -> None:
+    """Give back what is left of a lease. Idempotent."""
+    with transaction.atomic():
+        left = (
+            Reservation.objects.select_for_update()
+            .filter(pk=reservation_id, status=Reservation.Status.HELD)
+            .values_list("amount_usd", flat=True)
+            .first()
+        )
+        if left is None:
+            return
+        Reservation.objects.filter(pk=reservation_id).update(
+            status=Reservation.Status.SETTLED, actual_usd=Decimal(0), settled_at=dj_timezone.now()
+        )
+        CapPeriod.objects.filter(pk=period_id).update(reserved_usd=F("reserved_usd") - left)
+
+
+# --- on the event loop --------------------------------------------------------------------
 
 Hop = Callable[..., Awaitable[Any]]
 Ident = tuple[int, str, datetime]  # (cap id, subject key, period start)
@@ -130,7 +233,7 @@ class Leases:
             return True
 
     def settled(self, draw: Draw, *, actual: Decimal | None, hop: Hop) -> None:
-        """The call is over and its cost booked through each lease (`caps.lease_book`, with the
+        """The call is over and its cost booked through each lease (`lease_book`, with the
         UsageRecord): return the rest of its worst case. `actual` None — the booking failed —
         returns nothing: the worst case stays held until the lease is released."""
         for lease in draw.leases:
@@ -185,9 +288,7 @@ class Leases:
 
 
 def _wall_now() -> datetime:
-    from django.utils import timezone
-
-    return timezone.now()
+    return dj_timezone.now()
 
 
 _per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Leases]" = weakref.WeakKeyDictionary()

@@ -19,8 +19,8 @@ from decimal import Decimal
 from typing import Any
 
 from billing import ratelimits
-from billing.caps import CapExceeded, Subject, cap_hold, cap_settle, lease_book
-from billing.leases import Draw, leases
+from billing.caps import CapExceeded, Subject, cap_hold, cap_settle
+from billing.leases import Draw, lease_book, leases
 from billing.models import ModelPrice, Reservation, UsageRecord
 from billing.services import Price, UsageInput, usage_record
 from llm.gateway import ProviderTarget, Usage
@@ -142,15 +142,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     model = request["model"]
     external_id = request.get("user") or DEFAULT_END_USER
 
-    access = cached_key(prefix)
-    if access is None:
-        loaded = await hop(access_load, prefix=prefix, external_id=external_id, model=model)
-        access, end_user, price = loaded.access, loaded.end_user, loaded.price
-    else:
-        end_user = cached_end_user(access, external_id) or await hop(end_user_load, access=access, external_id=external_id)
-        price = cached_price(access, model)
-        if price is False:
-            price = await hop(price_load, access=access, model=model)
+    access, end_user, price = await _caller(prefix=prefix, external_id=external_id, model=model, hop=hop)
     price = _admissible(access, token=token, end_user=end_user, price=price, model=model)
     _, default_max_tokens = access.defaults()
     max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or default_max_tokens
@@ -192,6 +184,21 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
         reservation=reservation,
         draw=draw,
     )
+
+
+async def _caller(
+    *, prefix: str, external_id: str, model: str, hop: Hop
+) -> tuple[KeyAccess, EndUserAccess, Price | None]:
+    """The key, end user and price from this process's cache, loading what it lacks."""
+    access = cached_key(prefix)
+    if access is None:
+        loaded = await hop(access_load, prefix=prefix, external_id=external_id, model=model)
+        return loaded.access, loaded.end_user, loaded.price
+    end_user = cached_end_user(access, external_id) or await hop(end_user_load, access=access, external_id=external_id)
+    price = cached_price(access, model)
+    if price is False:
+        price = await hop(price_load, access=access, model=model)
+    return access, end_user, price
 
 
 async def _hold(

@@ -10,8 +10,8 @@ from decimal import Decimal
 import pytest
 from channels.db import database_sync_to_async
 
-from billing.caps import LEASE_CALL_PREFIX, Subject, caps_for, lease_book
-from billing.leases import Leases
+from billing.caps import Subject, caps_for
+from billing.leases import LEASE_CALL_PREFIX, Leases, lease_book
 from billing.models import CapPeriod, Reservation, SpendingCap
 from conversations.completions import _hold
 from tests.conftest import adb
