@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo --base-url http://$(HOST):$(PORT)
-	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) config.asgi:application
+	$(PY) -m config.daphne -b $(HOST) -p $(PORT) config.asgi:application
 
 # Services mode (DATABASE_URL set) needs SECRET_KEY and FIELD_ENCRYPTION_KEYS; when the caller
 # sets none, the suite runs with throwaway ones.

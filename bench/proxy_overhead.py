@@ -12,10 +12,11 @@ any Python proxy under Daphne pays here. It prints the time to first token and t
 stime from /proc, over its own blocks). The tenant has a monthly cap (so every call is reserved
 and settled), rate limits (counted, set high enough not to refuse) and accounting.
 
-Both servers run with TCP_NODELAY, as OpenAI's and any tuned server do: stock Daphne (Twisted)
-and a uvicorn given a `socket.socket()` leave Nagle's algorithm on, and each small SSE write
-after the first then waits for the client's delayed ACK (up to 40 ms on Linux). `--stock-daphne`
-measures Daphne as `daphne …` starts it, to show that effect.
+Every server runs with TCP_NODELAY, as OpenAI's and any tuned server do, and as Parley's own
+`python -m config.daphne` (what `make run` starts) does: stock Daphne (Twisted) and a uvicorn
+given a `socket.socket()` leave Nagle's algorithm on, and each small SSE write after the first
+then waits for the client's delayed ACK (up to 40 ms on Linux). `--stock-daphne` measures Daphne
+as the plain `daphne …` command starts it, to show that effect.
 
 Services mode when DATABASE_URL / REDIS_URL are set (PostgreSQL + Redis, as in production;
 SECRET_KEY and FIELD_ENCRYPTION_KEYS must be set too); the embedded defaults otherwise. The
@@ -76,18 +77,11 @@ def serve_simulator(port: int, tokens_per_second: float) -> None:
 
 
 def serve_daphne(port: int, application: str = "config.asgi:application") -> None:
-    """Daphne with TCP_NODELAY on every accepted connection."""
-    from twisted.internet import tcp
-
-    accept = tcp.Server.__init__
-
-    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        accept(self, *args, **kwargs)
-        self.setTcpNoDelay(True)
-
-    tcp.Server.__init__ = __init__
+    """Daphne with TCP_NODELAY on every accepted connection, as `python -m config.daphne` runs it."""
+    from config.daphne import nodelay_install
     from daphne.cli import CommandLineInterface
 
+    nodelay_install()
     sys.argv = ["daphne", "-b", "127.0.0.1", "-p", str(port), application]
     CommandLineInterface.entrypoint()
 

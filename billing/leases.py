@@ -16,8 +16,10 @@ Bounds:
 - Headroom / share: near the cap, leases shrink, and a call whose worst case no lease can cover
   takes the exact per-call reservation — which, refused, first gives back this process's idle
   leases of those caps and tries once more, so budget parked here never refuses a call alone.
-- A process that dies leaves its lease held; the stale-reservation sweep releases the remainder
-  (the calls booked through it are already spent).
+- A process that exits gives its leases back (`leases_release_all_now`, at exit); one killed
+  outright leaves them held until the stale-reservation sweep (`RESERVATION_TTL_SECONDS`)
+  releases the remainder — at most `CAP_LEASE_MAX_USD` and 1/`CAP_LEASE_SHARE` of the headroom
+  per cap and process is parked meanwhile (the calls booked through it are already spent).
 
 Leases live on one event loop (the web process's): no locks but one per cap period, held while
 a lease is being taken so concurrent calls share one.
@@ -26,6 +28,8 @@ a lease is being taken so concurrent calls share one.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import logging
 import time
 import uuid
 import weakref
@@ -143,6 +147,8 @@ def lease_release(*, reservation_id: uuid.UUID, period_id: int) -> None:
 
 # --- on the event loop --------------------------------------------------------------------
 
+logger = logging.getLogger(__name__)
+
 Hop = Callable[..., Awaitable[Any]]
 Ident = tuple[int, str, datetime]  # (cap id, subject key, period start)
 
@@ -181,7 +187,8 @@ def leasable(caps: list[tuple[SpendingCap, str]]) -> bool:
 class Leases:
     """The leases of one event loop."""
 
-    by_ident: dict[Ident, Lease] = field(default_factory=dict)
+    by_ident: dict[Ident, Lease] = field(default_factory=dict)  # the ones calls draw on
+    held: set[Lease] = field(default_factory=set)  # every lease not given back yet
     locks: dict[Ident, asyncio.Lock] = field(default_factory=dict)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -229,6 +236,8 @@ class Leases:
                 closes_at=time.monotonic() + settings.CAP_LEASE_SECONDS,
             )
             self.by_ident[ident] = lease
+            self.held.add(lease)
+            _release_at_exit_once()
             asyncio.get_running_loop().call_later(settings.CAP_LEASE_SECONDS, self._close, lease, hop)
             return True
 
@@ -260,6 +269,7 @@ class Leases:
             if lease is not None and lease.outstanding == 0:
                 del self.by_ident[ident]
                 lease.closed = lease.released = True
+                self.held.discard(lease)
                 await hop(lease_release, reservation_id=lease.reservation_id, period_id=lease.period_id)
                 released = True
         return released
@@ -275,6 +285,7 @@ class Leases:
         if lease.released:
             return
         lease.released = True
+        self.held.discard(lease)
         task = asyncio.ensure_future(hop(lease_release, reservation_id=lease.reservation_id, period_id=lease.period_id))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
@@ -307,3 +318,32 @@ def leases_forget() -> None:
     """Drop every loop's leases without releasing them (tests: the database was flushed)."""
     for registry in list(_per_loop.values()):
         registry.by_ident.clear()
+        registry.held.clear()
+
+
+def leases_release_all_now() -> int:
+    """Give back every lease of this process, synchronously: at exit, when the loop is gone and
+    the streams drawing on them with it. A process killed outright leaves its leases to the
+    stale-reservation sweep."""
+    released = 0
+    for registry in list(_per_loop.values()):
+        for lease in list(registry.held):
+            lease.closed = lease.released = True
+            registry.held.discard(lease)
+            registry.by_ident.pop(lease.ident, None)
+            try:
+                lease_release(reservation_id=lease.reservation_id, period_id=lease.period_id)
+                released += 1
+            except Exception:  # noqa: BLE001 — exiting: the sweep will release it
+                logger.exception("could not give back cap lease %s at exit", lease.reservation_id)
+    return released
+
+
+_exit_hook_registered = False
+
+
+def _release_at_exit_once() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(leases_release_all_now)

@@ -171,3 +171,14 @@ async def test_a_booking_through_a_lease_records_the_threshold_it_crosses(tenant
     draw = await leases.draw(subject=subject, caps=caps, amount=Decimal("0.5"), hop=hop)
     await hop(lease_book, reservation_id=lease.reservation_id, period_id=lease.period_id, actual=Decimal("0.2"))
     assert await adb(lambda: list(CapAlert.objects.values_list("threshold", flat=True)))() == [50]
+
+
+async def test_leases_are_given_back_when_the_process_exits(tenant_factory):
+    from billing.leases import leases, leases_release_all_now
+
+    subject, caps = await _capped(tenant_factory, "8")
+    draw = await leases().draw(subject=subject, caps=caps, amount=Decimal("0.1"), hop=hop)
+    assert draw is not None and (await _period()).reserved_usd > 0
+    assert await adb(leases_release_all_now)() == 1  # what atexit runs, streams or not
+    assert (await _period()).reserved_usd == 0
+    assert await adb(leases_release_all_now)() == 0
