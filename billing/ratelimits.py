@@ -26,6 +26,7 @@ from django.conf import settings
 from limits import RateLimitItemPerMinute
 from limits.storage import RedisStorage, Storage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
+from redis.exceptions import NoScriptError
 
 
 class RateLimited(Exception):
@@ -100,8 +101,9 @@ def checks_for(caller: Caller, *, requests: bool = True, tokens: int = 0) -> lis
 
 # limits' acquire_sliding_window.lua, for every limit of the call: shift expired windows, check
 # them all, then count them all. KEYS: previous and current window key of each limit;
-# ARGV: limit, expiry (s) and amount of each. Returns 0, or the 1-based index of the first
-# limit that refuses (nothing counted).
+# ARGV: limit, expiry (s) and amount of each. Returns the 1-based index of the first limit that
+# refuses (nothing counted), or {0, remaining, reset ms, remaining, reset ms, …}: each limit's
+# state after counting, for response headers, in the same round trip.
 ACQUIRE_ALL = """
 local n = #KEYS / 2
 for i = 1, n do
@@ -127,16 +129,34 @@ for i = 1, n do
         return i
     end
 end
+local states = {0}
 for i = 1, n do
-    local current = KEYS[2 * i]
+    local previous, current = KEYS[2 * i - 1], KEYS[2 * i]
+    local limit = tonumber(ARGV[3 * i - 2])
+    local expiry = tonumber(ARGV[3 * i - 1]) * 1000
     local amount = tonumber(ARGV[3 * i])
     if redis.call('exists', current) == 1 then
         redis.call('incrby', current, amount)
     else
-        redis.call('set', current, amount, 'PX', tonumber(ARGV[3 * i - 1]) * 2000)
+        redis.call('set', current, amount, 'PX', expiry * 2)
     end
+    -- what limits' get_window_stats would now say: remaining, and ms until it grows
+    local previous_count = tonumber(redis.call('get', previous)) or 0
+    local previous_ttl = math.max(tonumber(redis.call('pttl', previous)) or 0, 0)
+    local current_count = tonumber(redis.call('get', current)) or 0
+    local current_ttl = math.max(tonumber(redis.call('pttl', current)) or 0, 0)
+    local weighted = math.floor(previous_count * previous_ttl / expiry) + current_count
+    local reset = -1
+    if previous_count > 0 then
+        reset = previous_ttl % (expiry / previous_count)
+    end
+    if current_count > 0 and (reset < 0 or current_ttl % expiry < reset) then
+        reset = current_ttl % expiry
+    end
+    table.insert(states, math.max(0, limit - weighted))
+    table.insert(states, math.floor(reset))
 end
-return 0
+return states
 """
 
 
@@ -158,33 +178,48 @@ def _acquire_all_script() -> Any:
     return storage.get_connection().register_script(ACQUIRE_ALL)
 
 
-def _acquire_in_memory(checks: list[Check]) -> int:
+def _acquire_in_memory(checks: list[Check]) -> int | tuple[LimitState, ...]:
     limiter = _limiter()
     for index, check in enumerate(checks, start=1):
         if not limiter.test(check.item, *check.identifiers, cost=check.amount):
             return index
     for check in checks:
         limiter.hit(check.item, *check.identifiers, cost=check.amount)
-    return 0
+    now = time.time()
+    states = []
+    for check in checks:
+        reset_time, remaining = limiter.get_window_stats(check.item, *check.identifiers)
+        states.append(LimitState(check.name, check.limit, remaining, max(0.0, reset_time - now)))
+    return tuple(states)
 
 
-def _refusal(check: Check) -> RateLimited:
-    reset_time, _ = _limiter().get_window_stats(check.item, *check.identifiers)
-    return RateLimited(name=check.name, limit=check.limit, retry_after=reset_time - time.time())
+def _outcome(checks: list[Check], result: Any) -> tuple[LimitState, ...]:
+    """The script's (or the in-memory path's) answer: the limits' states, or RateLimited."""
+    if isinstance(result, tuple):
+        return result
+    if isinstance(result, int):
+        result = [result]
+    if int(result[0]):
+        check = checks[int(result[0]) - 1]
+        reset_time, _ = _limiter().get_window_stats(check.item, *check.identifiers)
+        raise RateLimited(name=check.name, limit=check.limit, retry_after=reset_time - time.time())
+    values = [int(value) for value in result[1:]]
+    return tuple(
+        LimitState(check.name, check.limit, remaining, max(0, reset_ms) / 1000 if reset_ms >= 0 else 0.0)
+        for check, remaining, reset_ms in zip(checks, values[0::2], values[1::2])
+    )
 
 
-def rate_limits_acquire(checks: list[Check]) -> None:
-    """Count every check, or none. Raises RateLimited with the first limit that refuses."""
+def rate_limits_acquire(checks: list[Check]) -> tuple[LimitState, ...]:
+    """Count every check, or none; returns each limit's state after counting. Raises
+    RateLimited with the first limit that refuses."""
     if not checks:
-        return
+        return ()
     storage = limits_storage()
     if isinstance(storage, RedisStorage):
         keys, arguments = _script_arguments(storage, checks)
-        refused = int(_acquire_all_script()(keys, arguments))
-    else:
-        refused = _acquire_in_memory(checks)
-    if refused:
-        raise _refusal(checks[refused - 1])
+        return _outcome(checks, _acquire_all_script()(keys, arguments))
+    return _outcome(checks, _acquire_in_memory(checks))
 
 
 _async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
@@ -202,34 +237,42 @@ def _async_redis() -> Any:
     return client
 
 
-async def rate_limits_acquire_async(checks: list[Check], *, also_read: tuple[str, ...] = ()) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class Acquired:
+    states: tuple[LimitState, ...]  # each limit's state after counting, in the checks' order
+    read: tuple[str, ...]  # the values of `also_read`
+
+
+async def rate_limits_acquire_async(checks: list[Check], *, also_read: tuple[str, ...] = ()) -> Acquired:
     """`rate_limits_acquire` from the event loop, in one Redis round trip that also reads the
-    string keys `also_read` (returned, "" for a missing key). In embedded mode the in-memory
-    counters are counted in place and nothing is read."""
+    string keys `also_read` ("" for a missing key). In embedded mode the in-memory counters are
+    counted in place and nothing is read."""
     storage = limits_storage()
     if not isinstance(storage, RedisStorage):
-        if checks and (refused := _acquire_in_memory(checks)):
-            raise _refusal(checks[refused - 1])
-        return ()
+        return Acquired(states=_outcome(checks, _acquire_in_memory(checks)) if checks else (), read=())
     client = _async_redis()
     keys, arguments = _script_arguments(storage, checks)
-    async with client.pipeline(transaction=False) as pipe:
-        if also_read:
-            pipe.mget(also_read)
-        if checks:
-            pipe.evalsha(_acquire_all_sha(), len(keys), *keys, *arguments)
-        try:
-            results = await pipe.execute()
-        except Exception as error:  # the script is not cached on this Redis (a restart): load it
-            if "NOSCRIPT" not in str(error):
-                raise
-            await client.script_load(ACQUIRE_ALL)
-            results = await pipe.execute()
+
+    async def round_trip() -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            if also_read:
+                pipe.mget(also_read)
+            if checks:
+                pipe.evalsha(_acquire_all_sha(), len(keys), *keys, *arguments)
+            return await pipe.execute()
+
+    try:
+        results = await round_trip()
+    except NoScriptError:  # the script is not in this Redis's cache (first use, a restart)
+        await client.script_load(ACQUIRE_ALL)
+        results = await round_trip()
     read = tuple(value.decode() if value else "" for value in results[0]) if also_read else ()
-    refused = int(results[-1]) if checks else 0
-    if refused:
-        raise await asyncio.to_thread(_refusal, checks[refused - 1])
-    return read
+    if not checks:
+        return Acquired(states=(), read=read)
+    outcome = results[-1]
+    if isinstance(outcome, int) or int(outcome[0]):  # refused: its reset time is one more read
+        await asyncio.to_thread(_outcome, checks, outcome)
+    return Acquired(states=_outcome(checks, outcome), read=read)
 
 
 @lru_cache(maxsize=1)
@@ -242,17 +285,25 @@ def rate_limit_hit(*, caller: Caller, tokens: int = 0, with_states: bool = False
     tokens against the tenant's token limit — all or nothing. Raises RateLimited with the first
     limit that is full. With `with_states`, returns each limit's state (one more round trip per
     limit) for response headers."""
-    checks = checks_for(caller, requests=not tokens, tokens=tokens)
-    rate_limits_acquire(checks)
-    if not with_states:
-        return []
-    limiter = _limiter()
-    states = []
-    for check in checks:
-        reset_time, remaining = limiter.get_window_stats(check.item, *check.identifiers)
-        states.append(LimitState(name=check.name, limit=check.limit, remaining=remaining,
-                                 reset_after=max(0.0, reset_time - time.time())))
-    return states
+    states = rate_limits_acquire(checks_for(caller, requests=not tokens, tokens=tokens))
+    return list(states) if with_states else []
+
+
+def ratelimit_headers(states: tuple[LimitState, ...] | list[LimitState]) -> list[tuple[str, str]]:
+    """OpenAI's `x-ratelimit-*` response headers: the tightest request limit that applied and
+    the token limit, each with its limit, what remains and when it next grows."""
+    headers: list[tuple[str, str]] = []
+    requests = [state for state in states if state.name.startswith("requests")]
+    tokens = [state for state in states if state.name.startswith("tokens")]
+    for kind, group in (("requests", requests), ("tokens", tokens)):
+        if group:
+            tightest = min(group, key=lambda state: state.remaining)
+            headers += [
+                (f"x-ratelimit-limit-{kind}", str(tightest.limit)),
+                (f"x-ratelimit-remaining-{kind}", str(tightest.remaining)),
+                (f"x-ratelimit-reset-{kind}", f"{max(0.0, tightest.reset_after):.1f}s"),
+            ]
+    return headers
 
 
 def rate_limits_reset() -> None:

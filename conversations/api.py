@@ -23,6 +23,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from billing import ratelimits
 from billing.ratelimits import LimitState
 from tenants.authentication import ApiKeyAuthentication
 from tenants.models import ApiKey
@@ -329,12 +330,9 @@ class MessageListApi(TenantApi):
 
 
 def ratelimit_headers(response: Any, states: tuple[LimitState, ...]) -> Any:
-    """OpenAI-style `x-ratelimit-*` headers for the tightest request limit that applied."""
-    if states:
-        tightest = min(states, key=lambda state: state.remaining)
-        response["x-ratelimit-limit-requests"] = str(tightest.limit)
-        response["x-ratelimit-remaining-requests"] = str(tightest.remaining)
-        response["x-ratelimit-reset-requests"] = f"{max(0.0, tightest.reset_after):.1f}s"
+    """OpenAI-style `x-ratelimit-*` headers for the limits that applied."""
+    for name, value in ratelimits.ratelimit_headers(states):
+        response[name] = value
     return response
 
 

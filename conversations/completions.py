@@ -111,6 +111,7 @@ class CompletionPlan:
     forward_usage: bool  # the caller asked for stream_options.include_usage
     reservation: Reservation | None = None  # an exact hold, or
     draw: Draw | None = None  # what the call took from this process's leases
+    limits: tuple[ratelimits.LimitState, ...] = ()  # after this call was counted: for headers
 
 
 def upstream_body(request: dict[str, Any], *, user_hash: str, default_max_tokens: int) -> bytes:
@@ -151,7 +152,8 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     # One Redis round trip: every rate limit, and the versions the cached configuration needs.
     keys = version_keys(access.tenant_id)
     checks = ratelimits.checks_for(access.limits(end_user.id), tokens=prompt_tokens + max_tokens)
-    versions = await ratelimits.rate_limits_acquire_async(checks, also_read=keys) or local_versions(keys)
+    acquired = await ratelimits.rate_limits_acquire_async(checks, also_read=keys)
+    versions = acquired.read or local_versions(keys)
     if versions != access.versions:  # changed since cached: judge the call again on fresh rows
         leases().close_tenant(access.tenant_id, hop)
         loaded = await hop(access_load, prefix=prefix, external_id=external_id, model=model)
@@ -183,6 +185,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
         forward_usage=stream and bool((request.get("stream_options") or {}).get("include_usage")),
         reservation=reservation,
         draw=draw,
+        limits=acquired.states,
     )
 
 

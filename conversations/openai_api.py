@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import connection
 
 from billing.leases import leases
+from billing.ratelimits import ratelimit_headers
 from billing.models import UsageRecord
 from llm import relay
 from llm.gateway import UpstreamError
@@ -225,7 +226,11 @@ class CompletionCall:
             raise
         self.first_byte_at = time.monotonic()
         await self.settle(usage=completion.usage, content=completion.content, outcome=UsageRecord.Outcome.OK)
-        return Reply(200, completion.body, content_type=completion.content_type.encode())
+        return Reply(200, completion.body, content_type=completion.content_type.encode(), headers=self.headers())
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The `x-ratelimit-*` headers OpenAI sends, from the limits this call was counted against."""
+        return tuple((name.encode(), value.encode()) for name, value in ratelimit_headers(self.plan.limits))
 
     async def open(self) -> relay.StreamRelay:
         try:
@@ -288,7 +293,7 @@ async def chat_completions(request: Request) -> Reply | None:
     if not plan.stream:
         return await call.complete()
     stream = await call.open()
-    await request.send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    await request.send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *call.headers()]})
     # aclosing: when a disconnect cancels us mid-send, the relay's cleanup (closing the
     # upstream, billing what was generated) runs now, not whenever the generator is collected.
     async with contextlib.aclosing(call.relay_stream(stream)) as chunks:

@@ -514,3 +514,21 @@ def test_concurrent_calls_through_the_server_never_pass_the_cap(parley, tenant_f
     assert 20 <= served < 60 and len(records) == served == sim.stats.requests
     assert period.spent_usd == sum(r.cost_usd for r in records) <= limit
     assert period.spent_usd + period.reserved_usd <= limit
+
+
+def test_answers_carry_openais_rate_limit_headers(parley, tenant_factory, sim):
+    setup = tenant_factory(user_rpm=3)
+    client = _client(parley, setup.api_key)
+    messages = [{"role": "user", "content": "hi"}]
+    first = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, user="dora", max_tokens=50)
+    headers = first.headers
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("3", "2")
+    assert headers["x-ratelimit-limit-tokens"] == str(setup.tenant.tenant_tpm)
+    counted = setup.tenant.tenant_tpm - int(headers["x-ratelimit-remaining-tokens"])
+    assert 50 < counted < 100  # the prompt and max_tokens were counted against the minute
+    assert float(headers["x-ratelimit-reset-requests"].removesuffix("s")) <= 60
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=messages, user="dora", stream=True
+    ) as streamed:
+        assert streamed.headers["x-ratelimit-remaining-requests"] == "1"
+        assert [chunk for chunk in streamed.parse()]

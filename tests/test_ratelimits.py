@@ -166,5 +166,16 @@ async def test_the_event_loop_path_reads_other_keys_in_the_same_round_trip():
     from billing.ratelimits import checks_for, rate_limits_acquire_async
 
     redis.Redis.from_url(settings.REDIS_URL).set("parley-test:version", "v42")
-    read = await rate_limits_acquire_async(checks_for(_caller()), also_read=("parley-test:version", "parley-test:none"))
-    assert read == ("v42", "")
+    acquired = await rate_limits_acquire_async(checks_for(_caller()), also_read=("parley-test:version", "parley-test:none"))
+    assert acquired.read == ("v42", "")
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="a script cache is Redis's")
+async def test_the_event_loop_path_loads_its_script_into_a_redis_that_forgot_it():
+    import redis
+
+    from billing.ratelimits import checks_for, rate_limits_acquire_async
+
+    redis.Redis.from_url(settings.REDIS_URL).script_flush()  # as after a Redis restart
+    acquired = await rate_limits_acquire_async(checks_for(_caller(end_user_rpm=5)), also_read=("parley-test:none",))
+    assert acquired.read == ("",) and {s.name: s.remaining for s in acquired.states}["requests per end user"] == 4
