@@ -203,10 +203,11 @@ class Leases:
             if not self._usable(ident, amount) and not await self._take(ident, subject, cap, key, amount, hop):
                 return None
         # No await from here on: the check and the deduction are one step on this loop.
-        leases = tuple(self.by_ident[ident] for ident, _, _ in wanted)
+        found = [self.by_ident.get(ident) for ident, _, _ in wanted]
         now = time.monotonic()
-        if not all(lease.usable(amount, now) for lease in leases):
-            return None  # drawn down meanwhile by concurrent calls: reserve exactly this once
+        leases = tuple(lease for lease in found if lease is not None and lease.usable(amount, now))
+        if len(leases) != len(wanted):
+            return None  # closed or drawn down while another was taken: reserve exactly this once
         for lease in leases:
             lease.available -= amount
             lease.outstanding += 1

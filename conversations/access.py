@@ -1,8 +1,8 @@
 """What an OpenAI-compatible call knows of its caller, kept in process memory between calls.
 
 A streamed `/v1` call must reach the provider with as little as possible in front of it. What
-it needs of the database — the API key and its tenant, the tenant's limits, default credential
-and caps, the end user, the model's price — changes rarely, so each web process keeps it, keyed
+it needs of the database — the API key and its tenant, the tenant's limits, default credential,
+caps and content policy, the end user, the model's price — changes rarely, so each web process keeps it, keyed
 by what the call presents, and trusts it only while the tenant's configuration version (see
 `tenants.freshness`) is the one it was read under. The version arrives in the same Redis round
 trip that counts the rate limits, so a warm call reads nothing from the database before the
@@ -26,6 +26,8 @@ from billing.models import ModelPrice, SpendingCap
 from billing.ratelimits import Caller
 from billing.services import Price, PriceMissing, price_for
 from llm.gateway import ProviderTarget
+from moderation.rules import PolicySnapshot
+from moderation.services import policy_for
 from tenants.freshness import EVERY_TENANT, MAX_AGE_SECONDS, version_key, version_keys, versions_read
 from tenants.models import ApiKey, EndUser
 from tenants.services import InvalidApiKey, api_key_hash_matches, end_user_get_or_create
@@ -70,6 +72,7 @@ class KeyAccess:
     default_max_tokens: int
     defaults_error: ChatError | None  # no default assistant or credential: raised at use
     caps: tuple[SpendingCap, ...]
+    moderation: PolicySnapshot | None  # the tenant's content policy; None: nothing is checked
     versions: tuple[str, str]
     loaded_at: float
 
@@ -193,6 +196,7 @@ def _key_load(prefix: str, versions: tuple[str, str]) -> KeyAccess:
         end_user_rpm=tenant.end_user_rpm, tenant_rpm=tenant.tenant_rpm, tenant_tpm=tenant.tenant_tpm,
         target=target, default_max_tokens=max_tokens, defaults_error=error,
         caps=tuple(SpendingCap.objects.for_tenant(tenant.pk).order_by("id")),
+        moderation=policy_for(tenant_id=tenant.pk),
         versions=versions, loaded_at=time.monotonic(),
     )
     with _lock:

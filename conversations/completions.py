@@ -25,6 +25,8 @@ from billing.models import ModelPrice, Reservation, UsageRecord
 from billing.services import Price, UsageInput, usage_record
 from llm.gateway import ProviderTarget, Usage
 from llm.tokens import count_messages, count_text
+from moderation.rules import PolicySnapshot
+from moderation.services import ModerationContext, moderate
 from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
 from tenants.freshness import local_versions, version_keys
 from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
@@ -41,7 +43,7 @@ from .access import (
     end_user_load,
     price_load,
 )
-from .errors import InvalidInput
+from .errors import InvalidInput, ModerationBlocked
 from .lifecycle import DEFAULT_END_USER
 from .services import worst_case_cost
 
@@ -112,6 +114,11 @@ class CompletionPlan:
     reservation: Reservation | None = None  # an exact hold, or
     draw: Draw | None = None  # what the call took from this process's leases
     limits: tuple[ratelimits.LimitState, ...] = ()  # after this call was counted: for headers
+    moderation: PolicySnapshot | None = None  # the tenant's content policy, for the answer
+
+    @property
+    def output_checked(self) -> bool:
+        return self.moderation is not None and self.moderation.check_output
 
 
 def upstream_body(request: dict[str, Any], *, user_hash: str, default_max_tokens: int) -> bytes:
@@ -164,6 +171,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     call_id = f"cmpl-{uuid.uuid4()}"
     caps = access.caps_for(end_user.id)
     subject = Subject(access.tenant_id, end_user.id, access.key_id)
+    await _input_check(access.moderation, request["messages"], target=target, subject=subject)
     amount = worst_case_cost(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
     reservation, draw = await _hold(subject=subject, caps=caps, amount=amount, call_id=call_id, hop=hop)
     stream = bool(request.get("stream"))
@@ -186,7 +194,51 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
         reservation=reservation,
         draw=draw,
         limits=acquired.states,
+        moderation=access.moderation,
     )
+
+
+def user_text(messages: list[dict[str, Any]]) -> str:
+    """What the caller's end user wrote: the text of every `user` message (strings and text
+    parts), for the tenant's input policy. System and assistant turns are the integrator's."""
+    parts: list[str] = []
+    for message in messages:
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [str(part.get("text") or "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+    return "\n".join(parts)
+
+
+async def _input_check(policy: PolicySnapshot | None, messages: list[dict[str, Any]], *, target: ProviderTarget,
+                       subject: Subject) -> None:
+    """The tenant's input policy, before anything is reserved or sent. Raises ModerationBlocked."""
+    if policy is None or not policy.check_input:
+        return
+    verdict = await moderate(
+        policy=policy, direction="input", text=user_text(messages), target=target, subject=subject,
+        context=ModerationContext(),
+    )
+    if verdict.blocked:
+        raise ModerationBlocked("this message was blocked by the content policy")
+
+
+async def completion_output_check(plan: CompletionPlan, text: str) -> ModerationBlocked | None:
+    """The tenant's output policy on a whole answer (the endpoint relays bytes as they come, so
+    a stream is checked when it ends): the error to answer with instead, or None."""
+    policy = plan.moderation
+    if policy is None or not plan.output_checked:
+        return None
+    verdict = await moderate(
+        policy=policy, direction="output", text=text, target=plan.target,
+        subject=Subject(plan.tenant_id, plan.end_user_id, plan.api_key_id), context=ModerationContext(),
+    )
+    if not verdict.blocked:
+        return None
+    return ModerationBlocked(policy.notice or "the answer was blocked by the content policy")
 
 
 async def _caller(

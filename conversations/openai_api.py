@@ -40,6 +40,7 @@ from .completions import (
     EndUserBlocked,
     ModelNotAvailable,
     completion_admit,
+    completion_output_check,
     completion_request_parse,
     completion_settle,
     models_available,
@@ -226,6 +227,9 @@ class CompletionCall:
             raise
         self.first_byte_at = time.monotonic()
         await self.settle(usage=completion.usage, content=completion.content, outcome=UsageRecord.Outcome.OK)
+        blocked = await completion_output_check(self.plan, completion.content)
+        if blocked is not None:  # generated and billed, but not for the caller's eyes
+            raise blocked
         return Reply(200, completion.body, content_type=completion.content_type.encode(), headers=self.headers())
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
@@ -257,8 +261,15 @@ class CompletionCall:
                 failure = None if stream.done else UpstreamError("the model provider ended the stream early")
             await stream.aclose()
             await self.settle(usage=stream.usage, content=self._content(stream), outcome=outcome)
+            checked = failure is None and self.plan.output_checked  # parsing the events costs: only then
+            blocked = await completion_output_check(self.plan, stream.streamed_content()) if checked else None
             # OpenAI's own mid-stream failure shape: the SDK raises APIError on it.
-            yield relay.DONE_EVENT + b"\n\n" if failure is None else _error_event(failure.message, failure.code)
+            if blocked is not None:
+                yield _error_event(blocked.message, blocked.code)
+            elif failure is not None:
+                yield _error_event(failure.message, failure.code)
+            else:
+                yield relay.DONE_EVENT + b"\n\n"
         finally:
             if not self.settled:  # the client disconnected: stop the upstream, bill what it made
                 await stream.aclose()

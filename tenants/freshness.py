@@ -92,6 +92,7 @@ _WATCHED: dict[str, str | None] = {
     "tenants.ProviderCredential": "tenant_id",
     "conversations.Assistant": "tenant_id",
     "billing.SpendingCap": "tenant_id",
+    "moderation.ModerationPolicy": "tenant_id",
     "billing.ModelPrice": None,
 }
 

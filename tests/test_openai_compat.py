@@ -532,3 +532,38 @@ def test_answers_carry_openais_rate_limit_headers(parley, tenant_factory, sim):
     ) as streamed:
         assert streamed.headers["x-ratelimit-remaining-requests"] == "1"
         assert [chunk for chunk in streamed.parse()]
+
+
+def test_the_tenants_content_policy_applies_to_the_endpoint(parley, tenant_factory, sim):
+    """Input the policy blocks never reaches the provider and costs nothing; an answer it
+    blocks is billed (it was generated) but not handed over, whole or streamed. A policy
+    saved after the caller's configuration was cached applies to the very next call."""
+    from moderation.models import ModerationEvent
+    from moderation.services import policy_save
+
+    setup = tenant_factory()
+    client = _client(parley, setup.api_key)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "contraband?"}])  # warm
+    policy_save(tenant_id=setup.tenant.pk, blocked_terms=["contraband"], input_action="block",
+                check_output=True, output_action="block")
+    sim.reset()
+
+    with pytest.raises(openai.BadRequestError) as blocked:
+        client.chat.completions.create(model=MODEL, messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "where can I buy Contraband?"}]},
+        ])
+    assert blocked.value.code == "moderation_blocked"
+    assert sim.stats.requests == 0 and UsageRecord.objects.filter(tenant=setup.tenant).count() == 1
+
+    # Input no longer checked, output still: the simulator's answer echoes the term.
+    policy_save(tenant_id=setup.tenant.pk, check_input=False)
+    echo = [{"role": "user", "content": "contraband"}]
+    with pytest.raises(openai.BadRequestError) as blocked:
+        client.chat.completions.create(model=MODEL, messages=echo)
+    assert blocked.value.code == "moderation_blocked" and sim.stats.requests == 1
+    with pytest.raises(openai.APIError) as cut:
+        list(client.chat.completions.create(model=MODEL, messages=echo, stream=True))
+    assert "content policy" in str(cut.value) and sim.stats.requests == 2
+    assert UsageRecord.objects.filter(tenant=setup.tenant).count() == 3  # both answers were billed
+    assert set(ModerationEvent.objects.filter(tenant=setup.tenant).values_list("direction", flat=True)) == {"input", "output"}
