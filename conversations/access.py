@@ -28,7 +28,7 @@ from billing.services import Price, PriceMissing, price_for
 from llm.gateway import ProviderTarget
 from moderation.rules import PolicySnapshot
 from moderation.services import policy_for
-from tenants.freshness import EVERY_TENANT, MAX_AGE_SECONDS, version_key, version_keys, versions_read
+from tenants.freshness import MAX_AGE_SECONDS, versions_read
 from tenants.models import ApiKey, EndUser
 from tenants.services import InvalidApiKey, api_key_hash_matches, end_user_get_or_create
 
