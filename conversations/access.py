@@ -119,7 +119,7 @@ class PriceAccess:
 _lock = threading.Lock()
 _keys: LRUCache = LRUCache(maxsize=10_000)  # prefix → KeyAccess
 _end_users: LRUCache = LRUCache(maxsize=100_000)  # (tenant id, external id) → EndUserAccess
-_prices: dict[str, PriceAccess] = {}
+_prices: LRUCache = LRUCache(maxsize=1_000)  # model → PriceAccess; bounded: callers name any model
 
 
 def access_caches_clear() -> None:

@@ -567,3 +567,13 @@ def test_the_tenants_content_policy_applies_to_the_endpoint(parley, tenant_facto
     assert "content policy" in str(cut.value) and sim.stats.requests == 2
     assert UsageRecord.objects.filter(tenant=setup.tenant).count() == 3  # both answers were billed
     assert set(ModerationEvent.objects.filter(tenant=setup.tenant).values_list("direction", flat=True)) == {"input", "output"}
+
+
+def test_naming_endless_unknown_models_does_not_grow_the_cache_without_bound(tenant_factory):
+    from conversations import access
+
+    setup = tenant_factory()
+    loaded = access.access_load(prefix=setup.api_key.split("_")[1], external_id="api", model=MODEL)
+    for n in range(1_050):
+        assert access.price_load(access=loaded.access, model=f"no-such-model-{n}") is None
+    assert len(access._prices) <= 1_000
