@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -26,6 +27,7 @@ from billing.services import Price, UsageInput, usage_record
 from llm.gateway import ProviderTarget, Usage
 from llm.tokens import count_messages, count_text
 from moderation.rules import PolicySnapshot
+from moderation.sentences import SentenceSplitter
 from moderation.services import ModerationContext, moderate
 from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
 from tenants.freshness import local_versions, version_keys
@@ -119,6 +121,11 @@ class CompletionPlan:
     @property
     def output_checked(self) -> bool:
         return self.moderation is not None and self.moderation.check_output
+
+    @property
+    def sentence_checked(self) -> bool:
+        """A stream's answer is checked sentence by sentence, each held back until it passes."""
+        return self.output_checked and bool(self.moderation and self.moderation.stream_check_sentences)
 
 
 def upstream_body(request: dict[str, Any], *, user_hash: str, default_max_tokens: int) -> bytes:
@@ -239,6 +246,66 @@ async def completion_output_check(plan: CompletionPlan, text: str) -> Moderation
     if not verdict.blocked:
         return None
     return ModerationBlocked(policy.notice or "the answer was blocked by the content policy")
+
+
+class SentenceGate:
+    """Holds a relayed stream's events back until the text they carry has passed the tenant's
+    output policy, one sentence at a time — what sockets do with `stream_check_sentences`, for
+    bytes that are relayed rather than rebuilt. An event goes out once every character up to
+    its end belongs to a checked sentence; events without text (the role, the finish reason,
+    usage) go out in their place. After a blocked sentence nothing more goes out."""
+
+    def __init__(self, plan: CompletionPlan) -> None:
+        self.plan = plan
+        self.splitter = SentenceSplitter()
+        self.pending: deque[tuple[int, bytes]] = deque()  # (text offset at the event's end, event)
+        self.fed = 0  # characters of answer text seen
+        self.checked = 0  # characters of it in sentences that passed
+        self.blocked: ModerationBlocked | None = None
+
+    async def feed(self, chunk: bytes) -> bytes:
+        """Complete events in (each ending in a blank line); what may go out now, out."""
+        for event in chunk.split(b"\n\n"):
+            if not event.strip():
+                continue
+            text = _delta_text(event)
+            self.fed += len(text)
+            self.pending.append((self.fed, event + b"\n\n"))
+            for sentence in self.splitter.feed(text):
+                if not await self._passes(sentence):
+                    return b""
+        return self._release()
+
+    async def finish(self) -> bytes:
+        """The stream ended: check the last, unfinished sentence and release the rest."""
+        rest = self.splitter.flush()
+        if rest and not await self._passes(rest):
+            return b""
+        return self._release()
+
+    async def _passes(self, sentence: str) -> bool:
+        self.blocked = await completion_output_check(self.plan, sentence)
+        if self.blocked is None:
+            self.checked += len(sentence)
+        return self.blocked is None
+
+    def _release(self) -> bytes:
+        out = []
+        while self.pending and self.pending[0][0] <= self.checked:
+            out.append(self.pending.popleft()[1])
+        return b"".join(out)
+
+
+def _delta_text(event: bytes) -> str:
+    """The answer text one streamed event carries (every choice's `delta.content`)."""
+    try:
+        payload = json.loads(event.partition(b":")[2])
+    except ValueError:
+        return ""
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    return "".join(
+        str((choice.get("delta") or {}).get("content") or "") for choice in choices or () if isinstance(choice, dict)
+    )
 
 
 async def _caller(

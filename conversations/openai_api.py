@@ -34,11 +34,13 @@ from llm import relay
 from llm.gateway import UpstreamError
 from tenants.services import InvalidApiKey
 
+from .errors import ModerationBlocked
 from .protocol import DOMAIN_ERRORS, error_event_for
 from .completions import (
     CompletionPlan,
     EndUserBlocked,
     ModelNotAvailable,
+    SentenceGate,
     completion_admit,
     completion_output_check,
     completion_request_parse,
@@ -247,22 +249,31 @@ class CompletionCall:
 
     async def relay_stream(self, stream: relay.StreamRelay) -> AsyncIterator[bytes]:
         outcome = UsageRecord.Outcome.CANCELLED  # unless the stream ends, the client left
+        gate = SentenceGate(self.plan) if self.plan.sentence_checked else None
         try:
             try:
                 async for chunk in stream.chunks():
                     if self.first_byte_at is None:
                         self.first_byte_at = time.monotonic()
-                    yield chunk
+                    if gate is not None:
+                        chunk = await gate.feed(chunk)
+                        if gate.blocked is not None:
+                            break  # stop generating: what was made is billed, nothing more is sent
+                    if chunk:
+                        yield chunk
             except UpstreamError as error:
                 outcome = UsageRecord.Outcome.ERROR
                 failure: UpstreamError | None = error
             else:
                 outcome = UsageRecord.Outcome.OK if stream.done else UsageRecord.Outcome.ERROR
                 failure = None if stream.done else UpstreamError("the model provider ended the stream early")
+                if gate is not None and gate.blocked is not None:
+                    outcome, failure = UsageRecord.Outcome.CANCELLED, None
             await stream.aclose()
             await self.settle(usage=stream.usage, content=self._content(stream), outcome=outcome)
-            checked = failure is None and self.plan.output_checked  # parsing the events costs: only then
-            blocked = await completion_output_check(self.plan, stream.streamed_content()) if checked else None
+            rest, blocked = await self._output_verdict(stream, gate) if failure is None else (b"", None)
+            if rest:
+                yield rest
             # OpenAI's own mid-stream failure shape: the SDK raises APIError on it.
             if blocked is not None:
                 yield _error_event(blocked.message, blocked.code)
@@ -274,6 +285,18 @@ class CompletionCall:
             if not self.settled:  # the client disconnected: stop the upstream, bill what it made
                 await stream.aclose()
                 await self.settle(usage=stream.usage, content=self._content(stream), outcome=outcome)
+
+    async def _output_verdict(
+        self, stream: relay.StreamRelay, gate: SentenceGate | None
+    ) -> tuple[bytes, ModerationBlocked | None]:
+        """The output policy's last word on a finished stream: what the gate still holds and may
+        now go out, and the block, if any. Only a policy that checks output parses the events."""
+        if gate is not None:
+            rest = await gate.finish() if gate.blocked is None else b""
+            return rest, gate.blocked
+        if not self.plan.output_checked:
+            return b"", None
+        return b"", await completion_output_check(self.plan, stream.streamed_content())
 
     @staticmethod
     def _content(stream: relay.StreamRelay) -> str:

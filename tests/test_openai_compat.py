@@ -577,3 +577,32 @@ def test_naming_endless_unknown_models_does_not_grow_the_cache_without_bound(ten
     for n in range(1_050):
         assert access.price_load(access=loaded.access, model=f"no-such-model-{n}") is None
     assert len(access._prices) <= 1_000
+
+
+def test_a_stream_checked_sentence_by_sentence_never_shows_a_blocked_sentence(parley, tenant_factory, sim):
+    """With `stream_check_sentences`, each sentence is held back until it passes: the client
+    gets the sentences before the blocked one, then the error event, and not a byte of it."""
+    from moderation.services import policy_save
+
+    setup = tenant_factory()
+    policy_save(tenant_id=setup.tenant.pk, check_input=False, check_output=True, output_action="block",
+                stream_check_sentences=True, blocked_terms=["contraband"])
+    client = _client(parley, setup.api_key)
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as cut:
+        for chunk in client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Nice weather. Contraband goods"}], stream=True
+        ):
+            received += [choice.delta.content or "" for choice in chunk.choices]
+    text = "".join(received)
+    assert text == "You said: Nice weather." and "content policy" in str(cut.value)
+    [record] = _records(setup.tenant)
+    assert record.outcome == "cancelled" and record.completion_tokens > 0  # stopped, and what was made is billed
+
+    # A clean answer passes whole, every event in order, ending as usual.
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "All good. Really"}], stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("You said: All good. Really")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == _records(setup.tenant)[-1].completion_tokens
