@@ -15,6 +15,7 @@ same pipeline (the configuration versions of `tenants.freshness`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 import weakref
@@ -101,32 +102,38 @@ def checks_for(caller: Caller, *, requests: bool = True, tokens: int = 0) -> lis
 
 # limits' acquire_sliding_window.lua, for every limit of the call: shift expired windows, check
 # them all, then count them all. KEYS: previous and current window key of each limit;
-# ARGV: limit, expiry (s) and amount of each. Returns the 1-based index of the first limit that
-# refuses (nothing counted), or {0, remaining, reset ms, remaining, reset ms, …}: each limit's
-# state after counting, for response headers, in the same round trip.
+# ARGV: limit, expiry (s) and amount of each. Returns {i, ms until it grows} for the first limit
+# i that refuses (nothing counted), or {0, remaining, ms until it grows, …} for every limit
+# after counting: what limits' get_window_stats would say, in the same round trip.
 ACQUIRE_ALL = """
+local function window(previous, current, expiry)
+    local previous_count = tonumber(redis.call('get', previous)) or 0
+    local previous_ttl = math.max(tonumber(redis.call('pttl', previous)) or 0, 0)
+    local current_count = tonumber(redis.call('get', current)) or 0
+    local current_ttl = math.max(tonumber(redis.call('pttl', current)) or 0, 0)
+    local reset = -1
+    if previous_count > 0 then
+        reset = previous_ttl % (expiry / previous_count)
+    end
+    if current_count > 0 and (reset < 0 or current_ttl % expiry < reset) then
+        reset = current_ttl % expiry
+    end
+    return math.floor(previous_count * previous_ttl / expiry) + current_count, math.floor(reset)
+end
 local n = #KEYS / 2
 for i = 1, n do
     local previous, current = KEYS[2 * i - 1], KEYS[2 * i]
     local limit = tonumber(ARGV[3 * i - 2])
     local expiry = tonumber(ARGV[3 * i - 1]) * 1000
     local amount = tonumber(ARGV[3 * i])
-    if amount > limit then
-        return i
-    end
     local current_ttl = tonumber(redis.call('pttl', current))
     if current_ttl > 0 and current_ttl < expiry then
         redis.call('rename', current, previous)
         redis.call('set', current, 0, 'PX', current_ttl + expiry)
     end
-    local previous_count = tonumber(redis.call('get', previous)) or 0
-    local previous_ttl = tonumber(redis.call('pttl', previous)) or 0
-    local current_count = tonumber(redis.call('get', current)) or 0
-    if previous_ttl <= 0 then
-        previous_ttl = 0
-    end
-    if math.floor(previous_count * previous_ttl / expiry) + current_count + amount > limit then
-        return i
+    local weighted, reset = window(previous, current, expiry)
+    if amount > limit or weighted + amount > limit then
+        return {i, reset}
     end
 end
 local states = {0}
@@ -140,24 +147,13 @@ for i = 1, n do
     else
         redis.call('set', current, amount, 'PX', expiry * 2)
     end
-    -- what limits' get_window_stats would now say: remaining, and ms until it grows
-    local previous_count = tonumber(redis.call('get', previous)) or 0
-    local previous_ttl = math.max(tonumber(redis.call('pttl', previous)) or 0, 0)
-    local current_count = tonumber(redis.call('get', current)) or 0
-    local current_ttl = math.max(tonumber(redis.call('pttl', current)) or 0, 0)
-    local weighted = math.floor(previous_count * previous_ttl / expiry) + current_count
-    local reset = -1
-    if previous_count > 0 then
-        reset = previous_ttl % (expiry / previous_count)
-    end
-    if current_count > 0 and (reset < 0 or current_ttl % expiry < reset) then
-        reset = current_ttl % expiry
-    end
+    local weighted, reset = window(previous, current, expiry)
     table.insert(states, math.max(0, limit - weighted))
-    table.insert(states, math.floor(reset))
+    table.insert(states, reset)
 end
 return states
 """
+ACQUIRE_ALL_SHA = hashlib.sha1(ACQUIRE_ALL.encode()).hexdigest()  # what EVALSHA names it by
 
 
 def _script_arguments(storage: RedisStorage, checks: list[Check]) -> tuple[list[str], list[int]]:
@@ -174,15 +170,16 @@ def _script_arguments(storage: RedisStorage, checks: list[Check]) -> tuple[list[
 
 @lru_cache(maxsize=1)
 def _acquire_all_script() -> Any:
-    storage = limits_storage()
-    return storage.get_connection().register_script(ACQUIRE_ALL)
+    return limits_storage().get_connection().register_script(ACQUIRE_ALL)
 
 
-def _acquire_in_memory(checks: list[Check]) -> int | tuple[LimitState, ...]:
+def _acquire_in_memory(checks: list[Check]) -> tuple[LimitState, ...]:
+    """The same, on limits' in-memory storage (one process: test every limit, then hit)."""
     limiter = _limiter()
-    for index, check in enumerate(checks, start=1):
+    for check in checks:
         if not limiter.test(check.item, *check.identifiers, cost=check.amount):
-            return index
+            reset_time, _ = limiter.get_window_stats(check.item, *check.identifiers)
+            raise RateLimited(name=check.name, limit=check.limit, retry_after=reset_time - time.time())
     for check in checks:
         limiter.hit(check.item, *check.identifiers, cost=check.amount)
     now = time.time()
@@ -193,20 +190,15 @@ def _acquire_in_memory(checks: list[Check]) -> int | tuple[LimitState, ...]:
     return tuple(states)
 
 
-def _outcome(checks: list[Check], result: Any) -> tuple[LimitState, ...]:
-    """The script's (or the in-memory path's) answer: the limits' states, or RateLimited."""
-    if isinstance(result, tuple):
-        return result
-    if isinstance(result, int):
-        result = [result]
-    if int(result[0]):
-        check = checks[int(result[0]) - 1]
-        reset_time, _ = _limiter().get_window_stats(check.item, *check.identifiers)
-        raise RateLimited(name=check.name, limit=check.limit, retry_after=reset_time - time.time())
-    values = [int(value) for value in result[1:]]
+def _outcome(checks: list[Check], result: list[Any]) -> tuple[LimitState, ...]:
+    """ACQUIRE_ALL's answer: each limit's state, or RateLimited with the one that refused."""
+    values = [int(value) for value in result]
+    if values[0]:
+        check = checks[values[0] - 1]
+        raise RateLimited(name=check.name, limit=check.limit, retry_after=max(0, values[1]) / 1000)
     return tuple(
-        LimitState(check.name, check.limit, remaining, max(0, reset_ms) / 1000 if reset_ms >= 0 else 0.0)
-        for check, remaining, reset_ms in zip(checks, values[0::2], values[1::2])
+        LimitState(check.name, check.limit, remaining, max(0, reset_ms) / 1000)
+        for check, remaining, reset_ms in zip(checks, values[1::2], values[2::2])
     )
 
 
@@ -216,10 +208,10 @@ def rate_limits_acquire(checks: list[Check]) -> tuple[LimitState, ...]:
     if not checks:
         return ()
     storage = limits_storage()
-    if isinstance(storage, RedisStorage):
-        keys, arguments = _script_arguments(storage, checks)
-        return _outcome(checks, _acquire_all_script()(keys, arguments))
-    return _outcome(checks, _acquire_in_memory(checks))
+    if not isinstance(storage, RedisStorage):
+        return _acquire_in_memory(checks)
+    keys, arguments = _script_arguments(storage, checks)
+    return _outcome(checks, _acquire_all_script()(keys, arguments))
 
 
 _async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
@@ -249,7 +241,7 @@ async def rate_limits_acquire_async(checks: list[Check], *, also_read: tuple[str
     counted in place and nothing is read."""
     storage = limits_storage()
     if not isinstance(storage, RedisStorage):
-        return Acquired(states=_outcome(checks, _acquire_in_memory(checks)) if checks else (), read=())
+        return Acquired(states=_acquire_in_memory(checks) if checks else (), read=())
     client = _async_redis()
     keys, arguments = _script_arguments(storage, checks)
 
@@ -258,7 +250,7 @@ async def rate_limits_acquire_async(checks: list[Check], *, also_read: tuple[str
             if also_read:
                 pipe.mget(also_read)
             if checks:
-                pipe.evalsha(_acquire_all_sha(), len(keys), *keys, *arguments)
+                pipe.evalsha(ACQUIRE_ALL_SHA, len(keys), *keys, *arguments)
             return await pipe.execute()
 
     try:
@@ -267,24 +259,14 @@ async def rate_limits_acquire_async(checks: list[Check], *, also_read: tuple[str
         await client.script_load(ACQUIRE_ALL)
         results = await round_trip()
     read = tuple(value.decode() if value else "" for value in results[0]) if also_read else ()
-    if not checks:
-        return Acquired(states=(), read=read)
-    outcome = results[-1]
-    if isinstance(outcome, int) or int(outcome[0]):  # refused: its reset time is one more read
-        await asyncio.to_thread(_outcome, checks, outcome)
-    return Acquired(states=_outcome(checks, outcome), read=read)
-
-
-@lru_cache(maxsize=1)
-def _acquire_all_sha() -> str:
-    return _acquire_all_script().sha
+    return Acquired(states=_outcome(checks, results[-1]) if checks else (), read=read)
 
 
 def rate_limit_hit(*, caller: Caller, tokens: int = 0, with_states: bool = False) -> list[LimitState]:
     """Count one request against every request limit that applies or, with `tokens`, that many
     tokens against the tenant's token limit — all or nothing. Raises RateLimited with the first
-    limit that is full. With `with_states`, returns each limit's state (one more round trip per
-    limit) for response headers."""
+    limit that is full. With `with_states`, returns each limit's state (read in the same round
+    trip) for response headers."""
     states = rate_limits_acquire(checks_for(caller, requests=not tokens, tokens=tokens))
     return list(states) if with_states else []
 

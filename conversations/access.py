@@ -73,7 +73,7 @@ class KeyAccess:
     defaults_error: ChatError | None  # no default assistant or credential: raised at use
     caps: tuple[SpendingCap, ...]
     moderation: PolicySnapshot | None  # the tenant's content policy; None: nothing is checked
-    versions: tuple[str, str]
+    versions: tuple[int, int]
     loaded_at: float
 
     def authenticate(self, token: str) -> None:
@@ -107,13 +107,13 @@ class KeyAccess:
 class EndUserAccess:
     id: uuid.UUID
     is_blocked: bool
-    version: str  # the tenant's
+    version: int  # the tenant's
 
 
 @dataclass(frozen=True)
 class PriceAccess:
     price: Price | None  # None: no chat price for the model
-    version: str  # everyone's
+    version: int  # everyone's
 
 
 _lock = threading.Lock()
@@ -165,20 +165,22 @@ class Loaded:
     price: Price | None
 
 
-def access_load(*, prefix: str, external_id: str, model: str) -> Loaded:
+def access_load(*, prefix: str, token: str, external_id: str, model: str) -> Loaded:
     """Read the key, its tenant's configuration, the end user and the price afresh, cache
-    them, and return them. Raises InvalidApiKey for an unknown prefix."""
+    them, and return them. Raises InvalidApiKey for an unknown prefix or a wrong secret —
+    before the end user is looked up, so a caller without the key creates nothing."""
     tenant_id = ApiKey.objects.filter(prefix=prefix).values_list("tenant_id", flat=True).first()
     if tenant_id is None:
         raise InvalidApiKey("unknown API key")
     versions = versions_read(tenant_id)  # before the rows: see the module's docstring
     access = _key_load(prefix, versions)
-    end_user = _end_user_load(access, external_id)
-    price = _price_load(model, versions[1])
+    access.authenticate(token)
+    end_user = end_user_load(access=access, external_id=external_id)
+    price = price_load(access=access, model=model)
     return Loaded(access=access, end_user=end_user, price=price)
 
 
-def _key_load(prefix: str, versions: tuple[str, str]) -> KeyAccess:
+def _key_load(prefix: str, versions: tuple[int, int]) -> KeyAccess:
     key = ApiKey.objects.select_related("tenant").get(prefix=prefix)
     tenant = key.tenant
     target, max_tokens, error = None, 0, None
@@ -204,7 +206,7 @@ def _key_load(prefix: str, versions: tuple[str, str]) -> KeyAccess:
     return access
 
 
-def _end_user_load(access: KeyAccess, external_id: str) -> EndUserAccess:
+def end_user_load(*, access: KeyAccess, external_id: str) -> EndUserAccess:
     row: EndUser = end_user_get_or_create(tenant_id=access.tenant_id, external_id=external_id)
     end_user = EndUserAccess(id=row.id, is_blocked=row.is_blocked, version=access.versions[0])
     with _lock:
@@ -212,19 +214,11 @@ def _end_user_load(access: KeyAccess, external_id: str) -> EndUserAccess:
     return end_user
 
 
-def _price_load(model: str, version: str) -> Price | None:
+def price_load(*, access: KeyAccess, model: str) -> Price | None:
     try:
         price: Price | None = price_for(model, kind=ModelPrice.Kind.CHAT)
     except PriceMissing:
         price = None
     with _lock:
-        _prices[model] = PriceAccess(price=price, version=version)
+        _prices[model] = PriceAccess(price=price, version=access.versions[1])
     return price
-
-
-def end_user_load(*, access: KeyAccess, external_id: str) -> EndUserAccess:
-    return _end_user_load(access, external_id)
-
-
-def price_load(*, access: KeyAccess, model: str) -> Price | None:
-    return _price_load(model, access.versions[1])

@@ -24,13 +24,14 @@ from billing.caps import CapExceeded, Subject, cap_hold, cap_settle
 from billing.leases import Draw, lease_book, leases
 from billing.models import ModelPrice, Reservation, UsageRecord
 from billing.services import Price, UsageInput, usage_record
+from llm import relay
 from llm.gateway import ProviderTarget, Usage
 from llm.tokens import count_messages, count_text
 from moderation.rules import PolicySnapshot
 from moderation.sentences import SentenceSplitter
 from moderation.services import ModerationContext, moderate
 from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
-from tenants.freshness import local_versions, version_keys
+from tenants.freshness import versions_parse, versions_read, versions_stored_keys
 from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
 
 from .access import (
@@ -157,22 +158,22 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     model = request["model"]
     external_id = request.get("user") or DEFAULT_END_USER
 
-    access, end_user, price = await _caller(prefix=prefix, external_id=external_id, model=model, hop=hop)
-    price = _admissible(access, token=token, end_user=end_user, price=price, model=model)
+    access, end_user, price = await _caller(prefix=prefix, token=token, external_id=external_id, model=model, hop=hop)
+    price = _admissible(access, end_user=end_user, price=price, model=model)
     _, default_max_tokens = access.defaults()
     max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or default_max_tokens
     prompt_tokens = await _prompt_tokens(request["messages"], model)
 
     # One Redis round trip: every rate limit, and the versions the cached configuration needs.
-    keys = version_keys(access.tenant_id)
     checks = ratelimits.checks_for(access.limits(end_user.id), tokens=prompt_tokens + max_tokens)
-    acquired = await ratelimits.rate_limits_acquire_async(checks, also_read=keys)
-    versions = acquired.read or local_versions(keys)
+    acquired = await ratelimits.rate_limits_acquire_async(checks, also_read=versions_stored_keys(access.tenant_id))
+    # Embedded mode reads nothing from Redis: its versions are in this process's memory.
+    versions = versions_parse(acquired.read) if acquired.read else versions_read(access.tenant_id)
     if versions != access.versions:  # changed since cached: judge the call again on fresh rows
         leases().close_tenant(access.tenant_id, hop)
-        loaded = await hop(access_load, prefix=prefix, external_id=external_id, model=model)
+        loaded = await hop(access_load, prefix=prefix, token=token, external_id=external_id, model=model)
         access, end_user = loaded.access, loaded.end_user
-        price = _admissible(access, token=token, end_user=end_user, price=loaded.price, model=model)
+        price = _admissible(access, end_user=end_user, price=loaded.price, model=model)
     target, default_max_tokens = access.defaults()
 
     call_id = f"cmpl-{uuid.uuid4()}"
@@ -234,10 +235,10 @@ async def _input_check(policy: PolicySnapshot | None, messages: list[dict[str, A
 
 
 async def completion_output_check(plan: CompletionPlan, text: str) -> ModerationBlocked | None:
-    """The tenant's output policy on a whole answer (the endpoint relays bytes as they come, so
-    a stream is checked when it ends): the error to answer with instead, or None."""
+    """The tenant's output policy on answer text (a whole answer, or one sentence of a stream
+    under `SentenceGate`): the error to answer with instead, or None."""
     policy = plan.moderation
-    if policy is None or not plan.output_checked:
+    if policy is None or not policy.check_output:
         return None
     verdict = await moderate(
         policy=policy, direction="output", text=text, target=plan.target,
@@ -298,24 +299,19 @@ class SentenceGate:
 
 def _delta_text(event: bytes) -> str:
     """The answer text one streamed event carries (every choice's `delta.content`)."""
-    try:
-        payload = json.loads(event.partition(b":")[2])
-    except ValueError:
-        return ""
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    return "".join(
-        str((choice.get("delta") or {}).get("content") or "") for choice in choices or () if isinstance(choice, dict)
-    )
+    return "".join(str(delta.get("content") or "") for delta in relay.event_deltas(event))
 
 
 async def _caller(
-    *, prefix: str, external_id: str, model: str, hop: Hop
+    *, prefix: str, token: str, external_id: str, model: str, hop: Hop
 ) -> tuple[KeyAccess, EndUserAccess, Price | None]:
-    """The key, end user and price from this process's cache, loading what it lacks."""
+    """The key (authenticated), end user and price from this process's cache, loading what it
+    lacks. Raises InvalidApiKey before anything about the end user is read or written."""
     access = cached_key(prefix)
     if access is None:
-        loaded = await hop(access_load, prefix=prefix, external_id=external_id, model=model)
+        loaded = await hop(access_load, prefix=prefix, token=token, external_id=external_id, model=model)
         return loaded.access, loaded.end_user, loaded.price
+    access.authenticate(token)
     end_user = cached_end_user(access, external_id) or await hop(end_user_load, access=access, external_id=external_id)
     price = cached_price(access, model)
     if price is False:
@@ -342,8 +338,7 @@ async def _hold(
         return await hop(cap_hold, subject=subject, caps=caps, amount=amount, call_id=call_id), None
 
 
-def _admissible(access: KeyAccess, *, token: str, end_user: EndUserAccess, price: Price | None, model: str) -> Price:
-    access.authenticate(token)
+def _admissible(access: KeyAccess, *, end_user: EndUserAccess, price: Price | None, model: str) -> Price:
     access.model_check(model)
     if price is None:
         raise ModelNotAvailable(model)

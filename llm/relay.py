@@ -254,15 +254,10 @@ class StreamRelay:
         return not self.forward_usage and not payload.get("choices")
 
     def streamed_content(self) -> str:
-        """The text streamed so far, parsed only when the provider sent no usage."""
+        """The text streamed so far (tool-call arguments included), parsed only when needed."""
         parts: list[str] = []
         for event in self.events:
-            try:
-                payload = json.loads(event.partition(b":")[2])
-            except ValueError:
-                continue
-            for choice in payload.get("choices") or () if isinstance(payload, dict) else ():
-                delta = choice.get("delta") or {}
+            for delta in event_deltas(event):
                 parts.append(str(delta.get("content") or ""))
                 for call in delta.get("tool_calls") or ():
                     parts.append(str((call.get("function") or {}).get("arguments") or ""))
@@ -270,6 +265,16 @@ class StreamRelay:
 
     async def aclose(self) -> None:
         await self.response.aclose()
+
+
+def event_deltas(event: bytes) -> list[dict[str, Any]]:
+    """The `delta` of every choice in one streamed event (`data: {…}`); [] for anything else."""
+    try:
+        payload = json.loads(event.partition(b":")[2])
+    except ValueError:
+        return []
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    return [choice.get("delta") or {} for choice in choices or () if isinstance(choice, dict)]
 
 
 async def open_stream(target: ProviderTarget, body: bytes, *, forward_usage: bool) -> StreamRelay:

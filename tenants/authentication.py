@@ -46,14 +46,8 @@ def bearer_token(authorization: str) -> str | None:
 
 
 def api_key_touch(key: ApiKey) -> None:
-    now = timezone.now()
-    if key.last_used_at is not None and now - key.last_used_at < LAST_USED_RESOLUTION:
-        return
-    # Conditional: of several processes noticing a stale stamp at once, one writes.
-    ApiKey.objects.filter(pk=key.pk).filter(
-        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
-    ).update(last_used_at=now)
-    key.last_used_at = now
+    if _stamp(key.pk, last=key.last_used_at):
+        key.last_used_at = timezone.now()
 
 
 _touched: dict[int, datetime] = {}  # key id → when this process last stamped it
@@ -61,15 +55,21 @@ _touched: dict[int, datetime] = {}  # key id → when this process last stamped 
 
 def api_key_touch_by_id(key_id: int) -> None:
     """`api_key_touch` for a caller that holds no ApiKey row (the /v1 endpoint, after its
-    call): at most one conditional UPDATE a minute per key from this process."""
+    call): this process's last stamp stands in for the row's."""
+    if _stamp(key_id, last=_touched.get(key_id)):
+        _touched[key_id] = timezone.now()
+
+
+def _stamp(key_id: int, *, last: datetime | None) -> bool:
+    """Stamp `last_used_at` unless `last` is recent; True when it was due."""
     now = timezone.now()
-    last = _touched.get(key_id)
     if last is not None and now - last < LAST_USED_RESOLUTION:
-        return
-    _touched[key_id] = now
+        return False
+    # Conditional: of several processes noticing a stale stamp at once, one writes.
     ApiKey.objects.filter(pk=key_id).filter(
         Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
     ).update(last_used_at=now)
+    return True
 
 
 def api_key_from_authorization(authorization: str) -> ApiKey:

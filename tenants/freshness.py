@@ -1,41 +1,40 @@
 """Configuration versions: how per-process caches of tenant configuration stay honest.
 
 Hot paths (the OpenAI-compatible endpoint) keep what they read of a tenant's configuration —
-its API keys, end users, caps, credential, default assistant, and the prices — in process
-memory. Every write to that configuration replaces the tenant's *version*: a random token in
-Redis in services mode (shared by every web process), in process memory when embedded. A
-reader keeps the version it saw when it loaded, compares it with the current one — read in the
-same Redis round trip as the rate limits, so the check costs no extra trip — and reloads on any
-difference. Random tokens, not counters: a Redis that restarts empty cannot bring an old
-version back.
+its API keys, end users, caps, credential, default assistant, content policy, and the prices — in process
+memory. Every write to that configuration replaces the tenant's *version*: a random number in
+Django's cache — Redis in services mode, shared by every web process; process memory when
+embedded. A reader keeps the version it saw when it loaded, compares it with the current one —
+read in the same Redis round trip as the rate limits, so the check costs no extra trip — and
+reloads on any difference. Random numbers, not counters: a Redis that restarts empty cannot
+bring an old version back.
 
 Writes through the ORM are seen by signals (`connect`); the few queryset `.update()` calls on
-these models call `config_changed` themselves. The version changes twice: at once (a reader that
-reloads before the commit reads the old rows under the new token, and is corrected by) the
-second change after the commit. Readers also reload after `MAX_AGE_SECONDS`, which bounds what a
-write made behind Django's back (raw SQL, a restored backup) can leave stale.
+these models call `config_changed` themselves. The version changes twice, at once and again
+after the commit: a reader that reloads in between reads the old rows under the first new
+version, and the second sends it back for the committed ones. Readers also reload after
+`MAX_AGE_SECONDS`, which bounds what a write made behind Django's back (raw SQL, a restored
+backup) can leave stale.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
-from functools import lru_cache
+import secrets
 from typing import Any
 
-from django.conf import settings
+from django.core.cache import cache
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 
 logger = logging.getLogger(__name__)
 
 MAX_AGE_SECONDS = 60.0
-EVERY_TENANT = "all"  # the version of what all tenants share: prices, the encryption keys
-_local: dict[str, str] = {}  # embedded mode: one process, one dict
+EVERY_TENANT = "all"  # the version of what all tenants share: prices
 
 
 def version_key(scope: int | str) -> str:
-    return f"parley:cfg:{scope}"
+    return f"cfg:{scope}"
 
 
 def version_keys(tenant_id: int) -> tuple[str, str]:
@@ -43,35 +42,29 @@ def version_keys(tenant_id: int) -> tuple[str, str]:
     return version_key(tenant_id), version_key(EVERY_TENANT)
 
 
-@lru_cache(maxsize=1)
-def _redis() -> Any:
-    import redis
-
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
-
-
-def versions_read(tenant_id: int) -> tuple[str, str]:
+def versions_read(tenant_id: int) -> tuple[int, int]:
+    """The tenant's current versions (0: never changed, or forgotten by a restarted Redis)."""
     keys = version_keys(tenant_id)
-    if not settings.REDIS_URL:
-        return tuple(_local.get(key, "") for key in keys)  # type: ignore[return-value]
-    values = _redis().mget(keys)
-    return tuple(value.decode() if value else "" for value in values)  # type: ignore[return-value]
+    found = cache.get_many(keys)
+    return int(found.get(keys[0], 0)), int(found.get(keys[1], 0))
 
 
-def local_versions(keys: tuple[str, ...]) -> tuple[str, ...]:
-    """Embedded mode's versions (services mode reads them from Redis, in a pipeline)."""
-    return tuple(_local.get(key, "") for key in keys)
+def versions_stored_keys(tenant_id: int) -> tuple[str, ...]:
+    """The keys `versions_read` reads, as the cache stores them (its prefix and key version
+    applied), for a caller that reads them in a Redis pipeline of its own."""
+    return tuple(cache.make_key(key) for key in version_keys(tenant_id))
+
+
+def versions_parse(stored: tuple[str, ...]) -> tuple[int, int]:
+    """Versions read raw from Redis: the cache stores an int as its decimal digits."""
+    first, second = (int(value) if value else 0 for value in stored)
+    return first, second
 
 
 def _replace(scope: int | str) -> None:
-    key = version_key(scope)
-    token = uuid.uuid4().hex
-    if not settings.REDIS_URL:
-        _local[key] = token
-        return
-    try:
-        _redis().set(key, token)
-    except Exception:  # noqa: BLE001 — a missed bump is healed by MAX_AGE_SECONDS; say so
+    try:  # an int, which the Redis cache stores unpickled: a pipeline can read it raw
+        cache.set(version_key(scope), secrets.randbits(62) + 1, timeout=None)
+    except Exception:  # noqa: BLE001 — a missed change is healed by MAX_AGE_SECONDS; say so
         logger.exception("could not publish a configuration change of %s", scope)
 
 

@@ -573,7 +573,7 @@ def test_naming_endless_unknown_models_does_not_grow_the_cache_without_bound(ten
     from conversations import access
 
     setup = tenant_factory()
-    loaded = access.access_load(prefix=setup.api_key.split("_")[1], external_id="api", model=MODEL)
+    loaded = access.access_load(prefix=setup.api_key.split("_")[1], token=setup.api_key, external_id="api", model=MODEL)
     for n in range(1_050):
         assert access.price_load(access=loaded.access, model=f"no-such-model-{n}") is None
     assert len(access._prices) <= 1_000
@@ -606,3 +606,17 @@ def test_a_stream_checked_sentence_by_sentence_never_shows_a_blocked_sentence(pa
     ))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("You said: All good. Really")
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == _records(setup.tenant)[-1].completion_tokens
+
+
+def test_a_wrong_secret_with_a_real_prefix_creates_nothing(parley, tenant_factory, sim):
+    """The prefix of a key is not a secret (the admin shows it): with a wrong secret after it,
+    cold or warm cache, the call is a 401 and no end user is created in that tenant."""
+    setup = tenant_factory()
+    forged = setup.api_key.rsplit("_", 1)[0] + "_not-the-secret"
+    for _ in range(2):  # the first loads the key into the cache, the second finds it there
+        with pytest.raises(openai.AuthenticationError):
+            _client(parley, forged).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], user="mallory"
+            )
+    assert not EndUser.objects.filter(tenant=setup.tenant, external_id="mallory").exists()
+    assert sim.stats.requests == 0
