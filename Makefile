@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test install bench clean
+.PHONY: run test lint install install-dev bench clean port-free
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,16 +13,30 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	touch $@
 
-run: install
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Refuse before migrating and seeding: a taken port would otherwise fail after "ready".
+port-free: install
+	@$(PY) -c "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
+	s.bind(('$(HOST)', $(PORT)))" 2>/dev/null || { \
+	echo "Port $(PORT) on $(HOST) is taken. Stop what uses it, or pick another: make run PORT=8001"; exit 1; }
+
+run: port-free
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo --base-url http://$(HOST):$(PORT)
 	$(PY) -m config.daphne -b $(HOST) -p $(PORT) config.asgi:application
 
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
 # Services mode (DATABASE_URL set) needs SECRET_KEY and FIELD_ENCRYPTION_KEYS; when the caller
 # sets none, the suite runs with throwaway ones.
-test: install
+test: install-dev
 	SECRET_KEY="$${SECRET_KEY:-test-$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(32))')}" \
 	FIELD_ENCRYPTION_KEYS="$${FIELD_ENCRYPTION_KEYS:-$$($(PY) -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')}" \
 	$(PY) -m pytest -q

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))  # the helper servers import the project
 PYTHON = sys.executable
 
 from tests.netutil import free_port, processes_stop, wait_listening  # noqa: E402
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MODEL = "gpt-4o-mini"
 WORDS = 20
@@ -78,8 +79,9 @@ def serve_simulator(port: int, tokens_per_second: float) -> None:
 
 def serve_daphne(port: int, application: str = "config.asgi:application") -> None:
     """Daphne with TCP_NODELAY on every accepted connection, as `python -m config.daphne` runs it."""
-    from config.daphne import nodelay_install
     from daphne.cli import CommandLineInterface
+
+    from config.daphne import nodelay_install
 
     nodelay_install()
     sys.argv = ["daphne", "-b", "127.0.0.1", "-p", str(port), application]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, time, timezone
+from datetime import UTC, datetime, time
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -26,7 +26,7 @@ class UsageQuerySerializer(serializers.Serializer):
 
     def validate(self, attrs):
         # An empty or inverted range is simply empty: it holds no usage.
-        end = attrs.get("end") or datetime.now(timezone.utc)
+        end = attrs.get("end") or datetime.now(UTC)
         start = attrs.get("start") or end.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         return {"start": start, "end": end, "group_by": attrs.get("group_by")}
 
@@ -35,7 +35,7 @@ def _midnight(value):
     """`2026-11-01` is accepted as that day's UTC midnight."""
     if isinstance(value, str) and len(value) == 10:
         try:
-            return datetime.combine(datetime.fromisoformat(value).date(), time(), tzinfo=timezone.utc).isoformat()
+            return datetime.combine(datetime.fromisoformat(value).date(), time(), tzinfo=UTC).isoformat()
         except ValueError:
             return value
     return value

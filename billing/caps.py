@@ -13,20 +13,21 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any
 
 from cachetools import LRUCache
 from django.db import connection, transaction
-from django.db.models.signals import post_delete
 from django.db.models import F, Q
+from django.db.models.signals import post_delete
 from django.utils import timezone as dj_timezone
 
 from .models import CapAlert, CapPeriod, Reservation, SpendingCap
 
-LIFETIME_START = datetime(2000, 1, 1, tzinfo=timezone.utc)
+LIFETIME_START = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 class CapExceeded(Exception):
@@ -54,7 +55,7 @@ class CapExceeded(Exception):
 
 def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None]:
     """[start, end) of the UTC calendar period containing `now`; lifetime never ends."""
-    now = now.astimezone(timezone.utc)
+    now = now.astimezone(UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == SpendingCap.Period.DAY:
         return day, day + timedelta(days=1)

@@ -303,7 +303,7 @@ def _wall_now() -> datetime:
     return dj_timezone.now()
 
 
-_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Leases]" = weakref.WeakKeyDictionary()
+_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Leases] = weakref.WeakKeyDictionary()
 
 
 def leases() -> Leases:

@@ -198,7 +198,7 @@ def _outcome(checks: list[Check], result: list[Any]) -> tuple[LimitState, ...]:
         raise RateLimited(name=check.name, limit=check.limit, retry_after=max(0, values[1]) / 1000)
     return tuple(
         LimitState(check.name, check.limit, remaining, max(0, reset_ms) / 1000)
-        for check, remaining, reset_ms in zip(checks, values[1::2], values[2::2])
+        for check, remaining, reset_ms in zip(checks, values[1::2], values[2::2], strict=True)
     )
 
 
@@ -214,7 +214,7 @@ def rate_limits_acquire(checks: list[Check]) -> tuple[LimitState, ...]:
     return _outcome(checks, _acquire_all_script()(keys, arguments))
 
 
-_async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
 
 def _async_redis() -> Any:

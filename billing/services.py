@@ -32,7 +32,7 @@ class Price:
     context_window: int
 
     @classmethod
-    def of(cls, row: ModelPrice) -> "Price":
+    def of(cls, row: ModelPrice) -> Price:
         return cls(
             model=row.model,
             input=row.input_per_million,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import calendar
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -61,7 +61,7 @@ class MonthUsage:
 
 def month_bounds(month: date) -> tuple[datetime, datetime]:
     """[start, end) of a UTC calendar month."""
-    start = datetime(month.year, month.month, 1, tzinfo=timezone.utc)
+    start = datetime(month.year, month.month, 1, tzinfo=UTC)
     days = calendar.monthrange(month.year, month.month)[1]
     return start, start + timedelta(days=days)
 
@@ -88,13 +88,13 @@ def month_usage(*, tenant_id: int, month: date) -> MonthUsage:
             CapAlert.objects.for_tenant(tenant_id).filter(period_start__gte=start, period_start__lt=end)
             .select_related("cap").order_by("-created_at")[:20]
         ),
-        chart=chart(daily, cap.limit_usd if cap else None, through=datetime.now(timezone.utc).date()),
+        chart=chart(daily, cap.limit_usd if cap else None, through=datetime.now(UTC).date()),
     )
 
 
 def _daily(records: Any, start: datetime, end: datetime) -> list[tuple[date, Decimal]]:
     rows = (
-        records.annotate(day=TruncDay("created_at", tzinfo=timezone.utc))
+        records.annotate(day=TruncDay("created_at", tzinfo=UTC))
         .values("day")
         .annotate(cost=Sum("cost_usd"))
         .order_by("day")
@@ -152,7 +152,7 @@ def chart(daily: list[tuple[date, Decimal]], cap: Decimal | None, *, through: da
     ]
     points = " ".join(
         f"{round(LEFT + (i + 0.5) * slot, 2)},{y_of(total)}"
-        for i, ((day, _), total) in enumerate(zip(daily, cumulative))
+        for i, ((day, _), total) in enumerate(zip(daily, cumulative, strict=True))
         if through is None or day <= through
     )
     places = Decimal("0.01") if peak >= 10 else Decimal("0.0001")

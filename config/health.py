@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
@@ -56,6 +57,6 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     results = await asyncio.gather(
         _run(sync_to_async(_database, thread_sensitive=False)), _run(_cache), _run(_channel_layer)
     )
-    checks = dict(zip(names, results))
+    checks = dict(zip(names, results, strict=True))
     healthy = all(result["ok"] for result in results)
     return JsonResponse({"status": "ok" if healthy else "unavailable", "checks": checks}, status=200 if healthy else 503)

@@ -23,6 +23,11 @@ REDIS_URL = env.str("REDIS_URL", default="")
 SERVICES_MODE = bool(DATABASE_URL)
 
 DEBUG = env.bool("DEBUG", default=not SERVICES_MODE)
+
+if not SERVICES_MODE:
+    # The SQLite database (and its test copies), local secrets and tokenizer files live here;
+    # a fresh clone has no var/ yet, whichever of them is needed first.
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
 LOCAL_SECRETS = not SERVICES_MODE and DEBUG
 
 

@@ -356,7 +356,7 @@ class Generation:
             )
         finally:
             self._interruptible = False
-        for request, outcome in zip(requests, outcomes):
+        for request, outcome in zip(requests, outcomes, strict=True):
             await publish(plan, ToolCall(
                 message_id=self.message_id, call_id=request.call_id, name=request.name,
                 arguments=arguments_object(request, outcome),

@@ -28,14 +28,12 @@ from django.conf import settings
 from django.db import connection
 
 from billing.leases import leases
-from billing.ratelimits import ratelimit_headers
 from billing.models import UsageRecord
+from billing.ratelimits import ratelimit_headers
 from llm import relay
 from llm.gateway import UpstreamError
 from tenants.services import InvalidApiKey
 
-from .errors import ModerationBlocked
-from .protocol import DOMAIN_ERRORS, error_event_for
 from .completions import (
     CompletionPlan,
     EndUserBlocked,
@@ -47,6 +45,8 @@ from .completions import (
     completion_settle,
     models_available,
 )
+from .errors import ModerationBlocked
+from .protocol import DOMAIN_ERRORS, error_event_for
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Reply:
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
     @classmethod
-    def json(cls, payload: Any, status: int = 200, headers: tuple[tuple[bytes, bytes], ...] = ()) -> "Reply":
+    def json(cls, payload: Any, status: int = 200, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Reply:
         return cls(status, json.dumps(payload).encode(), headers=headers)
 
     async def send(self, send: Send) -> None:

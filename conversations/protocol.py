@@ -225,7 +225,7 @@ class ErrorEvent(Event):
         return {**extra, **body}
 
     @classmethod
-    def invalid_request(cls, message: str) -> "ErrorEvent":
+    def invalid_request(cls, message: str) -> ErrorEvent:
         return cls(code="invalid_request", message=message)
 
 

@@ -23,16 +23,16 @@ from billing.models import Reservation, UsageRecord
 from billing.services import Price, UsageInput, price_for, usage_record
 from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message, count_text
+from moderation.rules import PolicySnapshot
+from moderation.services import policy_for
 from tenants.models import ApiKey, Tenant
 from tenants.services import credential_default, end_user_hash
+from tools.registry import tool_definitions
 
 from .context import Prompt, prompt_assemble
 from .errors import GenerationBusy, InvalidInput, NotFound
-from .summaries import summary_needed
-from moderation.rules import PolicySnapshot
-from moderation.services import policy_for
-from tools.registry import tool_definitions
 from .models import Assistant, Conversation, Message
+from .summaries import summary_needed
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import random
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx2
 import openai
@@ -112,7 +113,7 @@ class UpstreamError(Exception):
 
 # Clients hold connection pools bound to the event loop that opened them, so the cache is per
 # loop (Daphne has one; tests and Celery's asyncio.run make others). Entries die with the loop.
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, openai.AsyncOpenAI]]" = (
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, openai.AsyncOpenAI]] = (
     weakref.WeakKeyDictionary()
 )
 

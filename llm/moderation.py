@@ -8,8 +8,9 @@ pass the categories that count and bill the call themselves.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Collection
+from typing import Any
 
 from django.conf import settings
 

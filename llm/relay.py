@@ -34,7 +34,7 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 # Echoed to the caller: their own request is what a provider's 4xx message talks about.
 CALLER_FAULT_STATUSES = frozenset({400, 404, 413, 422})
 
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx2.AsyncClient]]" = (
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx2.AsyncClient]] = (
     weakref.WeakKeyDictionary()
 )
 

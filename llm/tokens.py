@@ -5,10 +5,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-from functools import lru_cache
+from collections.abc import Iterable, Mapping
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import tiktoken
 
@@ -63,7 +64,7 @@ def _install_encoding_file(name: str) -> None:
     tmp.replace(target)
 
 
-@lru_cache(maxsize=None)
+@cache
 def encoding_named(name: str) -> tiktoken.Encoding:
     if name not in _ENCODING_FILES:
         raise TokenizerUnavailable(f"unknown encoding {name!r}")

@@ -16,8 +16,9 @@ end). Terms are our own linear regex and see the whole text.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from django.core.exceptions import ValidationError
 

@@ -114,7 +114,7 @@ class Trip:
 
     @classmethod
     def of(cls, *, policy: PolicySnapshot, direction: Direction, text: str, source: str,
-           categories: tuple[str, ...], matched: str) -> "Trip":
+           categories: tuple[str, ...], matched: str) -> Trip:
         return cls(direction=direction, source=source, categories=categories, matched=matched,
                    action=policy.action_for(direction), excerpt=text[:EXCERPT_CHARS])
 

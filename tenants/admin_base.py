@@ -10,8 +10,9 @@ per-model permission table; superusers see and edit everything.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from django import forms
 from django.contrib import admin

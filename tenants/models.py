@@ -11,7 +11,7 @@ from .crypto import EncryptedTextField, mask
 
 
 class TenantQuerySet(models.QuerySet):
-    def for_tenant(self, tenant: "Tenant | int") -> "TenantQuerySet":
+    def for_tenant(self, tenant: Tenant | int) -> TenantQuerySet:
         tenant_id = tenant if isinstance(tenant, int) else tenant.pk
         return self.filter(tenant_id=tenant_id)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from django.contrib.auth import get_user_model
 from django.core import signing
-from typing import Iterable
-
 from django.db import IntegrityError, transaction
 from django.utils import timezone as dj_timezone
 
@@ -110,7 +109,7 @@ def end_user_token_issue(*, end_user: EndUser, ttl_seconds: int) -> EndUserToken
     """A signed token naming the tenant and end user, valid for ttl_seconds."""
     if ttl_seconds <= 0:
         raise ValueError("ttl must be positive")
-    expires_at = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=ttl_seconds)
+    expires_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=ttl_seconds)
     payload = {"t": end_user.tenant_id, "u": str(end_user.id), "exp": int(expires_at.timestamp())}
     token = signing.dumps(payload, salt=END_USER_TOKEN_SALT, compress=False)
     return EndUserToken(token=token, expires_at=expires_at)
@@ -123,7 +122,7 @@ def end_user_token_verify(token: str) -> EndUser:
         tenant_id, end_user_id, exp = int(payload["t"]), str(payload["u"]), int(payload["exp"])
     except (signing.BadSignature, KeyError, TypeError, ValueError):
         raise InvalidEndUserToken("invalid token") from None
-    if exp <= datetime.now(timezone.utc).timestamp():
+    if exp <= datetime.now(UTC).timestamp():
         raise InvalidEndUserToken("token expired")
     try:
         end_user = EndUser.objects.select_related("tenant").get(id=end_user_id, tenant_id=tenant_id)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
@@ -14,6 +15,9 @@ from channels.testing import WebsocketCommunicator
 from config.asgi import application
 from tests.factories import TenantSetup, make_tenant
 from tests.simserver import SimulatorServer
+
+# The live-server fixtures (`parley`, `parley_server`) for every module that asks for them.
+pytest_plugins = ["tests.liveserver"]
 
 
 @pytest.fixture(scope="session")
@@ -106,9 +110,9 @@ async def chat_socket(token: str | None, *, headers: list | None = None, path: s
 @pytest.fixture(autouse=True)
 def _fresh_rate_limits():
     """Rate-limit counters live in Redis or process memory, outside the test database."""
-    from billing.ratelimits import rate_limits_reset
     from billing.caps import known_periods_clear
     from billing.leases import leases_forget
+    from billing.ratelimits import rate_limits_reset
     from conversations.access import access_caches_clear
 
     rate_limits_reset()

@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 from django.conf import settings
 from django.db import connection
+
 from tests.netutil import free_port, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,9 +3,8 @@ roles come from Membership, and the admin's own screens (API keys, end users, cr
 
 from __future__ import annotations
 
-import json
-
 import functools
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from billing.caps import Subject, cap_reserve, cap_settle
 from billing.models import CapAlert, ModelPrice, Reservation, SpendingCap, UsageRecord
 from billing.services import UsageInput, price_for, usage_record
 from conversations.models import Assistant, Conversation, Message
+from moderation.models import ModerationEvent, ModerationPolicy
 from tenants.admin_base import TenantScopedAdmin
-from tenants.models import ApiKey, EndUser, Membership, ProviderCredential, Tenant
+from tenants.models import ApiKey, AuditEntry, EndUser, Membership, ProviderCredential, Tenant
 from tenants.services import (
     InvalidApiKey,
     InvalidEndUserToken,
@@ -37,8 +37,6 @@ from tenants.services import (
     owner_add,
 )
 from tests.factories import PROVIDER_KEY
-from moderation.models import ModerationEvent, ModerationPolicy
-from tenants.models import AuditEntry
 from tools.models import WebhookTool
 
 pytestmark = pytest.mark.django_db

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -131,7 +131,7 @@ def test_refusal_says_which_cap_what_remains_and_when_it_resets(tenant_factory):
     error = refused.value
     assert error.scope == "tenant" and error.period == "day"
     assert error.remaining == Decimal("0.0001")
-    tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     assert error.resets_at == tomorrow
     assert 0 < error.retry_after <= 86400
     # A refused turn leaves nothing behind: no message, no reservation, no usage.
@@ -211,29 +211,29 @@ def test_period_rollover_starts_a_new_period_at_zero(tenant_factory, monkeypatch
     def frozen(at: datetime) -> None:
         monkeypatch.setattr(caps.dj_timezone, "now", lambda: at)
 
-    frozen(datetime(2026, 1, 31, 23, 59, 59, tzinfo=timezone.utc))
+    frozen(datetime(2026, 1, 31, 23, 59, 59, tzinfo=UTC))
     january = cap_reserve(subject=subject, amount=Decimal("0.9"), call_id="jan")
     cap_settle(reservation=january, actual=Decimal("0.9"))
     with pytest.raises(CapExceeded) as refused:
         cap_reserve(subject=subject, amount=Decimal("0.2"), call_id="jan-2")
-    assert refused.value.resets_at == datetime(2026, 2, 1, tzinfo=timezone.utc)
+    assert refused.value.resets_at == datetime(2026, 2, 1, tzinfo=UTC)
 
-    frozen(datetime(2026, 2, 1, 0, 0, 0, tzinfo=timezone.utc))
+    frozen(datetime(2026, 2, 1, 0, 0, 0, tzinfo=UTC))
     february = cap_reserve(subject=subject, amount=Decimal("0.2"), call_id="feb")
     cap_settle(reservation=february, actual=Decimal("0.2"))
     periods = dict(CapPeriod.objects.values_list("period_start", "spent_usd"))
     assert periods == {
-        datetime(2026, 1, 1, tzinfo=timezone.utc): Decimal("0.9"),
-        datetime(2026, 2, 1, tzinfo=timezone.utc): Decimal("0.2"),
+        datetime(2026, 1, 1, tzinfo=UTC): Decimal("0.9"),
+        datetime(2026, 2, 1, tzinfo=UTC): Decimal("0.2"),
     }
 
 
 def test_period_bounds_are_utc_calendar_periods():
-    now = datetime(2026, 3, 11, 15, 30, tzinfo=timezone.utc)  # a Wednesday
-    assert period_bounds("day", now) == (datetime(2026, 3, 11, tzinfo=timezone.utc), datetime(2026, 3, 12, tzinfo=timezone.utc))
-    assert period_bounds("week", now) == (datetime(2026, 3, 9, tzinfo=timezone.utc), datetime(2026, 3, 16, tzinfo=timezone.utc))
-    assert period_bounds("month", datetime(2026, 12, 31, 23, tzinfo=timezone.utc)) == (
-        datetime(2026, 12, 1, tzinfo=timezone.utc), datetime(2027, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 3, 11, 15, 30, tzinfo=UTC)  # a Wednesday
+    assert period_bounds("day", now) == (datetime(2026, 3, 11, tzinfo=UTC), datetime(2026, 3, 12, tzinfo=UTC))
+    assert period_bounds("week", now) == (datetime(2026, 3, 9, tzinfo=UTC), datetime(2026, 3, 16, tzinfo=UTC))
+    assert period_bounds("month", datetime(2026, 12, 31, 23, tzinfo=UTC)) == (
+        datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
     )
     assert period_bounds("lifetime", now)[1] is None
 
@@ -300,7 +300,7 @@ def test_stale_reservations_are_settled_from_their_usage_record(tenant_factory):
     UsageRecord.objects.create(
         call_id="crashed-after-usage", tenant=setup.tenant, model="gpt-4o-mini", cost_usd=Decimal("0.1")
     )
-    Reservation.objects.update(created_at=datetime.now(timezone.utc) - timedelta(hours=2))
+    Reservation.objects.update(created_at=datetime.now(UTC) - timedelta(hours=2))
 
     assert reservations_expire(older_than=timedelta(hours=1)) == 2
     period = CapPeriod.objects.get()

@@ -57,7 +57,7 @@ def daphne_processes(count: int):
         for port in ports
     ]
     try:
-        for port, process in zip(ports, processes):
+        for port, process in zip(ports, processes, strict=True):
             wait_listening(port, lambda process=process: process.poll() is None)
         yield ports
     finally:

@@ -15,7 +15,6 @@ from billing.models import UsageRecord
 from tenants.models import ApiKey, EndUser
 from tenants.services import api_keys_revoke
 from tests.conftest import adb
-from tests.liveserver import parley, parley_server  # noqa: F401 — fixtures
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

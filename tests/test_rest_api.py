@@ -20,7 +20,6 @@ from billing.models import UsageRecord
 from conversations.models import Conversation, Message
 from tenants.models import ApiKey
 from tenants.services import end_user_token_verify
-from tests.liveserver import parley, parley_server  # noqa: F401 — fixtures
 
 
 def _api(api_key: str | None) -> APIClient:

@@ -15,7 +15,6 @@ from conversations.models import Conversation
 from conversations.services import access_assistant
 from tenants.models import ApiKey
 from tenants.services import end_user_get_or_create
-from tests.liveserver import parley, parley_server  # noqa: F401 — fixtures
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -18,7 +18,7 @@ def _record(setup, *, model="gpt-4o-mini", user="alice", day=3, cost="0.01", pro
         end_user=setup.end_user(user), model=model, prompt_tokens=prompt, completion_tokens=completion,
         cost_usd=Decimal(cost),
     )
-    UsageRecord.objects.filter(pk=record.pk).update(created_at=datetime(2026, 11, day, 12, tzinfo=timezone.utc))
+    UsageRecord.objects.filter(pk=record.pk).update(created_at=datetime(2026, 11, day, 12, tzinfo=UTC))
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from decimal import Decimal, InvalidOperation
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.core.validators import validate_slug
-from django.core.exceptions import ValidationError
 from django.db import IntegrityError
 
 from billing.services import PriceMissing

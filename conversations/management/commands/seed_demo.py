@@ -6,6 +6,7 @@ import json
 import secrets
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 
@@ -15,6 +16,11 @@ from tenants.services import api_key_create, owner_add
 
 DEMO_SLUG = "demo"
 DEMO_EMAIL = "admin@demo.local"
+
+
+def _login_works(password: str) -> bool:
+    user = get_user_model().objects.filter(username=DEMO_EMAIL).first()
+    return user is not None and user.check_password(password)
 
 
 class Command(BaseCommand):
@@ -48,12 +54,15 @@ class Command(BaseCommand):
                 api_key = onboarded.api_key
             else:
                 credential, _ = ProviderCredential.objects.get_or_create(tenant=tenant, name="default")
-                credential.base_url, credential.api_key = provider_url, provider_key
-                credential.save()
-                owner_add(tenant=tenant, email=DEMO_EMAIL, password=password)
+                if (credential.base_url, credential.api_key) != (provider_url, provider_key):
+                    credential.base_url, credential.api_key = provider_url, provider_key
+                    credential.save()
+                # Setting the same password again would still sign every browser out (the
+                # session hash changes with the salt): keep a login that works as it is.
+                owner_add(tenant=tenant, email=DEMO_EMAIL, password="" if _login_works(password) else password)
                 api_key = saved.get("api_key") or api_key_create(tenant=tenant, name="demo").plaintext
         settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
-        credentials_file.write_text(json.dumps({"password": password, "api_key": api_key}))
+        credentials_file.write_text(json.dumps({"username": DEMO_EMAIL, "password": password, "api_key": api_key}))
         credentials_file.chmod(0o600)
         self.stdout.write(
             "\n".join(

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from django.apps import apps
-from tenants.audit import audit_record
 from django.core.management.base import BaseCommand
 from django.db import models
 from django.db.models import Value
 from django.db.models.functions import Cast
 
+from tenants.audit import audit_record
 from tenants.crypto import EncryptedTextField, rotate
 
 BATCH = 500
