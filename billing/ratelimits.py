@@ -9,13 +9,16 @@ against none (an end user over their own limit does not eat the tenant's). On Re
 script, `ACQUIRE_ALL`: `limits`' own sliding-window counter (its keys, its arithmetic, so its
 `get_window_stats` reads what we counted) checking every limit before counting any, in one
 round trip. `rate_limits_acquire_async` runs it from the event loop with other reads in the
-same pipeline (the configuration versions of `tenants.freshness`).
+same pipeline (the configuration versions of `tenants.freshness`) for `/v1`;
+`rate_limit_hit` runs it from a database thread for socket and REST turns, before the turn
+locks its conversation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 import uuid
 import weakref
@@ -173,8 +176,16 @@ def _acquire_all_script() -> Any:
     return limits_storage().get_connection().register_script(ACQUIRE_ALL)
 
 
+_memory_lock = threading.Lock()  # the event loop (/v1) and database threads (chats) both count
+
+
 def _acquire_in_memory(checks: list[Check]) -> tuple[LimitState, ...]:
     """The same, on limits' in-memory storage (one process: test every limit, then hit)."""
+    with _memory_lock:
+        return _test_then_hit(checks)
+
+
+def _test_then_hit(checks: list[Check]) -> tuple[LimitState, ...]:
     limiter = _limiter()
     for check in checks:
         if not limiter.test(check.item, *check.identifiers, cost=check.amount):
@@ -262,13 +273,11 @@ async def rate_limits_acquire_async(checks: list[Check], *, also_read: tuple[str
     return Acquired(states=_outcome(checks, results[-1]) if checks else (), read=read)
 
 
-def rate_limit_hit(*, caller: Caller, tokens: int = 0, with_states: bool = False) -> list[LimitState]:
-    """Count one request against every request limit that applies or, with `tokens`, that many
-    tokens against the tenant's token limit — all or nothing. Raises RateLimited with the first
-    limit that is full. With `with_states`, returns each limit's state (read in the same round
-    trip) for response headers."""
-    states = rate_limits_acquire(checks_for(caller, requests=not tokens, tokens=tokens))
-    return list(states) if with_states else []
+def rate_limit_hit(*, caller: Caller, tokens: int = 0) -> tuple[LimitState, ...]:
+    """Count one request against every request limit that applies and `tokens` against the
+    tenant's token limit — all or nothing, in one Redis round trip. Raises RateLimited with the
+    first limit that is full; returns each limit's state after counting (for headers)."""
+    return rate_limits_acquire(checks_for(caller, tokens=tokens))
 
 
 def ratelimit_headers(states: tuple[LimitState, ...] | list[LimitState]) -> list[tuple[str, str]]:

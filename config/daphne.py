@@ -1,4 +1,5 @@
-"""Daphne exactly as the `daphne` command runs it, plus TCP_NODELAY on every connection.
+"""Daphne exactly as the `daphne` command runs it, plus TCP_NODELAY on every connection and a
+dropped connection when an application fails after its response started.
 
     python -m config.daphne -b 0.0.0.0 -p 8000 config.asgi:application   # any daphne arguments
 
@@ -7,6 +8,13 @@ stream is many small writes: with Nagle on, each write after the first waits unt
 has acknowledged the one before, and a client that delays its ACKs (Linux: up to 40 ms) turns
 a smooth stream into bursts. `bench/proxy_overhead.py --stock-daphne` shows the effect. uvicorn
 needs none of this: asyncio sets TCP_NODELAY on its TCP transports.
+
+An application that raises after its response started (a stream that breaks half-way, the
+simulator's `cut`) gets, from stock Daphne, an attempt at a 500 over the started response: that
+raises in Daphne's application checker, which then never runs again (no more reaping or
+close timeouts in the process), and the connection stays open until the client's read timeout.
+Here the connection is closed instead, without the end of the chunked body, as uvicorn does: the
+client sees the cut at once.
 """
 
 from __future__ import annotations
@@ -30,8 +38,28 @@ def nodelay_install() -> None:
     tcp.Server.__init__ = __init__  # type: ignore[method-assign]
 
 
+def late_failure_close_install() -> None:
+    """Close the connection of a request whose application raised after its response started."""
+    from daphne.http_protocol import WebRequest
+
+    handle = WebRequest.handle_exception
+    if getattr(handle, "parley_close", False):
+        return
+
+    def handle_exception(self: WebRequest, exception: BaseException) -> None:
+        if not self._response_started:
+            return handle(self, exception)  # a 500 page, as Daphne answers
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.loseConnection()  # what was written is flushed first
+        return None
+
+    handle_exception.parley_close = True  # type: ignore[attr-defined]
+    WebRequest.handle_exception = handle_exception  # type: ignore[method-assign]
+
+
 def main() -> None:
     nodelay_install()
+    late_failure_close_install()
     from daphne.cli import CommandLineInterface
 
     CommandLineInterface.entrypoint()  # reads sys.argv like `daphne`

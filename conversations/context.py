@@ -109,8 +109,14 @@ class _Window:
         return list(reversed(self.picked))
 
 
-def _recent(conversation: Conversation, *, budget: int, after_seq: int) -> tuple[list[dict[str, Any]], int, bool]:
+def _recent(
+    conversation: Conversation, *, budget: int, after_seq: int, newest: tuple | None = None
+) -> tuple[list[dict[str, Any]], int, bool]:
     window = _Window(budget)
+    if newest is not None:
+        window.offer(newest)
+        if window.full:
+            return window.messages(), window.used, True
     before: int | None = None
     batch = FIRST_BATCH
     base = (
@@ -146,7 +152,10 @@ def prompt_assemble(
     assistant: Assistant,
     context_window: int,
     tools: list[dict[str, Any]] | None = None,
+    newest: Message | None = None,
 ) -> Prompt:
+    """The prompt of the conversation's next call. `newest` is a message not stored yet that
+    goes after every stored one (the user's, while the turn is being admitted)."""
     prefix = prefix_messages(assistant, conversation)
     fixed = sum(count_message(m, assistant.model) for m in prefix) + tools_tokens(tools, assistant.model)
     after_seq = (
@@ -155,7 +164,10 @@ def prompt_assemble(
         else 0
     )
     budget = history_budget(assistant=assistant, context_window=context_window, fixed_tokens=fixed)
-    history, history_tokens, truncated = _recent(conversation, budget=budget, after_seq=after_seq)
+    pending = None
+    if newest is not None:
+        pending = (newest.role, newest.content, newest.tool_calls, newest.tool_call_id, newest.tokens)
+    history, history_tokens, truncated = _recent(conversation, budget=budget, after_seq=after_seq, newest=pending)
     return Prompt(
         messages=prefix + history,
         tokens=fixed + history_tokens + TOKENS_REPLY_PRIMING,

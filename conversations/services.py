@@ -123,13 +123,62 @@ def _is_generating(conversation: Conversation, now) -> bool:
     return conversation.generation_started_at is not None and conversation.generation_started_at >= stale
 
 
-def _open_conversation(*, caller: Caller, conversation_id, assistant_slug, content) -> tuple[Conversation, bool]:
+@dataclass(frozen=True)
+class _Admission:
+    """What a turn is admitted on, read with no lock held: the rate limits count its prompt."""
+
+    conversation: Conversation | None  # None: the turn starts a conversation
+    assistant: Assistant
+    price: Price
+    target: ProviderTarget
+    tools: list[dict[str, Any]]
+    user_message: Message  # not stored yet
+    prompt: Prompt  # the user's message included
+
+    def prompt_current(self, conversation: Conversation) -> bool:
+        """Whether the prompt read before the lock is still the conversation's (nothing was
+        stored, summarised or released meanwhile: each of those moves one of these)."""
+        read = self.conversation
+        return read is None or (read.last_seq, read.summary_through_seq, read.updated_at) == (
+            conversation.last_seq, conversation.summary_through_seq, conversation.updated_at
+        )
+
+
+def _turn_admission(*, caller: Caller, content: str, conversation_id, assistant_slug, now) -> _Admission:
+    """Everything a turn's admission needs, read outside any transaction. Raises NotFound,
+    GenerationBusy, PriceMissing, InvalidInput."""
+    conversation = None
     if conversation_id is not None:
-        return access_conversation(caller=caller, conversation_id=conversation_id, lock=True), False
-    assistant = access_assistant(tenant_id=caller.tenant_id, slug=assistant_slug)
+        conversation = access_conversation(caller=caller, conversation_id=conversation_id)
+        if _is_generating(conversation, now):
+            raise GenerationBusy()
+        assistant = conversation.assistant
+    else:
+        assistant = access_assistant(tenant_id=caller.tenant_id, slug=assistant_slug)
+    price = price_for(assistant.model)
+    user_tokens = count_message({"role": "user", "content": content}, assistant.model)
+    if user_tokens + assistant.max_tokens >= price.context_window:
+        raise InvalidInput("the message does not fit the model's context window")
+    user_message = Message(
+        tenant_id=caller.tenant_id, role=Message.Role.USER, content=content, tokens=user_tokens,
+    )
+    tools = tool_definitions(tenant_id=caller.tenant_id, names=list(assistant.tools or []))
+    prompt = prompt_assemble(
+        conversation=conversation or Conversation(tenant_id=caller.tenant_id, assistant=assistant),
+        assistant=assistant, context_window=price.context_window, tools=tools, newest=user_message,
+    )
+    return _Admission(
+        conversation=conversation, assistant=assistant, price=price, target=provider_target(assistant),
+        tools=tools, user_message=user_message, prompt=prompt,
+    )
+
+
+def _open_conversation(*, caller: Caller, admission: _Admission, content: str) -> tuple[Conversation, bool]:
+    if admission.conversation is not None:
+        return access_conversation(caller=caller, conversation_id=admission.conversation.id, lock=True), False
     conversation = Conversation.objects.create(
         tenant_id=caller.tenant_id,
-        assistant=assistant,
+        assistant=admission.assistant,
         end_user_id=caller.end_user_id,
         title=" ".join(content.split())[:80],
     )
@@ -145,42 +194,40 @@ def turn_prepare(
     client_msg_id: str | None,
     control_channel: str,
 ) -> TurnPlan:
-    """In one short transaction: commit the user's message, assemble the prompt, reserve its
-    worst-case cost against every cap, claim the conversation's generation slot. A refusal
-    rolls all of it back. Raises NotFound, InvalidInput, GenerationBusy, PriceMissing,
-    RateLimited, CapExceeded."""
+    """Admit the turn, then in one short transaction: commit the user's message, reserve the
+    prompt's worst-case cost against every cap, claim the conversation's generation slot. A
+    refusal rolls all of it back. Raises NotFound, InvalidInput, GenerationBusy, PriceMissing,
+    RateLimited, CapExceeded.
+
+    Admission reads the conversation and assembles the prompt with no lock held, then counts
+    every rate limit (requests and the prompt's tokens) at once, all or nothing, in one Redis
+    round trip (`ratelimits.rate_limit_hit`: the script `/v1` runs): no Redis trip
+    happens while the conversation's row is locked, and a turn one limit refuses counts
+    against none."""
     now = timezone.now()
     assistant_message_id = uuid.uuid4()
-    limits = rate_limits_for(caller)
-    # States (one more Redis read per limit) only for API-key callers, whose REST responses
-    # carry x-ratelimit-* headers; sockets have no headers to carry them.
-    limit_states = ratelimits.rate_limit_hit(caller=limits, with_states=caller.api_key_id is not None)
+    admission = _turn_admission(
+        caller=caller, content=content, conversation_id=conversation_id, assistant_slug=assistant_slug, now=now
+    )
+    assistant, price = admission.assistant, admission.price
+    limit_states = ratelimits.rate_limit_hit(
+        caller=rate_limits_for(caller), tokens=admission.prompt.tokens + assistant.max_tokens
+    )
     with transaction.atomic():
-        conversation, created = _open_conversation(
-            caller=caller, conversation_id=conversation_id, assistant_slug=assistant_slug, content=content
-        )
-        assistant = conversation.assistant
+        conversation, created = _open_conversation(caller=caller, admission=admission, content=content)
         if _is_generating(conversation, now):
             raise GenerationBusy()
-        price = price_for(assistant.model)
-        user_tokens = count_message({"role": "user", "content": content}, assistant.model)
-        if user_tokens + assistant.max_tokens >= price.context_window:
-            raise InvalidInput("the message does not fit the model's context window")
-        target = provider_target(assistant)
-        user_message = Message.objects.create(
-            tenant_id=caller.tenant_id,
-            conversation=conversation,
-            seq=conversation.last_seq + 1,
-            role=Message.Role.USER,
-            content=content,
-            tokens=user_tokens,
-            client_msg_id=client_msg_id or "",
-        )
-        tools = tool_definitions(tenant_id=caller.tenant_id, names=list(assistant.tools or []))
-        prompt = prompt_assemble(
-            conversation=conversation, assistant=assistant, context_window=price.context_window, tools=tools
-        )
-        ratelimits.rate_limit_hit(caller=limits, tokens=prompt.tokens + assistant.max_tokens)
+        user_message = admission.user_message
+        user_message.conversation = conversation
+        user_message.seq = conversation.last_seq + 1
+        user_message.client_msg_id = client_msg_id or ""
+        user_message.save(force_insert=True)
+        prompt = admission.prompt
+        if not admission.prompt_current(conversation):
+            prompt = prompt_assemble(
+                conversation=conversation, assistant=assistant, context_window=price.context_window,
+                tools=admission.tools,
+            )
         reservation = cap_reserve(
             subject=Subject(caller.tenant_id, caller.end_user_id, caller.api_key_id),
             amount=worst_case_cost(price=price, prompt_tokens=prompt.tokens, max_tokens=assistant.max_tokens),
@@ -193,6 +240,7 @@ def turn_prepare(
             generation_started_at=now,
             updated_at=now,
         )
+    tools = admission.tools
     request = ChatRequest(
         model=assistant.model,
         messages=prompt.messages,
@@ -215,7 +263,7 @@ def turn_prepare(
         price=price,
         prompt=prompt,
         request=request,
-        target=target,
+        target=admission.target,
         reservation=reservation,
         summary_due=summary_needed(
             assistant=assistant, history_tokens=prompt.history_tokens, truncated=prompt.truncated,
@@ -223,7 +271,7 @@ def turn_prepare(
         ),
         moderation=policy_for(tenant_id=caller.tenant_id),
         user_content=content,
-        limit_states=tuple(limit_states),
+        limit_states=limit_states,
         tool_names=tuple(assistant.tools or ()) if tools else (),
         max_tool_rounds=assistant.max_tool_rounds,
         end_user_external_id=conversation.end_user.external_id if tools else "",

@@ -60,23 +60,31 @@ class ThreadServer:
 
 
 class DaphneServer:
-    """Daphne in a subprocess, on this session's test database and Redis."""
+    """Daphne in a subprocess, on this session's test database and Redis (or, embedded, the
+    test database's SQLite file); `env` adds to or overrides its environment."""
 
     in_process = False
 
-    def __init__(self) -> None:
+    def __init__(self, **env: str) -> None:
         db = connection.settings_dict
         self.port = free_port()
         self.env = {
             **os.environ,
-            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
-            "REDIS_URL": settings.REDIS_URL,
             "SECRET_KEY": settings.SECRET_KEY,
             "FIELD_ENCRYPTION_KEYS": ",".join(settings.FIELD_ENCRYPTION_KEYS),
             "DEBUG": "false",
             "LOG_LEVEL": "WARNING",
             **FAST_UPSTREAM_ENV,
+            **env,
         }
+        if connection.vendor == "sqlite":  # embedded: the test database's file, in-memory layers
+            self.env.pop("DATABASE_URL", None)
+            self.env.pop("REDIS_URL", None)
+            self.env["SQLITE_PATH"] = db["NAME"]
+        else:
+            host, port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
+            self.env["DATABASE_URL"] = f"postgres://{db['USER']}@{host}:{port}/{db['NAME']}"
+            self.env["REDIS_URL"] = settings.REDIS_URL
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -313,3 +313,43 @@ def test_compaction_happens_when_it_pays_and_never_past_the_high_water_mark(tena
     assert due(16_001, 2, cheap_cache)  # the hard bound holds whatever the prices
     assistant.history_strategy = "full"
     assert not due(100_000, 500, half_cache)
+
+
+# --- a turn's prompt is read before its conversation is locked ----------------------------
+
+
+def test_a_prompt_with_the_unsaved_message_is_the_prompt_after_saving_it(tenant_factory):
+    setup = tenant_factory()
+    conversation = _conversation(setup, history_strategy="window", history_window_tokens=60)
+    for i in range(12):
+        _add(conversation, "user" if i % 2 == 0 else "assistant", f"message number {i}")
+    content = "and the newest one"
+    newest = Message(role="user", content=content, tokens=count_message({"role": "user", "content": content}, "gpt-4o-mini"))
+    before = prompt_assemble(conversation=conversation, assistant=setup.assistant, context_window=128_000, newest=newest)
+    _add(conversation, "user", content)
+    after = prompt_assemble(conversation=conversation, assistant=setup.assistant, context_window=128_000)
+    assert before == after and after.truncated and after.messages[-1]["content"] == content
+
+
+def test_a_turn_sends_what_was_stored_while_it_was_being_admitted(tenant_factory, monkeypatch):
+    """Another answer lands between the turn's admission (prompt read, limits counted) and its
+    lock: the prompt sent is read again under the lock and carries that answer."""
+    from conversations import services
+
+    setup = tenant_factory()
+    conversation = _conversation(setup)
+    _add(conversation, "user", "first question")
+    counted = services.rate_limits_for
+
+    def an_answer_lands(caller):
+        _add(Conversation.objects.get(pk=conversation.pk), "assistant", "the answer that landed meanwhile")
+        return counted(caller)
+
+    monkeypatch.setattr(services, "rate_limits_for", an_answer_lands)
+    plan = services.turn_prepare(
+        caller=Caller(tenant_id=setup.tenant.pk, end_user_id=conversation.end_user_id), content="second question",
+        conversation_id=conversation.pk, assistant_slug=None, client_msg_id=None, control_channel="c",
+    )
+    contents = [m["content"] for m in plan.request.messages if m["role"] != "system"]
+    assert contents == ["first question", "the answer that landed meanwhile", "second question"]
+    assert plan.user_seq == 3

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from billing.ratelimits import Caller, RateLimited, rate_limit_hit
+from billing.ratelimits import Caller, Check, RateLimited, rate_limit_hit
 from conversations.models import Message
 from tests.conftest import adb
 
@@ -65,7 +65,7 @@ def test_tenant_token_limit():
 
 def test_api_key_limit_and_header_states():
     caller = _caller(end_user_id=None, api_key_id=7, api_key_rpm=2)
-    states = rate_limit_hit(caller=caller, with_states=True)
+    states = rate_limit_hit(caller=caller)
     assert {s.name: s.remaining for s in states} == {"requests per tenant": 99, "requests per API key": 1}
     rate_limit_hit(caller=caller)
     with pytest.raises(RateLimited) as refused:
@@ -179,3 +179,153 @@ async def test_the_event_loop_path_loads_its_script_into_a_redis_that_forgot_it(
     redis.Redis.from_url(settings.REDIS_URL).script_flush()  # as after a Redis restart
     acquired = await rate_limits_acquire_async(checks_for(_caller(end_user_rpm=5)), also_read=("parley-test:none",))
     assert acquired.read == ("",) and {s.name: s.remaining for s in acquired.states}["requests per end user"] == 4
+
+
+# --- the chat path: sockets and REST admit a turn with every limit at once ----------------
+
+
+def _chat_limits(setup, external_id: str = "user-1", api_key: bool = False):
+    from conversations.services import Caller as ChatCaller
+    from conversations.services import rate_limits_for
+    from tenants.models import ApiKey
+
+    key_id = ApiKey.objects.get(tenant=setup.tenant).pk if api_key else None
+    return rate_limits_for(ChatCaller(tenant_id=setup.tenant.pk, end_user_id=setup.end_user(external_id).id, api_key_id=key_id))
+
+
+def _remaining(limits) -> dict[str, int]:
+    """What each of a caller's limits has left, read through the library (no counting)."""
+    from billing.ratelimits import _limiter, checks_for
+
+    return {c.name: _limiter().get_window_stats(c.item, *c.identifiers).remaining for c in checks_for(limits, tokens=1)}
+
+
+def _use_up(limits, name: str, *, leave: int = 0) -> None:
+    """Use up one of a caller's limits from outside the turn, leaving `leave`."""
+    from billing.ratelimits import checks_for, rate_limits_acquire
+
+    [check] = [c for c in checks_for(limits, tokens=1) if c.name == name]
+    amount = _remaining(limits)[name] - leave
+    rate_limits_acquire([Check(check.name, check.limit, check.identifiers, amount)])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rest_turn_refused_by_one_limit_counts_against_none(tenant_factory, sim):
+    from rest_framework.test import APIClient
+
+    setup = tenant_factory(user_rpm=5, tenant_tpm=5000)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {setup.api_key}")
+
+    def refused(external_id: str, limit: str) -> None:
+        conversation_id = client.post("/api/v1/conversations/", {"end_user": external_id}, format="json").json()["id"]
+        limits = _chat_limits(setup, external_id, api_key=True)
+        _use_up(limits, limit, leave=10 if limit.startswith("tokens") else 0)
+        before = _remaining(limits)
+        response = client.post(f"/api/v1/conversations/{conversation_id}/messages/", {"content": "hi"}, format="json")
+        assert response.status_code == 429 and limit in response.json()["error"]["message"]
+        assert _remaining(limits) == before  # the limits that had room counted nothing either
+        assert not Message.objects.filter(conversation_id=conversation_id).exists()
+
+    refused("by-tokens", "tokens per tenant")
+    refused("by-requests", "requests per end user")
+    assert sim.stats.requests == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_socket_turn_refused_by_the_token_limit_counts_no_request(tenant_factory, chat, sim):
+    setup = await adb(tenant_factory)(user_rpm=5, tenant_tpm=5000)
+    limits = await adb(_chat_limits)(setup)
+    async with chat(await adb(setup.token)()) as socket:
+        assert (await socket.turn("hi"))[-1]["type"] == "message.completed"
+        await adb(_use_up)(limits, "tokens per tenant")
+        before = await adb(_remaining)(limits)
+        events = await socket.turn("one too many tokens", client_msg_id="t")
+    assert events[-1]["code"] == "rate_limited" and "tokens" in events[-1]["message"]
+    after = await adb(_remaining)(limits)
+    assert after["requests per end user"] == before["requests per end user"] == 4
+    assert after["requests per tenant"] == before["requests per tenant"]
+    assert sim.stats.requests == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_limit_refusal_does_not_wait_for_a_locked_conversation(tenant_factory):
+    """Admission counts the limits before the turn locks its conversation: a turn over its
+    limit is refused at once even while another transaction holds the conversation's row."""
+    import threading
+    import time
+
+    from django.db import connection, transaction
+
+    from conversations import services
+    from conversations.models import Conversation
+
+    setup = tenant_factory(tenant_tpm=5000)
+    end_user = setup.end_user()
+    conversation = Conversation.objects.create(tenant=setup.tenant, assistant=setup.assistant, end_user=end_user)
+    _use_up(_chat_limits(setup), "tokens per tenant")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        try:
+            with transaction.atomic():
+                Conversation.objects.select_for_update().get(pk=conversation.pk)
+                Conversation.objects.filter(pk=conversation.pk).update(title="busy")
+                locked.set()
+                release.wait(timeout=8)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert locked.wait(timeout=5)
+        started = time.monotonic()
+        with pytest.raises(RateLimited) as refused:
+            services.turn_prepare(
+                caller=services.Caller(tenant_id=setup.tenant.pk, end_user_id=end_user.id), content="hello",
+                conversation_id=conversation.pk, assistant_slug=None, client_msg_id=None, control_channel="c",
+            )
+        assert refused.value.name == "tokens per tenant"
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        holder.join()
+
+
+class _RedisTrips:
+    """Counts the round trips to Redis that touch rate-limit counters (one send each)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from redis.connection import AbstractConnection
+
+        self.trips = 0
+        send = AbstractConnection.send_packed_command
+
+        def counting(connection, command, *args, **kwargs):
+            packed = command if isinstance(command, bytes | str) else b"".join(bytes(part) for part in command)
+            if b"parley-limits" in (packed.encode() if isinstance(packed, str) else packed):
+                self.trips += 1
+            return send(connection, command, *args, **kwargs)
+
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="round trips to Redis need Redis")
+@pytest.mark.django_db
+def test_a_chat_turn_is_admitted_in_one_redis_round_trip(tenant_factory, monkeypatch):
+    from conversations import services
+
+    setup = tenant_factory()
+    caller = services.Caller(tenant_id=setup.tenant.pk, end_user_id=setup.end_user().id)
+
+    def turn() -> None:
+        services.turn_prepare(
+            caller=caller, content="hello", conversation_id=None, assistant_slug=None, client_msg_id=None,
+            control_channel="c",
+        )
+
+    turn()  # the first one may also load the script into Redis
+    counter = _RedisTrips(monkeypatch)
+    turn()
+    assert counter.trips == 1

@@ -332,6 +332,7 @@ def test_message_posts_carry_rate_limit_headers_and_refusals_say_when_to_retry(p
         assert first.headers["x-ratelimit-limit-requests"] == "2"
         assert first.headers["x-ratelimit-remaining-requests"] == "1"
         assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert first.headers["x-ratelimit-limit-tokens"] == str(setup.tenant.tenant_tpm)  # counted with it
         with http.stream("POST", url, json={"content": "two", "stream": True}) as streamed:
             assert streamed.headers["x-ratelimit-remaining-requests"] == "0"
             streamed.read()

@@ -390,3 +390,45 @@ def test_run_simulator_command_prints_its_url_and_serves() -> None:
     finally:
         process.terminate()
         process.wait(5)
+
+
+# --- mounted inside Parley (`make run`): the simulator at /simulator/v1 of the web process ----
+
+
+@pytest.fixture(scope="module")
+def mounted_parley(django_db_setup, django_db_blocker):
+    """Parley under Daphne (as `make run` serves it) with the simulator mounted, and an
+    upstream read timeout far longer than a cut may take to show."""
+    from tests.liveserver import DaphneServer
+
+    server = DaphneServer(
+        SIMULATOR_MOUNTED="true", SIMULATOR_TTFT_MS="0", SIMULATOR_TPS="0",
+        UPSTREAM_FIRST_TOKEN_TIMEOUT="30", UPSTREAM_READ_TIMEOUT="30",
+    )
+    server.start()
+    yield f"http://127.0.0.1:{server.port}"
+    server.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cut_through_the_mounted_simulator_ends_the_turn_at_once(mounted_parley):
+    from billing.defaults import install_default_prices
+    from billing.models import ModelPrice
+    from conversations.models import Message
+    from tests.factories import make_tenant
+
+    install_default_prices(ModelPrice)
+    setup = make_tenant(base_url=f"{mounted_parley}/simulator/v1")
+    with httpx2.Client(base_url=mounted_parley, headers={"Authorization": f"Bearer {setup.api_key}"},
+                       timeout=20) as http:
+        conversation_id = http.post("/api/v1/conversations/", json={}).json()["id"]
+        for story in ("a story", "another"):  # the server still cuts at once after a cut
+            started = time.monotonic()
+            response = http.post(f"/api/v1/conversations/{conversation_id}/messages/",
+                                 json={"content": f"Tell me {story} [[sim:cut=3]]"})
+            elapsed = time.monotonic() - started
+            assert response.json()["error"]["code"] == "upstream_error"  # a cut, not a read timeout
+            assert elapsed < 5
+    answers = Message.objects.filter(conversation_id=conversation_id, role="assistant").order_by("seq")
+    assert [(a.status, a.content) for a in answers] == [
+        ("incomplete", "You said: Tell"), ("incomplete", "You said: Tell")]

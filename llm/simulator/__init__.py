@@ -163,7 +163,9 @@ How faults reach the ``openai`` SDK (3.57, httpx2) over uvicorn
 ``cut`` raises StreamCut from the app after the response started; uvicorn closes the socket
 without the terminating chunk (its traceback log is filtered out), and iterating the stream
 yields the N deltas, then raises ``openai.APIConnectionError`` (cause: httpx2
-``RemoteProtocolError``, incomplete chunked read). ``malformed`` raises ``json.JSONDecodeError``
+``RemoteProtocolError``, incomplete chunked read). Mounted in Parley under Daphne, the same holds
+through ``python -m config.daphne`` (``make run``), which closes the connection of an app that
+raised after its response started; stock Daphne leaves it open until the client's timeout. ``malformed`` raises ``json.JSONDecodeError``
 from the iteration, after the N deltas. ``hang`` ends in ``openai.APITimeoutError`` at the
 client's timeout. Non-streamed: ``hang_after`` hangs too, ``cut`` sends half the JSON body then
 drops the connection (``APIConnectionError``), and ``malformed`` answers 200 with a non-JSON

@@ -98,7 +98,7 @@ class _RateLimits:
 
 
 class _CutLogFilter(logging.Filter):
-    """uvicorn logs any exception from the app; a deliberate StreamCut is not news."""
+    """uvicorn and Daphne log any exception from the app; a deliberate StreamCut is not news."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(record.exc_info[1], StreamCut))
@@ -124,7 +124,8 @@ class Simulator:
         self._rate_limits = _RateLimits()
         # Tests inject from their own thread while the server's loop consumes.
         self._lock = threading.Lock()
-        logging.getLogger("uvicorn.error").addFilter(_CUT_LOG_FILTER)
+        for server_log in ("uvicorn.error", "daphne.server"):
+            logging.getLogger(server_log).addFilter(_CUT_LOG_FILTER)
 
     def inject(self, *, times: int = 1, **directives: Any) -> None:
         """Queue a fault for the next ``times`` chat completions, e.g. ``inject(status=500)``."""
