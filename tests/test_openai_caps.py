@@ -81,6 +81,17 @@ def test_a_long_prompt_is_refused_as_a_string_and_as_text_parts_alike(parley, te
     assert sim.stats.requests == 1
 
 
+def test_the_tokens_per_minute_limit_counts_text_parts(parley, tenant_factory, sim):
+    setup = tenant_factory(tenant_tpm=8000)
+    client = _client(parley, setup.api_key)
+    parts = [{"type": "text", "text": "a long prompt " * 1000}]  # ~3,000 tokens
+    for _ in range(2):
+        client.chat.completions.create(model=MODEL, max_tokens=20, messages=[{"role": "user", "content": parts}])
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model=MODEL, max_tokens=20, messages=[{"role": "user", "content": parts}])
+    assert refused.value.code == "rate_limited" and sim.stats.requests == 2
+
+
 def test_an_image_part_is_held_at_the_most_it_can_cost(parley, tenant_factory, sim):
     setup = tenant_factory()
     _cap(setup, "5")
