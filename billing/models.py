@@ -74,6 +74,9 @@ class UsageRecord(models.Model):
     cost_usd = models.DecimalField(**MONEY, default=Decimal("0"))
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    # The cap leases (their Reservation ids) the call was admitted against and booked through:
+    # a leased call has no Reservation of its own, and reconciliation finds its spend by these.
+    lease_ids = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     objects = TenantManager()

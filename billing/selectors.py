@@ -11,6 +11,7 @@ from typing import Any
 from django.db.models import Count, F, Sum
 from django.db.models.functions import Coalesce, TruncDay
 
+from .leases import LEASE_CALL_PREFIX
 from .models import CapPeriod, Reservation, UsageRecord
 
 GROUPINGS = {
@@ -67,25 +68,34 @@ class Reconciliation:
 
 def caps_reconcile(*, tenant_id: int | None = None) -> Reconciliation:
     """Recompute every cap period's spend from the ledger (the UsageRecord of each call that
-    reserved against it) and its hold from the reservations still held, and compare with the
+    reserved against it, or was booked through one of its leases) and its hold from the
+    reservations still held (a lease's holds what it has not booked yet), and compare with the
     counters the reservations maintained."""
     reservations = Reservation.objects.all()
     periods = CapPeriod.objects.all()
+    records = UsageRecord.objects.exclude(lease_ids=[])
     if tenant_id is not None:
         reservations = reservations.filter(tenant_id=tenant_id)
         periods = periods.filter(tenant_id=tenant_id)
-    rows = list(reservations.values_list("call_id", "period_ids", "status", "amount_usd"))
+        records = records.filter(tenant_id=tenant_id)
+    rows = list(reservations.values_list("id", "call_id", "period_ids", "status", "amount_usd"))
     cost_by_call = dict(
-        UsageRecord.objects.filter(call_id__in=[r[0] for r in rows]).values_list("call_id", "cost_usd")
+        UsageRecord.objects.filter(call_id__in=[r[1] for r in rows]).values_list("call_id", "cost_usd")
     )
     ledger: dict[int, Decimal] = defaultdict(Decimal)
     held: dict[int, Decimal] = defaultdict(Decimal)
-    for call_id, period_ids, status, amount in rows:
+    for _, call_id, period_ids, status, amount in rows:
         for period_id in period_ids:
             if status == Reservation.Status.HELD:
                 held[period_id] += amount
             else:
                 ledger[period_id] += cost_by_call.get(call_id, Decimal(0))
+    # A call admitted against leases has no Reservation of its own: its record names them.
+    lease_periods = {str(r[0]): r[2] for r in rows if r[1].startswith(LEASE_CALL_PREFIX)}
+    for lease_ids, cost in records.values_list("lease_ids", "cost_usd"):
+        for lease_id in lease_ids:
+            for period_id in lease_periods.get(lease_id, ()):
+                ledger[period_id] += cost
     report = Reconciliation()
     for period in periods.order_by("id"):
         report.periods.append(

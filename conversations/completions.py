@@ -11,6 +11,7 @@ the call is `completion_settle`, on a database thread, after the stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections import deque
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from django.db import transaction
+
 from billing import ratelimits
 from billing.caps import CapExceeded, Subject, cap_hold, cap_settle
 from billing.leases import Draw, lease_book, leases
@@ -26,7 +29,7 @@ from billing.models import ModelPrice, Reservation, UsageRecord
 from billing.services import Price, UsageInput, usage_record
 from llm import relay
 from llm.gateway import ProviderTarget, Usage
-from llm.tokens import count_messages, count_text
+from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt, count_text
 from moderation.rules import PolicySnapshot
 from moderation.sentences import SentenceSplitter
 from moderation.services import ModerationContext, moderate
@@ -92,6 +95,7 @@ def completion_request_parse(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
+    _positive_int(body, "n")
     user = body.get("user")
     if user is not None and (not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS):
         raise InvalidRequest(f"'user' must be a non-empty string of at most {MAX_USER_CHARS} characters", param="user")
@@ -111,7 +115,7 @@ class CompletionPlan:
     price: Price
     target: ProviderTarget
     upstream_body: bytes
-    messages: list[dict[str, Any]]
+    prompt_tokens: int  # our count of the prompt: what is billed when the provider sends no usage
     stream: bool
     forward_usage: bool  # the caller asked for stream_options.include_usage
     reservation: Reservation | None = None  # an exact hold, or
@@ -160,12 +164,12 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
 
     access, end_user, price = await _caller(prefix=prefix, token=token, external_id=external_id, model=model, hop=hop)
     price = _admissible(access, end_user=end_user, price=price, model=model)
+    prompt_tokens = await _prompt_tokens(request, model)
     _, default_max_tokens = access.defaults()
-    max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or default_max_tokens
-    prompt_tokens = await _prompt_tokens(request["messages"], model)
 
     # One Redis round trip: every rate limit, and the versions the cached configuration needs.
-    checks = ratelimits.checks_for(access.limits(end_user.id), tokens=prompt_tokens + max_tokens)
+    tokens = prompt_tokens + output_bound(request, default_max_tokens=default_max_tokens)
+    checks = ratelimits.checks_for(access.limits(end_user.id), tokens=tokens)
     acquired = await ratelimits.rate_limits_acquire_async(checks, also_read=versions_stored_keys(access.tenant_id))
     # Embedded mode reads nothing from Redis: its versions are in this process's memory.
     versions = versions_parse(acquired.read) if acquired.read else versions_read(access.tenant_id)
@@ -180,30 +184,54 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     caps = access.caps_for(end_user.id)
     subject = Subject(access.tenant_id, end_user.id, access.key_id)
     await _input_check(access.moderation, request["messages"], target=target, subject=subject)
-    amount = worst_case_cost(price=price, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
-    reservation, draw = await _hold(subject=subject, caps=caps, amount=amount, call_id=call_id, hop=hop)
-    stream = bool(request.get("stream"))
-    return CompletionPlan(
-        call_id=call_id,
-        tenant_id=access.tenant_id,
-        api_key_id=access.key_id,
-        end_user_id=end_user.id,
-        model=model,
-        price=price,
-        target=target,
-        upstream_body=upstream_body(
-            request,
-            user_hash=end_user_hash(tenant_id=access.tenant_id, end_user_id=end_user.id),
-            default_max_tokens=default_max_tokens,
-        ),
-        messages=request["messages"],
-        stream=stream,
-        forward_usage=stream and bool((request.get("stream_options") or {}).get("include_usage")),
-        reservation=reservation,
-        draw=draw,
-        limits=acquired.states,
-        moderation=access.moderation,
+    amount = worst_case_cost(
+        price=price, prompt_tokens=prompt_tokens, max_tokens=output_bound(request, default_max_tokens=default_max_tokens)
     )
+    reservation, draw = await _hold(subject=subject, caps=caps, amount=amount, call_id=call_id, hop=hop)
+    try:
+        stream = bool(request.get("stream"))
+        return CompletionPlan(
+            call_id=call_id,
+            tenant_id=access.tenant_id,
+            api_key_id=access.key_id,
+            end_user_id=end_user.id,
+            model=model,
+            price=price,
+            target=target,
+            upstream_body=upstream_body(
+                request,
+                user_hash=end_user_hash(tenant_id=access.tenant_id, end_user_id=end_user.id),
+                default_max_tokens=default_max_tokens,
+            ),
+            prompt_tokens=prompt_tokens,
+            stream=stream,
+            forward_usage=stream and bool((request.get("stream_options") or {}).get("include_usage")),
+            reservation=reservation,
+            draw=draw,
+            limits=acquired.states,
+            moderation=access.moderation,
+        )
+    except BaseException:
+        await asyncio.shield(hold_release(reservation=reservation, draw=draw, hop=hop))
+        raise
+
+
+def output_bound(request: dict[str, Any], *, default_max_tokens: int) -> int:
+    """The most output the provider may produce and bill: the larger of `max_tokens` and
+    `max_completion_tokens` (a provider honours either), the default when neither is given,
+    for each of the `n` answers asked for."""
+    given = [request.get(name) for name in ("max_tokens", "max_completion_tokens")]
+    largest = max((value for value in given if value is not None), default=default_max_tokens)
+    return largest * (request.get("n") or 1)
+
+
+async def hold_release(*, reservation: Reservation | None, draw: Draw | None, hop: Hop) -> None:
+    """Give a hold back untouched: the call it was for never reached the provider (nothing
+    was generated and nothing is recorded)."""
+    if draw is not None:
+        leases().settled(draw, actual=Decimal(0), hop=hop)
+    if reservation is not None:
+        await hop(cap_settle, reservation=reservation, actual=Decimal(0))
 
 
 def user_text(messages: list[dict[str, Any]]) -> str:
@@ -347,11 +375,16 @@ def _admissible(access: KeyAccess, *, end_user: EndUserAccess, price: Price | No
     return price
 
 
-async def _prompt_tokens(messages: list[dict[str, Any]], model: str) -> int:
-    size = sum(len(str(message.get("content") or "")) for message in messages)
-    if size > COUNT_ON_LOOP_CHARS:
-        return await asyncio.to_thread(_count_prompt_of, messages, model)
-    return _count_prompt_of(messages, model)
+async def _prompt_tokens(request: dict[str, Any], model: str) -> int:
+    """The most the request's prompt can be billed for. Raises InvalidRequest for content
+    whose cost cannot be bounded (audio, files, unknown part types)."""
+    size = sum(len(str(request.get(name) or "")) for name in ("messages", *PROMPT_FIELDS))
+    try:
+        if size > COUNT_ON_LOOP_CHARS:
+            return await asyncio.to_thread(count_request_prompt, request, model)
+        return count_request_prompt(request, model)
+    except UncountableContent as error:
+        raise InvalidRequest(str(error), param="messages") from None
 
 
 # --- after the call -----------------------------------------------------------------------
@@ -371,11 +404,16 @@ def completion_settle(
     Two short transactions, not one: the cap's row is locked only while it is booked, and a
     process that dies between them leaves a held reservation that the stale-reservation sweep
     settles from this record. Idempotent on the plan's call id."""
-    record = _record(plan=plan, usage=usage, content=content, outcome=outcome, latency_ms=latency_ms, ttft_ms=ttft_ms)
+    leased = plan.draw.leases if plan.draw is not None else ()
+    # A leased call's record and its booking commit together: the ledger and the counters it
+    # is reconciled with never disagree, even for a moment (the row lock is taken last).
+    with transaction.atomic() if leased else contextlib.nullcontext():
+        record = _record(plan=plan, usage=usage, content=content, outcome=outcome, latency_ms=latency_ms,
+                         ttft_ms=ttft_ms)
+        for lease in leased:
+            lease_book(reservation_id=lease.reservation_id, period_id=lease.period_id, actual=record.cost_usd)
     if plan.reservation is not None:
         cap_settle(reservation=plan.reservation, actual=record.cost_usd)
-    for lease in plan.draw.leases if plan.draw is not None else ():
-        lease_book(reservation_id=lease.reservation_id, period_id=lease.period_id, actual=record.cost_usd)
     api_key_touch_by_id(plan.api_key_id)
     return record
 
@@ -386,7 +424,7 @@ def _record(*, plan: CompletionPlan, usage: Usage | None, content: str, outcome:
             call_id=plan.call_id,
             tenant_id=plan.tenant_id,
             model=plan.model,
-            prompt_tokens=usage.prompt_tokens if usage else _count_prompt_of(plan.messages, plan.model),
+            prompt_tokens=usage.prompt_tokens if usage else plan.prompt_tokens,
             completion_tokens=usage.completion_tokens if usage else count_text(content, plan.model),
             cached_tokens=usage.cached_tokens if usage else 0,
             estimated=usage is None,
@@ -396,16 +434,10 @@ def _record(*, plan: CompletionPlan, usage: Usage | None, content: str, outcome:
             api_key_id=plan.api_key_id,
             latency_ms=latency_ms,
             ttft_ms=ttft_ms,
+            lease_ids=tuple(str(lease.reservation_id) for lease in plan.draw.leases) if plan.draw else (),
         ),
         price=plan.price,
     )
-
-
-def _count_prompt_of(messages: list[dict[str, Any]], model: str) -> int:
-    try:
-        return count_messages(messages, model)
-    except Exception:  # noqa: BLE001 — odd content shapes: count the JSON's length instead
-        return count_text(json.dumps(messages), model)
 
 
 # --- models -------------------------------------------------------------------------------

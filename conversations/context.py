@@ -11,11 +11,10 @@ message would make the API answer 400.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from llm.tokens import TOKENS_REPLY_PRIMING, count_message, count_text
+from llm.tokens import TOKENS_REPLY_PRIMING, count_message, count_tools
 
 from .models import Assistant, Conversation, Message
 
@@ -47,12 +46,6 @@ def prefix_messages(assistant: Assistant, conversation: Conversation) -> list[di
     if assistant.history_strategy == Assistant.HistoryStrategy.SUMMARIZE and conversation.summary:
         prefix.append({"role": "system", "content": SUMMARY_PREAMBLE + conversation.summary})
     return prefix
-
-
-def tools_tokens(tools: list[dict[str, Any]] | None, model: str) -> int:
-    if not tools:
-        return 0
-    return count_text(json.dumps(tools, sort_keys=True, separators=(",", ":")), model)
 
 
 def as_api_message(role: str, content: str, tool_calls: Any, tool_call_id: str) -> dict[str, Any]:
@@ -157,7 +150,7 @@ def prompt_assemble(
     """The prompt of the conversation's next call. `newest` is a message not stored yet that
     goes after every stored one (the user's, while the turn is being admitted)."""
     prefix = prefix_messages(assistant, conversation)
-    fixed = sum(count_message(m, assistant.model) for m in prefix) + tools_tokens(tools, assistant.model)
+    fixed = sum(count_message(m, assistant.model) for m in prefix) + count_tools(tools, assistant.model)
     after_seq = (
         conversation.summary_through_seq
         if assistant.history_strategy == Assistant.HistoryStrategy.SUMMARIZE

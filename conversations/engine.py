@@ -23,7 +23,7 @@ from channels.layers import get_channel_layer
 
 from billing.caps import CapExceeded, Subject
 from billing.models import UsageRecord
-from billing.services import money_str
+from billing.services import money_str, usage_billed
 from llm import gateway
 from llm.gateway import ChatRequest, Finish, TextDelta, ToolCallDelta, UpstreamError, Usage
 from llm.tokens import count_messages
@@ -419,9 +419,7 @@ class Generation:
     def _outcome(self, error: UpstreamError | CapExceeded | None) -> TurnOutcome:
         now = time.monotonic()
         complete = error is None and not self.cancelled
-        usage = self.usage
-        if usage is None and isinstance(error, UpstreamError) and error.status is not None and not self.round_parts:
-            usage = Usage(0, 0, 0)  # the provider refused the request: it billed nothing
+        usage = usage_billed(usage=self.usage, error=error, streamed=bool(self.round_parts))
         if complete:
             finish_reason, outcome = self.finish_reason, UsageRecord.Outcome.OK
         elif self.cancelled:

@@ -30,6 +30,7 @@ from django.db import connection
 from billing.leases import leases
 from billing.models import UsageRecord
 from billing.ratelimits import ratelimit_headers
+from billing.services import usage_billed
 from llm import relay
 from llm.gateway import UpstreamError
 from tenants.services import InvalidApiKey
@@ -43,6 +44,7 @@ from .completions import (
     completion_output_check,
     completion_request_parse,
     completion_settle,
+    hold_release,
     models_available,
 )
 from .errors import ModerationBlocked
@@ -197,6 +199,7 @@ class CompletionCall:
         self.started = started
         self.first_byte_at: float | None = None
         self.settled = False
+        self.stream: relay.StreamRelay | None = None
 
     async def settle(self, *, usage: Any, content: str, outcome: str) -> None:
         if self.settled:
@@ -225,7 +228,8 @@ class CompletionCall:
         try:
             completion = await relay.complete(self.plan.target, self.plan.upstream_body)
         except BaseException as error:  # an upstream failure, or the client left: the call counts
-            await self.settle(usage=None, content="", outcome=_failed(error))
+            await self.settle(usage=usage_billed(usage=None, error=error, streamed=False), content="",
+                              outcome=_failed(error))
             raise
         self.first_byte_at = time.monotonic()
         await self.settle(usage=completion.usage, content=completion.content, outcome=UsageRecord.Outcome.OK)
@@ -240,12 +244,30 @@ class CompletionCall:
 
     async def open(self) -> relay.StreamRelay:
         try:
-            return await relay.open_stream(
+            self.stream = await relay.open_stream(
                 self.plan.target, self.plan.upstream_body, forward_usage=self.plan.forward_usage
             )
         except BaseException as error:
-            await self.settle(usage=None, content="", outcome=_failed(error))
+            await self.settle(usage=usage_billed(usage=None, error=error, streamed=False), content="",
+                              outcome=_failed(error))
             raise
+        return self.stream
+
+    async def release(self) -> None:
+        """However the request ended — an exception anywhere, a client gone — give back what
+        the call still holds: billed for what streamed when a stream was open, otherwise the
+        hold returns untouched (the provider was never called; nothing is recorded)."""
+        if self.settled:
+            return
+        if self.stream is not None:
+            try:
+                await self.stream.aclose()
+            finally:
+                await self.settle(usage=self.stream.usage, content=self._content(self.stream),
+                                  outcome=UsageRecord.Outcome.CANCELLED)
+            return
+        self.settled = True
+        await asyncio.shield(hold_release(reservation=self.plan.reservation, draw=self.plan.draw, hop=db_after))
 
     async def relay_stream(self, stream: relay.StreamRelay) -> AsyncIterator[bytes]:
         outcome = UsageRecord.Outcome.CANCELLED  # unless the stream ends, the client left
@@ -324,7 +346,14 @@ async def chat_completions(request: Request) -> Reply | None:
     body = completion_request_parse(await request.body())
     plan = await completion_admit(authorization=request.authorization, request=body, hop=db)
     call = CompletionCall(plan, started)
-    if not plan.stream:
+    try:
+        return await _answer(request, call)
+    finally:
+        await call.release()
+
+
+async def _answer(request: Request, call: CompletionCall) -> Reply | None:
+    if not call.plan.stream:
         return await call.complete()
     stream = await call.open()
     await request.send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *call.headers()]})

@@ -24,9 +24,9 @@ from django.utils import timezone
 
 from billing.caps import Subject, cap_reserve, cap_settle
 from billing.models import Reservation, UsageRecord
-from billing.services import Price, UsageInput, price_for, usage_record
+from billing.services import Price, UsageInput, price_for, usage_billed, usage_record
 from llm import gateway
-from llm.gateway import ChatRequest, ProviderTarget, TextDelta, UpstreamError, Usage
+from llm.gateway import ChatRequest, ProviderTarget, TextDelta, Usage
 from llm.tokens import count_messages, count_text
 
 from .context import REPLAYED_STATUSES
@@ -206,13 +206,11 @@ def conversation_summarize(*, tenant_id: int, conversation_id: uuid.UUID) -> boo
         try:
             text, usage = asyncio.run(_generate(job))
         except BaseException as error:
-            # A provider that answered with an error status billed nothing; anything else
-            # (timeouts, cut streams) is billed at our own count.
-            answered = isinstance(error, UpstreamError) and error.status is not None
+            # A refusal costs nothing; anything else (timeouts, cut streams) our own count.
             with transaction.atomic():
                 _bill(
-                    job=job, reservation=reservation, text="", usage=Usage(0, 0, 0) if answered else None,
-                    outcome=UsageRecord.Outcome.ERROR,
+                    job=job, reservation=reservation, text="",
+                    usage=usage_billed(usage=None, error=error, streamed=False), outcome=UsageRecord.Outcome.ERROR,
                 )
             raise
         with transaction.atomic():

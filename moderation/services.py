@@ -51,7 +51,7 @@ from django.utils import timezone
 
 from billing.caps import CapExceeded, Subject, cap_reserve, cap_settle
 from billing.models import ModelPrice, Reservation, UsageRecord
-from billing.services import Price, PriceMissing, UsageInput, price_for, usage_record
+from billing.services import Price, PriceMissing, UsageInput, price_for, provider_refused, usage_record
 from llm.gateway import ProviderTarget, UpstreamError
 from llm.moderation import MODERATION_MODEL, provider_check
 from llm.tokens import count_text
@@ -321,9 +321,8 @@ async def _provider_moderate(
     try:
         result = await provider_check(target=target, texts=[text], categories=policy.provider_categories)
     except UpstreamError as error:
-        # A provider that answered with an error status processed nothing; a timeout or a cut
-        # connection may have: bill our count, as for chat.
-        tokens = 0 if error.status is not None else call.prompt_tokens
+        # A refusal processed nothing; a timeout or a cut connection may have: our count.
+        tokens = 0 if provider_refused(error, streamed=False) else call.prompt_tokens
         await close(call=call, subject=subject, context=context, outcome=UsageRecord.Outcome.ERROR,
                     prompt_tokens=tokens, latency_ms=elapsed())
         return _fell_open(policy, direction, error.code)

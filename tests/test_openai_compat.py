@@ -201,7 +201,7 @@ def test_provider_rejection_of_the_callers_request_is_a_bad_request(parley, tena
     assert caught.value.code == "invalid_request"
 
 
-def test_upstream_failure_is_502_and_the_call_is_recorded_once(parley, tenant_factory, sim):
+def test_upstream_failure_is_502_and_the_call_is_recorded_once_at_no_cost(parley, tenant_factory, sim):
     setup = tenant_factory()
     client = _client(parley, setup.api_key)
     with pytest.raises(openai.InternalServerError) as caught:
@@ -211,8 +211,9 @@ def test_upstream_failure_is_502_and_the_call_is_recorded_once(parley, tenant_fa
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "fail [[sim:status=503]]"}], stream=True
         )
+    # The provider answered with an error status: it billed nothing, and neither do we.
     records = _records(setup.tenant)
-    assert [(r.outcome, r.estimated) for r in records] == [("error", True), ("error", True)]
+    assert [(r.outcome, r.prompt_tokens, r.completion_tokens, r.cost_usd) for r in records] == [("error", 0, 0, 0)] * 2
 
 
 def test_transient_upstream_failure_is_retried_before_the_first_byte(parley, tenant_factory, sim):

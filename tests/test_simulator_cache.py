@@ -153,7 +153,8 @@ def test_the_prompt_sequence_has_exactly_prompt_tokens() -> None:
             {"id": "call_1", "type": "function",
              "function": {"name": "calculator", "arguments": '{"expression":"2+2"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "4"},
-        {"role": "user", "content": [{"type": "text", "text": "parts are not counted"}]},
+        {"role": "user", "content": [{"type": "text", "text": "parts are counted"},
+                                     {"type": "image_url", "image_url": {"url": "data:,", "detail": "low"}}]},
     ]
     for model in ("gpt-4o", "gpt-3.5-turbo"):
         assert len(prompt_token_sequence(messages, model)) == count_messages(messages, model)

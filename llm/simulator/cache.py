@@ -2,8 +2,9 @@
 
 The prompt is a token sequence built exactly as ``llm.tokens.count_messages`` counts it: per
 message ``TOKENS_PER_MESSAGE`` framing tokens, then the tiktoken encoding of each string field in
-the message's key order (role, content, name and its extra token, tool_call_id, and each tool
-call's name and arguments), and the reply priming at the end. The framing tokens are synthetic
+the message's key order (role, content — text parts as text, image parts as their bound in
+synthetic tokens —, name and its extra token, tool_call_id, and each tool call's name and
+arguments), and the reply priming at the end. The framing tokens are synthetic
 (negative ids) and the priming repeats a message's opening frame, so a prompt is a prefix of the
 next turn's prompt, which appends the assistant's reply and the new user message — as OpenAI
 renders ``<|start|>assistant`` at the end of a prompt. Its length is therefore
@@ -34,6 +35,7 @@ from llm.tokens import (
     TOKENS_REPLY_PRIMING,
     encoding_name_for_model,
     encoding_named,
+    image_tokens_bound,
 )
 
 CACHE_MIN_TOKENS = 1024
@@ -44,6 +46,7 @@ _FRAME = tuple(-1 - i for i in range(max(TOKENS_PER_MESSAGE, TOKENS_REPLY_PRIMIN
 MESSAGE_FRAME = _FRAME[:TOKENS_PER_MESSAGE]
 REPLY_PRIMING = _FRAME[:TOKENS_REPLY_PRIMING]
 NAME_MARK = (-100,) * TOKENS_PER_NAME
+IMAGE_MARK = (-200,)
 
 
 def prompt_token_sequence(messages: Iterable[Mapping[str, Any]], model: str) -> list[int]:
@@ -60,11 +63,27 @@ def prompt_token_sequence(messages: Iterable[Mapping[str, Any]], model: str) -> 
                     function = call.get("function", {})
                     tokens += _encode(encoding, function.get("name", ""))
                     tokens += _encode(encoding, function.get("arguments", ""))
+            elif key == "content" and isinstance(value, list):
+                tokens += _parts(encoding, value, model)
             elif isinstance(value, str):
                 tokens += _encode(encoding, value)
                 if key == "name":
                     tokens += NAME_MARK
+            else:  # other structures count at their JSON length, as count_messages does
+                tokens += _encode(encoding, json.dumps(value, sort_keys=True, separators=(",", ":")))
     tokens += REPLY_PRIMING
+    return tokens
+
+
+def _parts(encoding: str, parts: list[Any], model: str) -> list[int]:
+    """Text parts as their tokens, an image part as its bound in synthetic tokens."""
+    tokens: list[int] = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "refusal") and isinstance(part.get(kind), str):
+            tokens += _encode(encoding, part[kind])
+        elif kind == "image_url" and isinstance(part.get("image_url"), dict):
+            tokens += IMAGE_MARK * image_tokens_bound(model, part["image_url"].get("detail"))
     return tokens
 
 
