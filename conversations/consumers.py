@@ -24,8 +24,11 @@ from .protocol import (
     GenerationCancel,
     InvalidFrame,
     MessageCreate,
+    echo,
     error_event_for,
+    frame_client_msg_id,
     parse_client_frame,
+    text_client_msg_id,
 )
 from .services import Caller
 
@@ -87,23 +90,27 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if text_data is None:
             return await self._send_error(ErrorEvent.invalid_request("frames must be JSON text"))
         if len(text_data) > settings.MAX_MESSAGE_CHARS * 2 + 4096:
-            return await self._send_error(ErrorEvent.invalid_request("frame too large"))
+            return await self._send_error(
+                ErrorEvent.invalid_request("frame too large", client_msg_id=text_client_msg_id(text_data))
+            )
         try:
             frame = json.loads(text_data)
         except ValueError:
-            return await self._send_error(ErrorEvent.invalid_request("frames must be valid JSON"))
+            return await self._send_error(
+                ErrorEvent.invalid_request("frames must be valid JSON", client_msg_id=text_client_msg_id(text_data))
+            )
         await self.receive_json(frame)
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         assert self.caller is not None
+        # Every error answering this frame carries its client_msg_id back, so the client can
+        # match it to the message it shows as pending.
+        extra = echo(frame_client_msg_id(content))
         try:
             command = parse_client_frame(content)
         except InvalidFrame as error:
-            return await self._send_error(ErrorEvent.invalid_request(str(error)))
+            return await self._send_error(error_event_for(error, **extra))
         await aclose_old_connections()
-        extra = {}
-        if isinstance(command, MessageCreate) and command.client_msg_id:
-            extra["client_msg_id"] = command.client_msg_id
         try:
             await self._dispatch(command)
         except DOMAIN_ERRORS as error:
