@@ -47,7 +47,10 @@ def socket_origin_allowed(scope: dict[str, Any]) -> bool:
     if origin is None:
         return bool(token)
     # Channels' matching (schemes, ports, `.example.com` subdomains, `*`), on our list.
-    return OriginValidator(None, allowed_origins(token=token)).valid_origin(origin)
+    try:
+        return OriginValidator(None, allowed_origins(token=token)).valid_origin(origin)
+    except ValueError:  # an unreadable port or host: matches nothing
+        return False
 
 
 class SocketOriginValidator:

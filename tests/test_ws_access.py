@@ -176,3 +176,11 @@ async def test_an_expired_token_runs_no_more_turns(tenant_factory, chat, sim, mo
         error = await _unauthorized_then_closed(socket)
     assert error["code"] == "unauthorized" and error["client_msg_id"] == "c-2"
     assert len(sim.requests) == 0
+
+
+@pytest.mark.parametrize("origin", [b"http://evil.example:99999", b"http://[::1", b"null"])
+async def test_an_unreadable_origin_is_refused_not_an_error(tenant_factory, origin):
+    setup = await adb(tenant_factory)()
+    token = await adb(setup.token)()
+    async with _socket(f"/ws/chat/?token={token}", [(b"origin", origin), (b"host", b"127.0.0.1")]) as (connected, _):
+        assert not connected
