@@ -10,10 +10,10 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the app registry)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from conversations.routing import websocket_urlpatterns  # noqa: E402
+from conversations.sockets import SocketOriginValidator  # noqa: E402
 
 http_app = django_asgi_app
 if settings.SERVE_STATIC:
@@ -30,8 +30,9 @@ http_app = OpenAICompatibleApp(http_app)
 application: Any = ProtocolTypeRouter(
     {
         "http": http_app,
-        # A cookie-authenticated socket is open to cross-site hijacking without the origin check.
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # A cookie-authenticated socket is open to cross-site hijacking without the origin check;
+        # a token socket may come with no Origin at all (apps, servers, scripts).
+        "websocket": SocketOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
 

@@ -294,6 +294,10 @@ END_USER_TOKEN_DEFAULT_TTL = env.int("END_USER_TOKEN_DEFAULT_TTL", default=3600)
 MAX_MESSAGE_CHARS = env.int("MAX_MESSAGE_CHARS", default=32_000)
 # A generation claim older than this is considered abandoned (its process died).
 GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=900)
+# Wall-clock budget of one generation (every upstream call and tool round of a turn): past it
+# the answer ends `incomplete`, billed for what streamed. Below GENERATION_STALE_SECONDS, so a
+# live generation's claim never looks abandoned.
+GENERATION_MAX_SECONDS = env.float("GENERATION_MAX_SECONDS", default=600)
 
 # The built-in model simulator, mounted at /simulator/v1 for the embedded demo.
 SIMULATOR_MOUNTED = env.bool("SIMULATOR_MOUNTED", default=DEBUG)

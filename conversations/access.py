@@ -32,7 +32,7 @@ from tenants.freshness import MAX_AGE_SECONDS, versions_read
 from tenants.models import ApiKey, EndUser
 from tenants.services import InvalidApiKey, api_key_hash_matches, end_user_get_or_create
 
-from .errors import ChatError, NotFound
+from .errors import ChatError, EndUserBlocked, NotFound  # noqa: F401  (EndUserBlocked: re-exported for /v1)
 from .models import Assistant
 from .services import provider_target
 
@@ -45,13 +45,6 @@ class ModelNotAvailable(ChatError):
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist or you do not have access to it.")
         self.model = model
-
-
-class EndUserBlocked(ChatError):
-    code = "unauthorized"
-
-    def __init__(self) -> None:
-        super().__init__("this end user is blocked")
 
 
 @dataclass(frozen=True)

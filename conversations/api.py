@@ -27,10 +27,9 @@ from billing import ratelimits
 from billing.ratelimits import LimitState
 from tenants.authentication import ApiKeyAuthentication
 from tenants.models import ApiKey
-from tenants.services import end_user_get_or_create, end_user_token_issue
 
 from . import lifecycle, selectors, sse
-from .errors import ChatError, NotFound
+from .errors import ChatError, EndUserBlocked, NotFound
 from .protocol import DOMAIN_ERRORS, MessageCreate, error_event_for
 from .serializers import (
     ConversationCreateSerializer,
@@ -87,7 +86,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         extra = {"retry_after": event.retry_after, **event.extra}
         if isinstance(exc, TurnFailed):
             extra["message_id"] = exc.message_id
-        return _error_response(event.code, event.message, **extra)
+        # The key is good, the end user is not: 403, as on /v1 (a 401 says "fix your key").
+        status_code = status.HTTP_403_FORBIDDEN if isinstance(exc, EndUserBlocked) else None
+        return _error_response(event.code, event.message, status_code=status_code, **extra)
     if isinstance(exc, Http404):
         return _error_response("not_found", "not found")
     if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
@@ -359,7 +360,6 @@ class EndUserTokenApi(TenantApi):
             raise NotFound("end user")
         body = EndUserTokenRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        end_user = end_user_get_or_create(tenant_id=self.api_key.tenant_id, external_id=external_id)
         ttl = body.validated_data.get("ttl", settings.END_USER_TOKEN_DEFAULT_TTL)
-        issued = end_user_token_issue(end_user=end_user, ttl_seconds=ttl)
+        issued = lifecycle.end_user_token_mint(tenant_id=self.api_key.tenant_id, external_id=external_id, ttl_seconds=ttl)
         return Response(EndUserTokenSerializer({"token": issued.token, "expires_at": issued.expires_at}).data)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
+from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs
 
 from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from tenants.models import Membership
-from tenants.services import InvalidEndUserToken, end_user_token_verify, member_end_user
+from tenants.services import end_user_group
 
 from . import engine
-from .errors import ChatError
+from .errors import ChatError, EndUserBlocked
 from .protocol import (
     DOMAIN_ERRORS,
     ConversationJoin,
@@ -24,57 +24,67 @@ from .protocol import (
     GenerationCancel,
     InvalidFrame,
     MessageCreate,
+    echo,
     error_event_for,
+    frame_client_msg_id,
     parse_client_frame,
+    text_client_msg_id,
 )
 from .services import Caller
+from .sockets import socket_authenticate
 
 # A generation that does not answer a state request in this long is gone (its process died
 # or it just finished); the joiner then gets the stored state.
 STATE_REPLY_TIMEOUT = 2.0
 
 
-def _authenticate(scope: dict[str, Any]) -> Caller | None:
-    """An end-user token in the query string, or the session of a tenant member."""
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    token = (query.get("token") or [""])[0]
-    if token:
-        try:
-            end_user = end_user_token_verify(token)
-        except InvalidEndUserToken:
-            return None
-        return Caller(tenant_id=end_user.tenant_id, end_user_id=end_user.id)
-    user = scope.get("user")
-    if user is None or not user.is_authenticated:
-        return None
-    memberships = Membership.objects.filter(user=user, tenant__is_active=True).select_related("tenant")
-    wanted = (query.get("tenant") or [""])[0]
-    if wanted:
-        memberships = memberships.filter(tenant__slug=wanted)
-    membership = memberships.order_by("id").first()
-    if membership is None:
-        return None
-    end_user = member_end_user(tenant=membership.tenant, user_id=user.pk)
-    if end_user.is_blocked:
-        return None
-    return Caller(tenant_id=membership.tenant_id, end_user_id=end_user.id)
-
-
 class ChatConsumer(AsyncJsonWebsocketConsumer):
-    caller: Caller | None = None
+    caller: Caller | None = None  # None: not (or no longer) authorized; frames are ignored
+    expires_at: datetime | None = None  # the token's expiry; None for a session
+    _expiry: asyncio.TimerHandle | None = None
+    refused = False
 
     async def connect(self) -> None:
         self.groups_joined: set[str] = set()
         # conversation id -> timer: deltas of a joined generation are dropped until its state
         # (which already contains them) arrives.
         self.awaiting_state: dict[str, asyncio.TimerHandle] = {}
-        self.caller = await database_sync_to_async(_authenticate)(self.scope)
+        authenticated = await database_sync_to_async(socket_authenticate)(self.scope)
         await self.accept()
-        if self.caller is None:
-            await self.send_json(ErrorEvent(code="unauthorized", message="invalid or expired credentials").as_dict())
-            await self.close(code=4401)
+        if authenticated is None:
+            return await self._refuse("invalid or expired credentials")
+        self.caller, self.expires_at = authenticated
+        # A block reaches every socket of the end user, in any web process, through this group.
+        group = end_user_group(tenant_id=self.caller.tenant_id, end_user_id=self.caller.end_user_id)
+        await self.channel_layer.group_add(group, self.channel_name)
+        self.groups_joined.add(group)
+        self._expire_later()
+
+    def _expire_later(self) -> None:
+        """Close the socket when its token expires; the client reconnects with a fresh one."""
+        if self.expires_at is None:
+            return
+        delay = max(0.0, self.expires_at.timestamp() - time.time())
+        self._expiry = asyncio.get_running_loop().call_later(
+            delay, lambda: asyncio.ensure_future(self._refuse("token expired"))
+        )
+
+    def _expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at.timestamp() <= time.time()
+
+    async def _refuse(self, message: str, **extra: Any) -> None:
+        """The credentials are bad or went bad: say so and close, as a refused connect does."""
+        if self.refused:
+            return
+        self.refused, self.caller = True, None
+        if self._expiry is not None:
+            self._expiry.cancel()
+        await self.send_json(ErrorEvent(code="unauthorized", message=message, extra=extra).as_dict())
+        await self.close(code=4401)
 
     async def disconnect(self, code: int) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         for timer in self.awaiting_state.values():
             timer.cancel()
         # The generation keeps running; only this socket stops listening.
@@ -87,25 +97,33 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if text_data is None:
             return await self._send_error(ErrorEvent.invalid_request("frames must be JSON text"))
         if len(text_data) > settings.MAX_MESSAGE_CHARS * 2 + 4096:
-            return await self._send_error(ErrorEvent.invalid_request("frame too large"))
+            return await self._send_error(
+                ErrorEvent.invalid_request("frame too large", client_msg_id=text_client_msg_id(text_data))
+            )
         try:
             frame = json.loads(text_data)
         except ValueError:
-            return await self._send_error(ErrorEvent.invalid_request("frames must be valid JSON"))
+            return await self._send_error(
+                ErrorEvent.invalid_request("frames must be valid JSON", client_msg_id=text_client_msg_id(text_data))
+            )
         await self.receive_json(frame)
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         assert self.caller is not None
+        # Every error answering this frame carries its client_msg_id back, so the client can
+        # match it to the message it shows as pending.
+        extra = echo(frame_client_msg_id(content))
+        if self._expired():  # each frame, in case the close at expiry has not happened yet
+            return await self._refuse("token expired", **extra)
         try:
             command = parse_client_frame(content)
         except InvalidFrame as error:
-            return await self._send_error(ErrorEvent.invalid_request(str(error)))
+            return await self._send_error(error_event_for(error, **extra))
         await aclose_old_connections()
-        extra = {}
-        if isinstance(command, MessageCreate) and command.client_msg_id:
-            extra["client_msg_id"] = command.client_msg_id
         try:
             await self._dispatch(command)
+        except EndUserBlocked as error:  # blocked since the socket opened
+            await self._refuse(error.message, **extra)
         except DOMAIN_ERRORS as error:
             await self._send_error(error_event_for(error, **extra))
 
@@ -146,6 +164,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(event.as_dict())
 
     # --- channel-layer handlers -----------------------------------------------------------
+
+    async def end_user_blocked(self, message: dict[str, Any]) -> None:
+        await self._refuse("this end user is blocked")
 
     async def chat_event(self, message: dict[str, Any]) -> None:
         event = message["event"]

@@ -20,6 +20,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.conf import settings
 
 from billing.caps import CapExceeded, Subject
 from billing.models import UsageRecord
@@ -60,6 +61,11 @@ STATE_REPLY = "chat.state"
 CONTROL_CANCEL = "generation.cancel"
 CONTROL_STATE = "generation.state"
 CONTROL_STOP = "generation.stop"
+
+# Why a turn stopped before the model finished it (besides a cancel): the finish reasons of an
+# answer stored `incomplete` and sent as `message.completed`, with its usage and cost.
+TOOL_ROUNDS_EXHAUSTED = "tool_rounds_exhausted"  # still calling tools after tool_choice "none"
+TIME_BUDGET_EXHAUSTED = "time_budget_exhausted"  # past GENERATION_MAX_SECONDS
 
 # Strong references: the event loop keeps only weak ones to tasks.
 _running: set[asyncio.Task] = set()
@@ -152,7 +158,8 @@ class Generation:
         # Billed by earlier rounds of this turn, added into message.completed.
         self.earlier = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
         self.earlier_cost = Decimal(0)
-        self.cancelled = False
+        self.cancelled = False  # asked to stop now: by a cancel or by the time budget
+        self.stop_reason = ""  # "cancelled", or why Parley ended the turn early
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self._stream_task: asyncio.Task | None = None
@@ -178,6 +185,8 @@ class Generation:
 
     async def run(self) -> None:
         listener = asyncio.create_task(self._listen())
+        # No generation runs unowned forever, whatever the model or the tools do.
+        budget = asyncio.get_running_loop().call_later(settings.GENERATION_MAX_SECONDS, self._out_of_time)
         try:
             await self._announce()
             if not await self._input_allowed():
@@ -190,6 +199,7 @@ class Generation:
             logger.exception("generation %s failed", self.message_id)
             await self._abandon()
         finally:
+            budget.cancel()
             await self._stop_listening(listener)
 
     async def _enqueue_summary(self) -> None:
@@ -269,6 +279,11 @@ class Generation:
         while True:
             await self._call(request)
             if not self.tool_calls or self.cancelled or self.output_blocked:
+                return
+            if self.round_number >= self.plan.max_tool_rounds:
+                # The model was told tool_choice "none" and called tools anyway (many
+                # OpenAI-compatible servers ignore it): its calls are not run, the turn ends.
+                self.stop_reason = TOOL_ROUNDS_EXHAUSTED
                 return
             appended = await self._tool_round()
             last_round = self.round_number >= self.plan.max_tool_rounds
@@ -409,21 +424,31 @@ class Generation:
                     await layer.send(message["reply_to"], {"type": STATE_REPLY, "event": state.as_dict()})
 
     def cancel(self) -> None:
-        if self._stream_task is None:
-            self.cancelled = True  # before the upstream call: it will not be made
-        elif not self._stream_task.done():
-            self.cancelled = True
-            if self._interruptible:  # waiting on the model or on tools: stop now
-                self._stream_task.cancel()
+        self._stop("cancelled")
+
+    def _out_of_time(self) -> None:
+        logger.warning("generation %s ran out of its time budget", self.message_id)
+        self._stop(TIME_BUDGET_EXHAUSTED)
+
+    def _stop(self, reason: str) -> None:
+        if self.cancelled or (self._stream_task is not None and self._stream_task.done()):
+            return
+        self.cancelled, self.stop_reason = True, reason
+        # Before the upstream call, it will not be made; waiting on the model or on tools,
+        # stop now; otherwise at the next check (never a publish halfway).
+        if self._stream_task is not None and self._interruptible:
+            self._stream_task.cancel()
 
     def _outcome(self, error: UpstreamError | CapExceeded | None) -> TurnOutcome:
         now = time.monotonic()
-        complete = error is None and not self.cancelled
+        complete = error is None and not self.stop_reason
         usage = usage_billed(usage=self.usage, error=error, streamed=bool(self.round_parts))
         if complete:
             finish_reason, outcome = self.finish_reason, UsageRecord.Outcome.OK
+        elif error is None and self.stop_reason == TOOL_ROUNDS_EXHAUSTED:
+            finish_reason, outcome = TOOL_ROUNDS_EXHAUSTED, UsageRecord.Outcome.OK  # the call itself finished
         elif self.cancelled:
-            finish_reason, outcome = "cancelled", UsageRecord.Outcome.CANCELLED
+            finish_reason, outcome = self.stop_reason, UsageRecord.Outcome.CANCELLED
         else:
             finish_reason, outcome = "error", UsageRecord.Outcome.ERROR
         return TurnOutcome(
@@ -456,16 +481,18 @@ class Generation:
             notice = self.plan.moderation.notice if self.plan.moderation else ""
             await publish(self.plan, ErrorEvent(code="moderation_blocked", message=notice, message_id=self.message_id))
             return
-        if self.cancelled:
+        if self.stop_reason == "cancelled":
             await publish(self.plan, ErrorEvent(code="cancelled", message="generation cancelled", message_id=self.message_id))
         elif error is not None:
             await publish(self.plan, error_event_for(error, message_id=self.message_id))
         else:
+            # Ended by a limit of Parley's (stop_reason), not by a failure: the answer so far is
+            # the reply, sent with what it cost.
             await publish(
                 self.plan,
                 MessageCompleted(
                     message_id=self.message_id,
-                    finish_reason=self.finish_reason,
+                    finish_reason=self.stop_reason or self.finish_reason,
                     usage={
                         "prompt_tokens": result.prompt_tokens + self.earlier["prompt_tokens"],
                         "completion_tokens": result.completion_tokens + self.earlier["completion_tokens"],

@@ -29,6 +29,15 @@ class Unauthorized(ChatError):
     code = "unauthorized"
 
 
+class EndUserBlocked(ChatError):
+    """A blocked end user, on any surface."""
+
+    code = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("this end user is blocked")
+
+
 class GenerationBusy(ChatError):
     """One generation at a time per conversation."""
 

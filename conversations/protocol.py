@@ -5,6 +5,8 @@ Shared by the WebSocket consumer and the REST event stream, so both speak the sa
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -67,6 +69,29 @@ _ALLOWED_KEYS = {
 }
 
 
+CLIENT_MSG_ID_MAX = 100
+# A client_msg_id in a frame that could not be parsed (not JSON, too large to parse): found
+# without parsing the rest, so the error still reaches the message the client is waiting on.
+_CLIENT_MSG_ID_TEXT = re.compile(rf'"client_msg_id"\s*:\s*("(?:[^"\\]|\\.){{1,{CLIENT_MSG_ID_MAX}}}")')
+
+
+def frame_client_msg_id(frame: Any) -> str | None:
+    """The frame's client_msg_id when it has a usable one, however wrong the rest is."""
+    value = frame.get("client_msg_id") if isinstance(frame, dict) else None
+    return value if isinstance(value, str) and 0 < len(value) <= CLIENT_MSG_ID_MAX else None
+
+
+def text_client_msg_id(text: str) -> str | None:
+    """The client_msg_id of a frame's raw text, best effort, for frames that do not parse."""
+    found = _CLIENT_MSG_ID_TEXT.search(text)
+    if found is None:
+        return None
+    try:
+        return frame_client_msg_id({"client_msg_id": json.loads(found.group(1))})
+    except ValueError:
+        return None
+
+
 def _uuid(value: Any, *, required: bool) -> uuid.UUID | None:
     if value is None:
         if required:
@@ -115,7 +140,7 @@ def parse_client_frame(frame: Any) -> ClientCommand:
             content=validate_content(frame.get("content")),
             conversation_id=_uuid(frame.get("conversation_id"), required=False),
             assistant=_optional_str(frame, "assistant", 64),
-            client_msg_id=_optional_str(frame, "client_msg_id", 100),
+            client_msg_id=_optional_str(frame, "client_msg_id", CLIENT_MSG_ID_MAX),
         )
     conversation_id = _uuid(frame.get("conversation_id"), required=True)
     assert conversation_id is not None
@@ -225,8 +250,13 @@ class ErrorEvent(Event):
         return {**extra, **body}
 
     @classmethod
-    def invalid_request(cls, message: str) -> ErrorEvent:
-        return cls(code="invalid_request", message=message)
+    def invalid_request(cls, message: str, *, client_msg_id: str | None = None) -> ErrorEvent:
+        return cls(code="invalid_request", message=message, extra=echo(client_msg_id))
+
+
+def echo(client_msg_id: str | None) -> dict[str, Any]:
+    """The fields an error answering a client frame carries back: its client_msg_id, if any."""
+    return {"client_msg_id": client_msg_id} if client_msg_id else {}
 
 
 # --- domain errors → error events: the one mapping ----------------------------------------

@@ -25,12 +25,12 @@ from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message, count_text
 from moderation.rules import PolicySnapshot
 from moderation.services import policy_for
-from tenants.models import ApiKey, Tenant
+from tenants.models import ApiKey, EndUser, Tenant
 from tenants.services import credential_default, end_user_hash
 from tools.registry import tool_definitions
 
 from .context import Prompt, prompt_assemble
-from .errors import GenerationBusy, InvalidInput, NotFound
+from .errors import EndUserBlocked, GenerationBusy, InvalidInput, NotFound
 from .models import Assistant, Conversation, Message
 from .summaries import summary_needed
 
@@ -51,14 +51,25 @@ def group_name(*, tenant_id: int, conversation_id: uuid.UUID | str) -> str:
 # --- gatekeepers --------------------------------------------------------------------------
 
 
+def end_user_admit(end_user: EndUser) -> EndUser:
+    """The one rule every surface applies: a blocked end user is refused. Raises EndUserBlocked."""
+    if end_user.is_blocked:
+        raise EndUserBlocked()
+    return end_user
+
+
 def access_conversation(*, caller: Caller, conversation_id: Any, lock: bool = False) -> Conversation:
+    """Raises NotFound, or EndUserBlocked once the caller's end user is blocked (a socket
+    opened before the block learns it here, on its next turn, join or cancel)."""
     queryset = Conversation.objects.for_tenant(caller.tenant_id).filter(end_user_id=caller.end_user_id)
     if lock:
         queryset = queryset.select_for_update(of=("self",))
     try:
-        return queryset.select_related("assistant", "end_user").get(id=conversation_id)
+        conversation = queryset.select_related("assistant", "end_user").get(id=conversation_id)
     except (Conversation.DoesNotExist, ValidationError, ValueError):
         raise NotFound("conversation") from None
+    end_user_admit(conversation.end_user)
+    return conversation
 
 
 def access_assistant(*, tenant_id: int, slug: str | None) -> Assistant:
@@ -154,6 +165,7 @@ def _turn_admission(*, caller: Caller, content: str, conversation_id, assistant_
             raise GenerationBusy()
         assistant = conversation.assistant
     else:
+        end_user_admit(EndUser.objects.only("is_blocked").get(pk=caller.end_user_id, tenant_id=caller.tenant_id))
         assistant = access_assistant(tenant_id=caller.tenant_id, slug=assistant_slug)
     price = price_for(assistant.model)
     user_tokens = count_message({"role": "user", "content": content}, assistant.model)

@@ -22,7 +22,7 @@ from .admin_base import (
 )
 from .freshness import config_changed
 from .models import ApiKey, AuditEntry, EndUser, Membership, ProviderCredential, Tenant
-from .services import api_key_create, api_keys_revoke
+from .services import api_key_create, api_keys_revoke, end_users_block
 
 PROBE_LIMIT = 10
 
@@ -135,9 +135,14 @@ class EndUserAdmin(TenantScopedAdmin):
 
     @admin.action(description="Block selected end users (their requests answer unauthorized)", permissions=["change"])
     def block(self, request: HttpRequest, queryset: QuerySet) -> None:
-        changed = self.editable(request, queryset).update(is_blocked=True)
-        _tenants_changed(queryset)
+        changed = end_users_block(end_users=self.editable(request, queryset), actor=request.user)
         self.message_user(request, f"Blocked {changed} end user(s).", messages.SUCCESS)
+
+    def save_model(self, request: HttpRequest, obj: EndUser, form: forms.Form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if obj.is_blocked and "is_blocked" in form.changed_data:
+            # A block from the change form does what the action does: close their sockets.
+            end_users_block(end_users=EndUser.objects.filter(pk=obj.pk), actor=request.user)
 
     @admin.action(description="Unblock selected end users", permissions=["change"])
     def unblock(self, request: HttpRequest, queryset: QuerySet) -> None:

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 from django.core import signing
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone as dj_timezone
 
 from .models import ApiKey, EndUser, Membership, ProviderCredential, Tenant
 
+logger = logging.getLogger(__name__)
+
 API_KEY_PREFIX = "pk"
+# Channel-layer message every socket of a blocked end user receives (see end_user_group).
+END_USER_BLOCKED = "end_user.blocked"
 END_USER_TOKEN_SALT = "parley.end-user-token"
 
 
@@ -117,6 +125,12 @@ def end_user_token_issue(*, end_user: EndUser, ttl_seconds: int) -> EndUserToken
 
 def end_user_token_verify(token: str) -> EndUser:
     """The EndUser a token names. Raises InvalidEndUserToken when forged, expired or blocked."""
+    return end_user_token_authenticate(token)[0]
+
+
+def end_user_token_authenticate(token: str) -> tuple[EndUser, datetime]:
+    """The EndUser a token names and when the token expires (a socket holding it closes
+    then). Raises InvalidEndUserToken when forged, expired or blocked."""
     try:
         payload = signing.loads(token, salt=END_USER_TOKEN_SALT)
         tenant_id, end_user_id, exp = int(payload["t"]), str(payload["u"]), int(payload["exp"])
@@ -130,7 +144,39 @@ def end_user_token_verify(token: str) -> EndUser:
         raise InvalidEndUserToken("invalid token") from None
     if end_user.is_blocked or not end_user.tenant.is_active:
         raise InvalidEndUserToken("end user is blocked")
-    return end_user
+    return end_user, datetime.fromtimestamp(exp, UTC)
+
+
+def end_user_group(*, tenant_id: int, end_user_id: object) -> str:
+    """The channel-layer group every open socket of an end user joins, in any web process."""
+    return f"t{tenant_id}.u{end_user_id}"
+
+
+def end_users_block(*, end_users: QuerySet[EndUser], actor: object = None) -> int:
+    """Block them: every surface refuses them from now on, and their open sockets, in any web
+    process, are told `unauthorized` and closed once the block is committed."""
+    from .audit import audit_record
+    from .freshness import config_changed
+
+    targets = list(end_users)
+    with transaction.atomic():
+        blocked = EndUser.objects.filter(pk__in=[u.pk for u in targets], is_blocked=False).update(is_blocked=True)
+        for end_user in targets:
+            audit_record(tenant_id=end_user.tenant_id, action="end_user.block", actor=actor, obj=end_user)
+        for tenant_id in {u.tenant_id for u in targets}:
+            config_changed(tenant_id)
+        transaction.on_commit(lambda: _sockets_close(targets))
+    return blocked
+
+
+def _sockets_close(end_users: list[EndUser]) -> None:
+    layer = get_channel_layer()
+    for end_user in end_users:
+        try:
+            group = end_user_group(tenant_id=end_user.tenant_id, end_user_id=end_user.pk)
+            async_to_sync(layer.group_send)(group, {"type": END_USER_BLOCKED})
+        except Exception:  # noqa: BLE001 — the block holds regardless: each socket turn re-checks it
+            logger.exception("could not close the sockets of end user %s", end_user.pk)
 
 
 def member_end_user(*, tenant: Tenant, user_id: int) -> EndUser:

@@ -133,6 +133,14 @@ def test_tool_choice_none_answers_text_despite_the_directive(client: openai.Open
     assert answer.choices[0].finish_reason == "stop"
 
 
+def test_ignore_tool_choice_calls_despite_tool_choice_none(client: openai.OpenAI) -> None:
+    ask = ASK_SUM[:-2] + " ignore_tool_choice=1]]"
+    answer = client.chat.completions.create(model=MODEL, messages=user(ask), tools=TOOLS, tool_choice="none")
+
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert answer.choices[0].message.tool_calls[0].function.name == "calculator"
+
+
 def test_a_named_tool_choice_is_called(client: openai.OpenAI) -> None:
     named = {"type": "function", "function": {"name": "current_time"}}
     plain = client.chat.completions.create(model=MODEL, messages=user("What time is it?"),

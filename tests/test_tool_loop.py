@@ -170,3 +170,48 @@ async def test_each_round_draws_on_the_caps(tenant_factory, chat, sim):
     stored = await adb(_stored)(events[0]["id"])
     assert [m["role"] for m in stored][:3] == ["user", "assistant", "tool"]
     assert stored[-1]["role"] == "assistant" and stored[-1]["status"] == "incomplete"
+
+
+async def _assistant_messages(conversation_id):
+    return await adb(lambda: list(
+        Message.objects.filter(conversation_id=conversation_id, role="assistant", tool_calls__isnull=True)
+        .values("status", "finish_reason", "content")
+    ))()
+
+
+async def test_a_model_that_ignores_tool_choice_none_is_stopped_after_the_round_limit(tenant_factory, chat, sim):
+    setup = await _tenant(tenant_factory, max_tool_rounds=2)
+    async with chat(await adb(setup.token)()) as socket:
+        events = await socket.turn(
+            'Loop [[sim:tool=calculator args={"expression":"1+1"} tool_loop=1 ignore_tool_choice=1]]'
+        )
+    completed = events[-1]
+    assert completed["type"] == "message.completed" and completed["finish_reason"] == "tool_rounds_exhausted"
+    assert len(sim.requests) == 3  # max_tool_rounds + 1, the last one with tool_choice "none"
+    assert sim.requests[-1]["tool_choice"] == "none"
+    [answer] = await _assistant_messages(events[0]["id"])
+    assert answer["status"] == "incomplete" and answer["finish_reason"] == "tool_rounds_exhausted"
+    records = await adb(lambda: list(UsageRecord.objects.filter(tenant=setup.tenant)))()
+    assert len(records) == 3  # every call billed
+    assert Decimal(completed["cost_usd"]) == sum(r.cost_usd for r in records)
+    await asyncio.sleep(2)  # nothing keeps calling the model after the terminal event
+    assert len(sim.requests) == 3
+
+
+async def test_a_generation_past_its_wall_clock_budget_ends_incomplete_and_billed(tenant_factory, chat, sim, settings):
+    settings.GENERATION_MAX_SECONDS = 0.6
+    setup = await _tenant(tenant_factory, tools=())
+    async with chat(await adb(setup.token)()) as socket:
+        started = time.monotonic()
+        events = await socket.turn("Tell me a long story [[sim:words=40 tps=10]]")  # about 4 s
+        elapsed = time.monotonic() - started
+    completed = events[-1]
+    assert completed["type"] == "message.completed" and completed["finish_reason"] == "time_budget_exhausted"
+    assert elapsed < 2
+    streamed = "".join(e["content"] for e in events if e["type"] == "delta")
+    [answer] = await _assistant_messages(events[0]["id"])
+    assert answer == {"status": "incomplete", "finish_reason": "time_budget_exhausted", "content": streamed}
+    assert streamed and completed["usage"]["completion_tokens"] > 0
+    [record] = await adb(lambda: list(UsageRecord.objects.filter(tenant=setup.tenant)))()
+    assert record.completion_tokens == completed["usage"]["completion_tokens"]
+    assert Decimal(completed["cost_usd"]) == record.cost_usd > 0

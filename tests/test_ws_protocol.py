@@ -325,3 +325,34 @@ async def test_conversation_model_fields(tenant_factory, chat, sim):
     conversation = await adb(Conversation.objects.get)(id=conversation_id)
     assert conversation.title == "A title for this chat"
     assert conversation.generation_id is None and conversation.last_seq == 2
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "message.create", "content": "x" * 101, "client_msg_id": "c-9"},  # oversized content
+        {"type": "message.create", "content": "", "client_msg_id": "c-9"},
+        {"type": "message.create", "content": "hi", "conversation_id": "nope", "client_msg_id": "c-9"},
+        {"type": "message.create", "content": "hi", "surprise": 1, "client_msg_id": "c-9"},
+        '{"type": "message.create", "client_msg_id": "c-9", "content": "no closing brace"',  # not JSON
+        '{"type": "message.create", "client_msg_id": "c-9", "content": "' + "y" * 5000 + '"}',  # frame too large
+    ],
+)
+async def test_an_error_answering_a_frame_echoes_its_client_msg_id(tenant_factory, chat, settings, frame):
+    settings.MAX_MESSAGE_CHARS = 100
+    setup = await adb(tenant_factory)()
+    async with chat(await adb(setup.token)()) as socket:
+        await (socket.send(frame) if isinstance(frame, dict) else socket.send_text(frame))
+        error = await socket.receive()
+    assert error["type"] == "error" and error["code"] == "invalid_request"
+    assert error["client_msg_id"] == "c-9"
+
+
+async def test_a_refused_turn_echoes_its_client_msg_id(tenant_factory, chat):
+    setup = await adb(tenant_factory)()
+    async with chat(await adb(setup.token)()) as socket:
+        await socket.send({
+            "type": "message.create", "content": "hi", "conversation_id": str(uuid.uuid4()), "client_msg_id": "c-7"
+        })
+        error = await socket.receive()
+    assert error["code"] == "not_found" and error["client_msg_id"] == "c-7"

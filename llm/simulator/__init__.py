@@ -77,6 +77,9 @@ outside them, so a JSON value may hold ``]``, ``]]`` and spaces.
 ``tool_loop=1``    call the tools of ``tool=`` on every request, even after tool results
 =================  ==========================================================================
 
+``ignore_tool_choice=1`` behaves like the many servers that ignore ``tool_choice: "none"``: the
+directive's calls are made anyway (with ``tool_loop=1``, on every request).
+
 Chunk counts (``cut``, ``malformed``, ``hang_after``) count the chunks after the role chunk,
 whether they carry content or tool-call fragments.
 
@@ -84,7 +87,7 @@ Tool calls
 ----------
 Whether a request is answered with calls (first match wins):
 
-1. ``tool_choice: "none"`` → never; text.
+1. ``tool_choice: "none"`` → never; text (unless ``ignore_tool_choice=1``: then rule 3).
 2. ``tool_choice`` names a tool X → call X, with the ``args`` the directive gives X when the
    directive asks (below) and names X, else ``{}``.
 3. The directive asks: ``tool=`` is present and the LAST message is the user message carrying

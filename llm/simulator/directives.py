@@ -35,6 +35,7 @@ class Directives:
     bad_args: bool = False
     bad_json: bool = False
     tool_loop: bool = False
+    ignore_tool_choice: bool = False  # as many OpenAI-compatible servers do with "none"
     nocache: bool = False
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ _DIRECTIVE_TYPES: dict[str, Callable[[str], Any]] = {
     "status": int, "retry_after": float, "fail_times": int, "hang_after": int, "cut": int,
     "malformed": int, "words": int, "ttft_ms": float, "tps": float, "hang": _flag,
     "tool": _names, "args": _arguments, "bad_args": _flag, "bad_json": _flag,
-    "tool_loop": _flag, "nocache": _flag,
+    "tool_loop": _flag, "nocache": _flag, "ignore_tool_choice": _flag,
 }
 
 

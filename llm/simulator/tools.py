@@ -2,8 +2,8 @@
 
 The rule (documented with the directives in the package docstring): a ``tool=`` directive in the
 last message, when that message is the user's, asks for calls (``tool_loop=1``: on every request,
-even after tool results); ``tool_choice`` "none" never calls, "required" and a named tool always
-do. After tool results the answer is text that quotes them.
+even after tool results); ``tool_choice`` "none" never calls (unless ``ignore_tool_choice=1``),
+"required" and a named tool always do. After tool results the answer is text that quotes them.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def decide_tools(request: ParsedRequest, directives: Directives) -> ToolDecision
     last = request.messages[-1]["role"]
     asked = directives.tool is not None and (last == "user" or directives.tool_loop)
     text = ToolDecision(head=results_head(request.messages) if last == "tool" else None)
-    if request.tool_choice == "none":
+    if request.tool_choice == "none" and not (asked and directives.ignore_tool_choice):
         return text
     if request.tool_choice == "named":
         name = request.named_tool or ""

@@ -1,0 +1,105 @@
+"""Who may hold a chat socket: its credentials (an end-user token or a member's session) and its origin."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from urllib.parse import ParseResult, parse_qs, urlparse
+
+from channels.security.websocket import OriginValidator, WebsocketDenier
+from django.conf import settings
+
+from tenants.models import Membership
+from tenants.services import InvalidEndUserToken, end_user_token_authenticate, member_end_user
+
+from .errors import EndUserBlocked
+from .services import Caller, end_user_admit
+
+
+def socket_token(scope: dict[str, Any]) -> str:
+    """The end-user token of the socket's query string; "" when it has none (a session socket)."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return (query.get("token") or [""])[0]
+
+
+# --- origins ------------------------------------------------------------------------------
+
+
+def operator_origins() -> list[str]:
+    """The operator's own hosts, as Channels' AllowedHostsOriginValidator reads them."""
+    if settings.DEBUG and not settings.ALLOWED_HOSTS:
+        return ["localhost", "127.0.0.1", "[::1]"]
+    return list(settings.ALLOWED_HOSTS)
+
+
+def allowed_origins(*, token: str) -> list[str]:
+    """Origins a socket may come from. A token socket will also accept its tenant's allowed
+    origins (its websites embedding the chat widget; the tenant is in the token's signed
+    payload): they join this list when tenants get them."""
+    return operator_origins()
+
+
+def socket_origin_allowed(scope: dict[str, Any]) -> bool:
+    """The cross-site hijacking guard. A session (cookie) socket must come from the operator's
+    hosts: a browser sends the cookie to any page's socket. A token socket carries its own
+    credentials, so no `Origin` (apps, servers, scripts) is fine; with one, it must be allowed."""
+    token, origin = socket_token(scope), _origin(scope)
+    if origin is None:
+        return bool(token)
+    # Channels' matching (schemes, ports, `.example.com` subdomains, `*`), on our list.
+    try:
+        return OriginValidator(None, allowed_origins(token=token)).valid_origin(origin)
+    except ValueError:  # an unreadable port or host: matches nothing
+        return False
+
+
+class SocketOriginValidator:
+    """ASGI middleware: sockets whose origin is not allowed are denied before the handshake."""
+
+    def __init__(self, application: Any) -> None:
+        self.application = application
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if socket_origin_allowed(scope):
+            return await self.application(scope, receive, send)
+        return await WebsocketDenier()(scope, receive, send)
+
+
+def _origin(scope: dict[str, Any]) -> ParseResult | None:
+    for name, value in scope.get("headers", []):
+        if name == b"origin":
+            try:
+                return urlparse(value.decode("latin-1"))
+            except ValueError:
+                return urlparse("null")  # present but unreadable: matches no allowed origin
+    return None
+
+
+# --- credentials --------------------------------------------------------------------------
+
+
+def socket_authenticate(scope: dict[str, Any]) -> tuple[Caller, datetime | None] | None:
+    """The caller and when its credentials expire (None: a session, which has no fixed end);
+    None when the credentials are bad. Synchronous ORM: call it through database_sync_to_async."""
+    token = socket_token(scope)
+    if token:
+        try:
+            end_user, expires_at = end_user_token_authenticate(token)
+        except InvalidEndUserToken:
+            return None
+        return Caller(tenant_id=end_user.tenant_id, end_user_id=end_user.id), expires_at
+    user = scope.get("user")
+    if user is None or not user.is_authenticated:
+        return None
+    memberships = Membership.objects.filter(user=user, tenant__is_active=True).select_related("tenant")
+    wanted = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("tenant") or [""])[0]
+    if wanted:
+        memberships = memberships.filter(tenant__slug=wanted)
+    membership = memberships.order_by("id").first()
+    if membership is None:
+        return None
+    try:
+        end_user = end_user_admit(member_end_user(tenant=membership.tenant, user_id=user.pk))
+    except EndUserBlocked:
+        return None
+    return Caller(tenant_id=membership.tenant_id, end_user_id=end_user.id), None
