@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any
 from urllib.parse import parse_qs
@@ -25,6 +24,7 @@ from .protocol import (
     InvalidFrame,
     MessageCreate,
     error_event_for,
+    json_parse,
     parse_client_frame,
 )
 from .services import Caller
@@ -89,9 +89,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if len(text_data) > settings.MAX_MESSAGE_CHARS * 2 + 4096:
             return await self._send_error(ErrorEvent.invalid_request("frame too large"))
         try:
-            frame = json.loads(text_data)
-        except ValueError:
-            return await self._send_error(ErrorEvent.invalid_request("frames must be valid JSON"))
+            frame = json_parse(text_data)
+        except InvalidFrame as error:
+            return await self._send_error(ErrorEvent.invalid_request(f"the frame is not usable: {error}"))
         await self.receive_json(frame)
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
