@@ -50,11 +50,17 @@ def text_check(value: str, name: str) -> str:
     """Text no surface can keep: NUL (PostgreSQL refuses it in text) and lone surrogates
     (they cannot be encoded as UTF-8, so they fail wherever the text is written or sent).
     Raises InvalidFrame naming the field, never quoting the text."""
-    found = _UNSAFE_TEXT.search(value)
-    if found is not None:
+    if _unsafe(value):
+        found = _UNSAFE_TEXT.search(value)
+        assert found is not None
         what = "NUL characters" if found.group() == "\x00" else "unpaired surrogates (\\ud800-\\udfff)"
         raise InvalidFrame(f"{name} must not contain {what}")
     return value
+
+
+def _unsafe(value: str) -> bool:
+    # ASCII text (most of it) is one memchr; only other text pays for the regular expression.
+    return "\x00" in value or (not value.isascii() and _UNSAFE_TEXT.search(value) is not None)
 
 
 def json_parse(data: str | bytes) -> Any:
@@ -70,7 +76,10 @@ def json_parse(data: str | bytes) -> Any:
         raise InvalidFrame(_TOO_DEEP) from None
     except ValueError:  # UnicodeDecodeError included
         raise InvalidFrame("not valid JSON") from None
-    _json_check(value)
+    if isinstance(value, str):
+        text_check(value, "the JSON")
+    elif isinstance(value, (dict, list)):
+        _json_check(value)
     return value
 
 
@@ -88,21 +97,22 @@ def _finite(literal: str) -> float:
     return value
 
 
-def _json_check(value: Any) -> None:
-    """Depth and text, walked without recursion (the input is what may be deep). A path is a
-    linked tuple (parent, key), spelled out only for the error message."""
-    pending: list[tuple[Any, int, tuple[Any, Any] | None]] = [(value, 1, None)]
+def _json_check(container: dict[str, Any] | list[Any]) -> None:
+    """Depth and text, walked without recursion (the input is what may be deep); only
+    containers are queued. A path is a linked tuple (parent, key), spelled out only for the
+    error message."""
+    pending: list[tuple[Any, int, tuple[Any, Any] | None]] = [(container, 1, None)]
     while pending:
         node, depth, path = pending.pop()
-        if isinstance(node, str):
-            text_check(node, _path_name(path))
-        elif isinstance(node, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise InvalidFrame(_TOO_DEEP)
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            for key, child in items:
-                if isinstance(key, str):
-                    text_check(key, f"a key of {_path_name(path)}")
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidFrame(_TOO_DEEP)
+        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(key, str) and _unsafe(key):
+                text_check(key, f"a key of {_path_name(path)}")
+            if isinstance(child, str):
+                if _unsafe(child):
+                    text_check(child, _path_name((path, key)))
+            elif isinstance(child, (dict, list)):
                 pending.append((child, depth + 1, (path, key)))
 
 
