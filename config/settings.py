@@ -203,7 +203,8 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.authentication.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # DRF's JSONParser through the one safe decoder (depth, NUL, surrogates, NaN: a 400).
+    "DEFAULT_PARSER_CLASSES": ["conversations.parsers.JsonBodyParser"],
     # One error shape for the whole REST API: {"error": {"code", "message", ...}}.
     "EXCEPTION_HANDLER": "conversations.api.exception_handler",
     "UNAUTHENTICATED_USER": None,

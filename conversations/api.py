@@ -9,15 +9,19 @@ carrying the WebSocket events, otherwise the view waits for the reply and return
 from __future__ import annotations
 
 import uuid
+from base64 import b64decode
 from typing import Any
+from urllib.parse import parse_qsl
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import close_old_connections
 from django.http import Http404, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
-from rest_framework.pagination import CursorPagination
+from rest_framework.pagination import Cursor, CursorPagination
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -30,7 +34,7 @@ from tenants.models import ApiKey
 
 from . import lifecycle, selectors, sse
 from .errors import ChatError, EndUserBlocked, NotFound
-from .protocol import DOMAIN_ERRORS, MessageCreate, error_event_for
+from .protocol import DOMAIN_ERRORS, MessageCreate, error_event_for, text_check
 from .serializers import (
     ConversationCreateSerializer,
     ConversationSerializer,
@@ -91,6 +95,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return _error_response(event.code, event.message, status_code=status_code, **extra)
     if isinstance(exc, Http404):
         return _error_response("not_found", "not found")
+    if isinstance(exc, RequestDataTooBig):  # past DATA_UPLOAD_MAX_MEMORY_SIZE
+        return _error_response("invalid_request", "the request body is too large", status_code=413)
     if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
         response = _error_response("unauthorized", str(exc.detail))
         response["WWW-Authenticate"] = ApiKeyAuthentication.keyword
@@ -138,10 +144,36 @@ class TenantApi(APIView):
 
 
 class StrictCursorPagination(CursorPagination):
-    """A malformed `page_size` is a 400, not silently the default (a malformed `cursor` is
-    DRF's 404, "Invalid cursor")."""
+    """A malformed `page_size` or `cursor` is a 400, not silently the default or DRF's 404:
+    a cursor is only what `encode_cursor` writes, with a position its ordering field accepts
+    (a crafted one reached the database as a 500)."""
 
     page_size_query_param = "page_size"
+    invalid_cursor = {"cursor": ["not a cursor this API gave out; follow `next` and `previous`"]}
+
+    def paginate_queryset(self, queryset: Any, request: Request, view: Any = None) -> Any:
+        self.model = queryset.model
+        return super().paginate_queryset(queryset, request, view)
+
+    def decode_cursor(self, request: Request) -> Cursor | None:
+        try:
+            cursor = super().decode_cursor(request)
+            if cursor is not None:
+                self._cursor_check(request.query_params[self.cursor_query_param], cursor)
+        except (exceptions.NotFound, DjangoValidationError, ValueError, TypeError):
+            raise exceptions.ValidationError(self.invalid_cursor) from None
+        return cursor
+
+    def _cursor_check(self, encoded: str, cursor: Cursor) -> None:
+        """Raises ValueError or ValidationError for anything DRF would not have written."""
+        querystring = b64decode(encoded.encode("ascii"), validate=True).decode("ascii")
+        tokens = parse_qsl(querystring, strict_parsing=bool(querystring))
+        if not {key for key, _ in tokens} <= {"o", "r", "p"} or len(tokens) != len(dict(tokens)):
+            raise ValueError("unknown or repeated cursor fields")
+        if cursor.position is not None:
+            field = self.model._meta.get_field(self.ordering[0].lstrip("-"))
+            text_check(cursor.position, "cursor")
+            field.run_validators(field.to_python(cursor.position))
 
     def get_page_size(self, request: Request) -> int:
         raw = request.query_params.getlist(self.page_size_query_param)
@@ -358,6 +390,7 @@ class EndUserTokenApi(TenantApi):
     def post(self, request: Request, external_id: str) -> Response:
         if not external_id or len(external_id) > 200:
             raise NotFound("end user")
+        text_check(external_id, "external_id")
         body = EndUserTokenRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         ttl = body.validated_data.get("ttl", settings.END_USER_TOKEN_DEFAULT_TTL)

@@ -51,6 +51,7 @@ from .access import (
 )
 from .errors import InvalidInput, ModerationBlocked
 from .lifecycle import DEFAULT_END_USER
+from .protocol import InvalidFrame, json_parse
 from .services import worst_case_cost
 
 __all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the access cache
@@ -69,19 +70,24 @@ class InvalidRequest(InvalidInput):
 # --- the request --------------------------------------------------------------------------
 
 
+# The largest output a request may ask for (an Assistant's own bound); past it a worst case
+# is no longer a price (10**30 tokens overflowed the cost's Decimal: a 500).
+MAX_OUTPUT_TOKENS = 2**31 - 1
+
+
 def _positive_int(body: dict[str, Any], name: str) -> None:
     value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise InvalidRequest(f"'{name}' must be a positive integer", param=name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_TOKENS):
+        raise InvalidRequest(f"'{name}' must be an integer from 1 to {MAX_OUTPUT_TOKENS}", param=name)
 
 
 def completion_request_parse(raw: bytes) -> dict[str, Any]:
     """The request body, checked only as far as we rely on it; the provider checks the rest
     (roles, tools, response_format…) and its 400 reaches the caller. Raises InvalidRequest."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the request body is not valid JSON") from None
+        body = json_parse(raw)
+    except InvalidFrame as error:
+        raise InvalidRequest(f"the request body is not usable: {error}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     if not isinstance(body.get("model"), str) or not body["model"]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from datetime import datetime
@@ -27,6 +26,7 @@ from .protocol import (
     echo,
     error_event_for,
     frame_client_msg_id,
+    json_parse,
     parse_client_frame,
     text_client_msg_id,
 )
@@ -101,10 +101,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 ErrorEvent.invalid_request("frame too large", client_msg_id=text_client_msg_id(text_data))
             )
         try:
-            frame = json.loads(text_data)
-        except ValueError:
+            frame = json_parse(text_data)
+        except InvalidFrame as error:
             return await self._send_error(
-                ErrorEvent.invalid_request("frames must be valid JSON", client_msg_id=text_client_msg_id(text_data))
+                ErrorEvent.invalid_request(f"the frame is not usable: {error}", client_msg_id=text_client_msg_id(text_data))
             )
         await self.receive_json(frame)
 

@@ -6,6 +6,7 @@ Shared by the WebSocket consumer and the REST event stream, so both speak the sa
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,91 @@ ERROR_CODES = frozenset(
 
 class InvalidFrame(ValueError):
     """A client frame that does not follow the protocol; the message says what is wrong."""
+
+
+# --- client JSON: the one decoder of every surface (REST bodies, /v1 bodies, socket frames) --
+
+MAX_JSON_DEPTH = 64  # generous for tool schemas; Python's own decoder gives up near 1,000
+_UNSAFE_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_check(value: str, name: str) -> str:
+    """Text no surface can keep: NUL (PostgreSQL refuses it in text) and lone surrogates
+    (they cannot be encoded as UTF-8, so they fail wherever the text is written or sent).
+    Raises InvalidFrame naming the field, never quoting the text."""
+    if _unsafe(value):
+        found = _UNSAFE_TEXT.search(value)
+        assert found is not None
+        what = "NUL characters" if found.group() == "\x00" else "unpaired surrogates (\\ud800-\\udfff)"
+        raise InvalidFrame(f"{name} must not contain {what}")
+    return value
+
+
+def _unsafe(value: str) -> bool:
+    # ASCII text (most of it) is one memchr; only other text pays for the regular expression.
+    return "\x00" in value or (not value.isascii() and _UNSAFE_TEXT.search(value) is not None)
+
+
+def json_parse(data: str | bytes) -> Any:
+    """Client JSON, decoded so that nothing in it can break what comes after: nesting at most
+    MAX_JSON_DEPTH deep (deeper input made the decoder raise RecursionError: a 500, or a socket
+    closed with 1011), finite numbers only (no NaN, Infinity or 1e400), and no string or key
+    that `text_check` refuses. Raises InvalidFrame."""
+    try:
+        value = json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
+    except InvalidFrame:
+        raise
+    except RecursionError:
+        raise InvalidFrame(_TOO_DEEP) from None
+    except ValueError:  # UnicodeDecodeError included
+        raise InvalidFrame("not valid JSON") from None
+    if isinstance(value, str):
+        text_check(value, "the JSON")
+    elif isinstance(value, (dict, list)):
+        _json_check(value)
+    return value
+
+
+_TOO_DEEP = f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _not_a_number(constant: str) -> float:
+    raise InvalidFrame(f"{constant} is not a JSON number")
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise InvalidFrame(f"the number {literal[:20]} is out of range")
+    return value
+
+
+def _json_check(container: dict[str, Any] | list[Any]) -> None:
+    """Depth and text, walked without recursion (the input is what may be deep); only
+    containers are queued. A path is a linked tuple (parent, key), spelled out only for the
+    error message."""
+    pending: list[tuple[Any, int, tuple[Any, Any] | None]] = [(container, 1, None)]
+    while pending:
+        node, depth, path = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidFrame(_TOO_DEEP)
+        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(key, str) and _unsafe(key):
+                text_check(key, f"a key of {_path_name(path)}")
+            if isinstance(child, str):
+                if _unsafe(child):
+                    text_check(child, _path_name((path, key)))
+            elif isinstance(child, (dict, list)):
+                pending.append((child, depth + 1, (path, key)))
+
+
+def _path_name(path: tuple[Any, Any] | None) -> str:
+    keys: list[Any] = []
+    while path is not None:
+        path, key = path
+        keys.append(key)
+    name = "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in reversed(keys)).lstrip(".")
+    return name[:100] or "the JSON"
 
 
 # --- client → server ----------------------------------------------------------------------
@@ -121,9 +207,7 @@ def validate_content(value: Any) -> str:
         raise InvalidFrame("content must not be empty")
     if len(value) > settings.MAX_MESSAGE_CHARS:
         raise InvalidFrame(f"content is longer than {settings.MAX_MESSAGE_CHARS} characters")
-    if "\x00" in value:
-        raise InvalidFrame("content must not contain NUL characters")
-    return value
+    return text_check(value, "content")
 
 
 def parse_client_frame(frame: Any) -> ClientCommand:
