@@ -73,12 +73,14 @@ class InvalidRequest(InvalidInput):
 # The largest output a request may ask for (an Assistant's own bound); past it a worst case
 # is no longer a price (10**30 tokens overflowed the cost's Decimal: a 500).
 MAX_OUTPUT_TOKENS = 2**31 - 1
+# OpenAI's own bound on `n`; the hold is the output bound times n, so n needs one too.
+MAX_CHOICES = 128
 
 
-def _positive_int(body: dict[str, Any], name: str) -> None:
+def _positive_int(body: dict[str, Any], name: str, *, most: int = MAX_OUTPUT_TOKENS) -> None:
     value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_TOKENS):
-        raise InvalidRequest(f"'{name}' must be an integer from 1 to {MAX_OUTPUT_TOKENS}", param=name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+        raise InvalidRequest(f"'{name}' must be an integer from 1 to {most}", param=name)
 
 
 def completion_request_parse(raw: bytes) -> dict[str, Any]:
@@ -101,7 +103,7 @@ def completion_request_parse(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
-    _positive_int(body, "n")
+    _positive_int(body, "n", most=MAX_CHOICES)
     user = body.get("user")
     if user is not None and (not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS):
         raise InvalidRequest(f"'user' must be a non-empty string of at most {MAX_USER_CHARS} characters", param="user")

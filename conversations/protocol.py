@@ -214,7 +214,7 @@ def parse_client_frame(frame: Any) -> ClientCommand:
     if not isinstance(frame, dict):
         raise InvalidFrame("a frame must be a JSON object")
     kind = frame.get("type")
-    if kind not in _ALLOWED_KEYS:
+    if not isinstance(kind, str) or kind not in _ALLOWED_KEYS:
         raise InvalidFrame(f"unknown type {kind!r}; expected one of {sorted(_ALLOWED_KEYS)}")
     unknown = set(frame) - _ALLOWED_KEYS[kind]
     if unknown:

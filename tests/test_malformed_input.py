@@ -163,6 +163,8 @@ V1_BODIES = [
     pytest.param(_completion(temperature="1e400"), id="overflowing-number"),
     pytest.param(_completion(temperature="NaN"), id="nan"),
     pytest.param(_completion(max_tokens="1" + "0" * 30), id="huge-max-tokens"),
+    pytest.param(_completion(max_completion_tokens="1" + "0" * 30), id="huge-max-completion-tokens"),
+    pytest.param(_completion(n="1000000000", max_tokens="2000000000"), id="huge-n"),
 ]
 
 
@@ -192,6 +194,8 @@ SOCKET_FRAMES = [
     pytest.param(f'{{"type": "conversation.join", "conversation_id": "{NUL}"}}', id="nul-in-conversation-id"),
     pytest.param('{"type": "message.create", "content": "hi", "conversation_id": 1e400}', id="overflowing-number"),
     pytest.param('{"type": "message.create", "content": NaN}', id="nan"),
+    pytest.param('{"type": {"message.create": 1}, "content": "hi"}', id="object-as-type"),
+    pytest.param('{"type": ["message.create"], "content": "hi"}', id="array-as-type"),
 ]
 
 
