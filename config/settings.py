@@ -292,8 +292,25 @@ UPSTREAM_FIRST_TOKEN_TIMEOUT = env.float("UPSTREAM_FIRST_TOKEN_TIMEOUT", default
 END_USER_TOKEN_DEFAULT_TTL = env.int("END_USER_TOKEN_DEFAULT_TTL", default=3600)
 # Largest user message accepted, in characters.
 MAX_MESSAGE_CHARS = env.int("MAX_MESSAGE_CHARS", default=32_000)
-# A generation claim older than this is considered abandoned (its process died).
-GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=900)
+# A generating process refreshes its claim's heartbeat this often; a claim whose heartbeat is
+# older than GENERATION_STALE_SECONDS belongs to a process that died: the sweep (beat, and a
+# check on join and on turn submit) stores what streamed as incomplete, bills it, frees the
+# conversation and tells the joined sockets.
+GENERATION_HEARTBEAT_SECONDS = env.float("GENERATION_HEARTBEAT_SECONDS", default=5.0)
+GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=60)
+GENERATION_SWEEP_SECONDS = env.float("GENERATION_SWEEP_SECONDS", default=30.0)
+
+# The event log (conversations/eventlog.py): a Redis Stream per conversation in services mode.
+# Capped at about EVENT_LOG_MAXLEN events (more than the longest answer's deltas), gone
+# EVENT_LOG_TTL_SECONDS after its last event. Each reader waits up to EVENT_LOG_BLOCK_MS per
+# XREAD BLOCK and holds one pooled connection while it waits, so a web process needs about one
+# connection per open stream: EVENT_LOG_MAX_CONNECTIONS bounds the pool (a full pool makes
+# readers queue, never fail), and Redis' maxclients (10,000 by default) bounds the sum over
+# processes.
+EVENT_LOG_MAXLEN = env.int("EVENT_LOG_MAXLEN", default=10_000)
+EVENT_LOG_TTL_SECONDS = env.int("EVENT_LOG_TTL_SECONDS", default=3600)
+EVENT_LOG_BLOCK_MS = env.int("EVENT_LOG_BLOCK_MS", default=5000)
+EVENT_LOG_MAX_CONNECTIONS = env.int("EVENT_LOG_MAX_CONNECTIONS", default=2000)
 
 # The built-in model simulator, mounted at /simulator/v1 for the embedded demo.
 SIMULATOR_MOUNTED = env.bool("SIMULATOR_MOUNTED", default=DEBUG)
