@@ -177,6 +177,10 @@ CELERY_TASK_TIME_LIMIT = 180
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULE = {
     "expire-stale-reservations": {"task": "billing.tasks.reservations_expire_stale", "schedule": 300.0},
+    "recover-stale-generations": {
+        "task": "conversations.tasks.generations_recover_stale",
+        "schedule": env.float("GENERATION_SWEEP_SECONDS", default=30.0),
+    },
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -293,12 +297,11 @@ END_USER_TOKEN_DEFAULT_TTL = env.int("END_USER_TOKEN_DEFAULT_TTL", default=3600)
 # Largest user message accepted, in characters.
 MAX_MESSAGE_CHARS = env.int("MAX_MESSAGE_CHARS", default=32_000)
 # A generating process refreshes its claim's heartbeat this often; a claim whose heartbeat is
-# older than GENERATION_STALE_SECONDS belongs to a process that died: the sweep (beat, and a
-# check on join and on turn submit) stores what streamed as incomplete, bills it, frees the
-# conversation and tells the joined sockets.
+# older than GENERATION_STALE_SECONDS belongs to a process that died. The sweep (beat, every
+# GENERATION_SWEEP_SECONDS; and a check on join and on turn submit) then stores what streamed
+# as incomplete, bills it, frees the conversation and tells the joined sockets.
 GENERATION_HEARTBEAT_SECONDS = env.float("GENERATION_HEARTBEAT_SECONDS", default=5.0)
 GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=60)
-GENERATION_SWEEP_SECONDS = env.float("GENERATION_SWEEP_SECONDS", default=30.0)
 
 # The event log (conversations/eventlog.py): a Redis Stream per conversation in services mode.
 # Capped at about EVENT_LOG_MAXLEN events (more than the longest answer's deltas), gone
