@@ -11,10 +11,11 @@ until a terminal event (`message.completed` or `error`) or a deadline.
 
 It prints, per N: clients whose deltas equal the stored answer and that got `message.completed`
 ("complete"), clients that got any terminal event, deltas delivered vs chunks the simulator
-sent, the delay from the simulator writing a chunk to the client receiving its delta (p50/p99;
-the simulator process stamps each content chunk with the wall clock, keyed by a marker in the
-prompt, and the k-th delta of a client is its k-th chunk), the web process's RSS growth per open
-stream, and answers stored and billed (assistant messages, UsageRecords).
+sent, the delay from the simulator writing a chunk to the client receiving its delta (p50/p99:
+the simulator process stamps each content chunk with the wall clock and its text, keyed by a
+marker in the prompt; a client's deltas are matched to its chunks in order by text, so a
+dropped delta is skipped, not paired with the wrong chunk), the web process's RSS growth per
+open stream, and answers stored and billed (assistant messages, UsageRecords).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def serve_simulator(port: int) -> None:
     from llm.simulator import create_app
 
     simulator = create_app(ttft_ms=100, tokens_per_second=0)
-    stamps: dict[str, list[float]] = {}
+    stamps: dict[str, list[tuple[float, str]]] = {}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/stamps":
@@ -80,9 +81,14 @@ def serve_simulator(port: int) -> None:
         async def stamped_send(message: dict[str, Any]) -> None:
             await send(message)
             if times is not None and message["type"] == "http.response.body":
-                chunk = message.get("body", b"")
-                content = chunk.count(b'"content":"') - chunk.count(b'"content":""')
-                times.extend([time.time()] * content)
+                now = time.time()
+                for line in message.get("body", b"").splitlines():
+                    if not line.startswith(b"data: {"):
+                        continue
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    content = (choices[0].get("delta") or {}).get("content")
+                    if content:
+                        times.append((now, content))
 
         await simulator(scope, replay, stamped_send)
 
@@ -204,15 +210,25 @@ def _stored(conversation_ids: list[str]) -> dict[str, Any]:
     return {"answers": {str(k): v for k, v in answers.items()}, "billed": billed}
 
 
-def _outcome(n: int, clients: list[Client], stamps: dict[str, list[float]], stored: dict[str, Any], *, run: str,
+def _delays(deltas: list[tuple[float, str]], sent: list[list[Any]]) -> list[float]:
+    delays, position = [], 0
+    for received, content in deltas:
+        while position < len(sent) and sent[position][1] != content:
+            position += 1
+        if position == len(sent):
+            break
+        delays.append((received - sent[position][0]) * 1000)
+        position += 1
+    return delays
+
+
+def _outcome(n: int, clients: list[Client], stamps: dict[str, list[list[Any]]], stored: dict[str, Any], *, run: str,
              rss: float, seconds: float) -> Outcome:
     delays: list[float] = []
     complete = match = 0
     failures: dict[str, int] = {}
     for client in clients:
-        sent = stamps.get(f"{run}-{client.index}", [])
-        for (received, _), stamp in zip(client.deltas, sent, strict=False):
-            delays.append((received - stamp) * 1000)
+        delays += _delays(client.deltas, stamps.get(f"{run}-{client.index}", []))
         answer = stored["answers"].get(client.conversation_id or "")
         same = answer is not None and "".join(c for _, c in client.deltas) == answer
         match += same
