@@ -289,7 +289,8 @@ def main() -> None:
     django.setup()
     sim_port, web_port = free_port(), free_port()
     processes = [subprocess.Popen([PYTHON, __file__, "--serve-simulator", str(sim_port)], cwd=ROOT, env=env)]
-    web = subprocess.Popen([PYTHON, "-m", "config.daphne", "-b", "127.0.0.1", "-p", str(web_port),
+    profile = ["-m", "cProfile", "-o", os.environ["BENCH_WEB_PROFILE"]] if os.environ.get("BENCH_WEB_PROFILE") else []
+    web = subprocess.Popen([PYTHON, *profile, "-m", "config.daphne", "-b", "127.0.0.1", "-p", str(web_port),
                             "config.asgi:application"], cwd=args.code, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     processes.append(web)

@@ -155,6 +155,7 @@ class RedisEventLog:
     def __init__(self, url: str) -> None:
         self.url = url
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._appenders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Appender] = weakref.WeakKeyDictionary()
 
     def client(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -164,12 +165,11 @@ class RedisEventLog:
         return client
 
     async def append(self, key: str, event: dict[str, Any]) -> str:
-        data = json.dumps(event, separators=(",", ":"))
-        async with self.client().pipeline(transaction=False) as pipe:
-            pipe.xadd(key, {"e": data}, maxlen=settings.EVENT_LOG_MAXLEN, approximate=True)
-            pipe.expire(key, settings.EVENT_LOG_TTL_SECONDS)
-            offset, _ = await pipe.execute()
-        return offset
+        loop = asyncio.get_running_loop()
+        appender = self._appenders.get(loop)
+        if appender is None:
+            appender = self._appenders[loop] = _Appender(self.client())
+        return await appender.append(key, json.dumps(event, separators=(",", ":")))
 
     async def read(self, key: str, after: str, *, block_ms: int = 0, count: int = 1000) -> list[Entry]:
         reply = await self.client().xread({key: after}, count=count, block=block_ms or None)
@@ -185,6 +185,42 @@ class RedisEventLog:
     async def head(self, key: str) -> str:
         last = await self.client().xrevrange(key, count=1)
         return last[0][0] if last else START
+
+
+class _Appender:
+    """Every generation of a process appends through one pipeline: what was appended while the
+    last round trip was out goes in the next, so N streams cost one round trip per batch rather
+    than N (a generation awaits its own append, so its events keep their order)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.pending: list[tuple[str, str, asyncio.Future[str]]] = []
+        self.flushing: asyncio.Task[None] | None = None
+
+    async def append(self, key: str, data: str) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.pending.append((key, data, future))
+        if self.flushing is None or self.flushing.done():
+            self.flushing = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, data, _ in batch:
+                        pipe.xadd(key, {"e": data}, maxlen=settings.EVENT_LOG_MAXLEN, approximate=True)
+                        pipe.expire(key, settings.EVENT_LOG_TTL_SECONDS)
+                    replies = await pipe.execute()
+            except Exception as error:  # every waiting generation learns it
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, _, future), offset in zip(batch, replies[::2], strict=True):
+                if not future.done():
+                    future.set_result(offset)
 
 
 def _redis_client(url: str) -> Any:

@@ -97,3 +97,18 @@ async def test_readers_on_other_event_loops_are_woken(key):
     await log.append(key, {"from": "another loop"})
     await asyncio.to_thread(thread.join, 5)
     assert [event for _, event in result] == [{"from": "another loop"}]
+
+
+async def test_concurrent_writers_each_keep_their_order(log, key):
+    """Many generations append at once (Redis: batched into shared pipelines)."""
+
+    async def writer(name: int) -> list[str]:
+        return [await log.append(key, {"w": name, "n": n}) for n in range(20)]
+
+    offsets = await asyncio.gather(*(writer(w) for w in range(50)))
+    for own in offsets:
+        assert own == sorted(own, key=offset_key)
+    events = [event for _, event in await read_all(log, key)]
+    assert len(events) == 1000
+    for w in range(50):
+        assert [e["n"] for e in events if e["w"] == w] == list(range(20))
