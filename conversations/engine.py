@@ -100,8 +100,15 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
 
     Raises the services' domain errors before anything is published."""
     layer = get_channel_layer()
+    # The log's position before this turn, read before the claim so that nothing can fail
+    # between claiming and starting; a new conversation's log is empty. At most the previous
+    # turn's last event (written just after it freed the conversation) comes after it.
+    after = eventlog.START
     if command.conversation_id is not None:
         await recovery.conversation_recover(caller=caller, conversation_id=command.conversation_id)
+        after = await eventlog.event_log().head(eventlog.log_key(
+            services.group_name(tenant_id=caller.tenant_id, conversation_id=command.conversation_id)
+        ))
     # Default prefix: channels_redis reads all of a process's specific channels through one
     # receive loop keyed on it; a custom prefix would starve the sockets' channels.
     control = await layer.new_channel()
@@ -113,17 +120,13 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
         client_msg_id=command.client_msg_id,
         control_channel=control,
     )
-    key = eventlog.log_key(plan.group)
-    # Read before the generation starts: we hold the claim, so nothing of this turn is in
-    # the log yet (at most the previous turn's last event, written just after its release).
-    after = await eventlog.event_log().head(key)
     generation = Generation(plan=plan, control_channel=control)
     task = asyncio.create_task(generation.run(), name=f"generation {plan.assistant_message_id}")
     _running.add(task)
     task.add_done_callback(_running.discard)
     beat = asyncio.create_task(recovery.heartbeat(plan), name=f"heartbeat {plan.assistant_message_id}")
     task.add_done_callback(lambda _: beat.cancel())
-    return Submitted(plan=plan, key=key, after=after)
+    return Submitted(plan=plan, key=eventlog.log_key(plan.group), after=after)
 
 
 async def generation_cancel(*, caller: Caller, conversation_id: uuid.UUID) -> bool:
