@@ -6,7 +6,7 @@
 Starts the simulator (its own process, TTFT 100 ms, `--words` chunks paced at `--tps`) and one
 web process (`python -m config.daphne`, from `--code`: another checkout measures another
 version of Parley against the same database and Redis). For each N: N end users, each with its
-own token, socket and new conversation, connect; then all send one message at once and read
+own token, socket and new conversation, connect (at most 100 handshakes at a time); then all send one message at once and read
 until a terminal event (`message.completed` or `error`) or a deadline.
 
 It prints, per N: clients whose deltas equal the stored answer and that got `message.completed`
@@ -109,14 +109,16 @@ class Client:
 
 
 async def run_client(client: Client, *, url: str, run: str, words: int, tps: float, go: asyncio.Event,
-                     connected: list[int], deadline: float) -> None:
+                     connected: list[int], deadline: float, handshakes: asyncio.Semaphore) -> None:
     import websockets
 
     try:
+        await handshakes.acquire()  # released once open: at most 100 handshakes at a time
         async with websockets.connect(f"{url}?token={client.token}", open_timeout=120, ping_interval=None,
                                       additional_headers={"Origin": "http://127.0.0.1"},
                                       max_queue=None) as ws:
             connected.append(client.index)
+            handshakes.release()
             await go.wait()
             await ws.send(json.dumps({
                 "type": "message.create",
@@ -138,6 +140,9 @@ async def run_client(client: Client, *, url: str, run: str, words: int, tps: flo
         client.failure = "deadline"
     except Exception as error:  # noqa: BLE001 — counted and shown
         client.failure = f"{type(error).__name__}: {error}"[:120]
+    finally:
+        if client.index not in connected:
+            handshakes.release()
 
 
 def rss_kb(pid: int) -> int:
@@ -178,12 +183,13 @@ async def measure(n: int, *, url: str, sim_url: str, pid: int, setup: Any, words
     run = uuid.uuid4().hex[:8]
     tokens = await sync_to_async(lambda: [setup.token(f"bench-{run}-{i}") for i in range(n)])()
     clients = [Client(i, token) for i, token in enumerate(tokens)]
-    go, connected = asyncio.Event(), []
+    go, connected, handshakes = asyncio.Event(), [], asyncio.Semaphore(100)
     deadline = time.monotonic() + 120 + words / tps + n * 0.05
     idle_rss = rss_kb(pid)
     tasks = [asyncio.create_task(run_client(c, url=url, run=run, words=words, tps=tps, go=go,
-                                            connected=connected, deadline=deadline)) for c in clients]
-    while len(connected) < n and not all(t.done() for t in tasks) and time.monotonic() < deadline:
+                                            connected=connected, deadline=deadline, handshakes=handshakes))
+             for c in clients]
+    while len(connected) + sum(t.done() for t in tasks) < n and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     started = time.monotonic()
     go.set()
