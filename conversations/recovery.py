@@ -161,8 +161,7 @@ def generation_checkpoint(*, conversation_id: uuid.UUID, generation_id: uuid.UUI
     with transaction.atomic():
         conversation = (
             Conversation.objects.select_for_update(of=("self",)).select_related("assistant")
-            .filter(pk=conversation_id, generation_id=generation_id,
-                    generation_beat_at__lt=services.generation_stale_before(now))
+            .filter(services.stale_claim(now), pk=conversation_id, generation_id=generation_id)
             .first()
         )
         if conversation is None:

@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from billing import ratelimits
@@ -137,6 +138,12 @@ class CallOwner:
 
 def generation_stale_before(now) -> Any:
     return now - timedelta(seconds=settings.GENERATION_STALE_SECONDS)
+
+
+def stale_claim(now) -> Q:
+    """A claim whose heartbeat stopped; claims from before heartbeats go by their start."""
+    cutoff = generation_stale_before(now)
+    return Q(generation_beat_at__lt=cutoff) | Q(generation_beat_at__isnull=True, generation_started_at__lt=cutoff)
 
 
 def _is_generating(conversation: Conversation, now) -> bool:
@@ -504,9 +511,7 @@ def conversation_generation(*, caller: Caller, conversation_id: Any) -> tuple[Co
 
 def stale_generations(*, conversation_id: uuid.UUID | None = None) -> list[tuple[int, uuid.UUID, uuid.UUID]]:
     """(tenant id, conversation id, generation id) of every claim whose heartbeat stopped."""
-    queryset = Conversation.objects.filter(
-        generation_id__isnull=False, generation_beat_at__lt=generation_stale_before(timezone.now())
-    )
+    queryset = Conversation.objects.filter(generation_id__isnull=False).filter(stale_claim(timezone.now()))
     if conversation_id is not None:
         queryset = queryset.filter(pk=conversation_id)
     return list(queryset.values_list("tenant_id", "id", "generation_id"))

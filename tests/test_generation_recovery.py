@@ -123,3 +123,13 @@ async def test_a_turn_on_a_dead_generations_conversation_stores_it_first(tenant_
         ("user", "complete"), ("assistant", "incomplete"), ("user", "complete"), ("assistant", "complete")
     ]
     assert stored[1].content == "".join(DELTAS)
+
+
+async def test_a_claim_from_before_heartbeats_is_swept_by_its_start(tenant_factory, sim):
+    setup = await adb(tenant_factory)()
+    plan = await _streamed_then_died(setup)
+    await Conversation.objects.filter(pk=plan.conversation_id).aupdate(
+        generation_beat_at=None, generation_started_at=timezone.now() - timedelta(minutes=5)
+    )
+    assert await recovery.generations_recover() == 1
+    assert (await Message.objects.aget(pk=plan.assistant_message_id)).content == "".join(DELTAS)
