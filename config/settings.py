@@ -177,6 +177,10 @@ CELERY_TASK_TIME_LIMIT = 180
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULE = {
     "expire-stale-reservations": {"task": "billing.tasks.reservations_expire_stale", "schedule": 300.0},
+    "recover-stale-generations": {
+        "task": "conversations.tasks.generations_recover_stale",
+        "schedule": env.float("GENERATION_SWEEP_SECONDS", default=30.0),
+    },
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -293,11 +297,27 @@ UPSTREAM_FIRST_TOKEN_TIMEOUT = env.float("UPSTREAM_FIRST_TOKEN_TIMEOUT", default
 END_USER_TOKEN_DEFAULT_TTL = env.int("END_USER_TOKEN_DEFAULT_TTL", default=3600)
 # Largest user message accepted, in characters.
 MAX_MESSAGE_CHARS = env.int("MAX_MESSAGE_CHARS", default=32_000)
-# A generation claim older than this is considered abandoned (its process died).
-GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=900)
+# A generating process refreshes its claim's heartbeat this often; a claim whose heartbeat is
+# older than GENERATION_STALE_SECONDS belongs to a process that died. The sweep (beat, every
+# GENERATION_SWEEP_SECONDS; and a check on join and on turn submit) then stores what streamed
+# as incomplete, bills it, frees the conversation and tells the joined sockets.
+GENERATION_HEARTBEAT_SECONDS = env.float("GENERATION_HEARTBEAT_SECONDS", default=5.0)
+GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=60)
+
+# The event log (conversations/eventlog.py): a Redis Stream per conversation in services mode.
+# Capped at about EVENT_LOG_MAXLEN events (more than the longest answer's deltas), gone
+# EVENT_LOG_TTL_SECONDS after its last event. Each reader waits up to EVENT_LOG_BLOCK_MS per
+# XREAD BLOCK and holds one pooled connection while it waits, so a web process needs about one
+# connection per open stream: EVENT_LOG_MAX_CONNECTIONS bounds the pool (a full pool makes
+# readers queue, never fail), and Redis' maxclients (10,000 by default) bounds the sum over
+# processes.
+EVENT_LOG_MAXLEN = env.int("EVENT_LOG_MAXLEN", default=10_000)
+EVENT_LOG_TTL_SECONDS = env.int("EVENT_LOG_TTL_SECONDS", default=3600)
+EVENT_LOG_BLOCK_MS = env.int("EVENT_LOG_BLOCK_MS", default=5000)
+EVENT_LOG_MAX_CONNECTIONS = env.int("EVENT_LOG_MAX_CONNECTIONS", default=2000)
 # Wall-clock budget of one generation (every upstream call and tool round of a turn): past it
-# the answer ends `incomplete`, billed for what streamed. Below GENERATION_STALE_SECONDS, so a
-# live generation's claim never looks abandoned.
+# the answer ends `incomplete`, billed for what streamed. A live generation's claim
+# never looks abandoned: its heartbeat keeps it fresh.
 GENERATION_MAX_SECONDS = env.float("GENERATION_MAX_SECONDS", default=600)
 
 # The built-in model simulator, mounted at /simulator/v1 for the embedded demo.

@@ -1,4 +1,5 @@
-"""WebSocket consumer at /ws/chat/: translates frames to engine calls and group events to frames."""
+"""WebSocket consumer at /ws/chat/: translates frames to engine calls, and each joined
+conversation's event log to frames (a reader task per conversation, each frame with its offset)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,6 @@ from .protocol import (
 from .services import Caller
 from .sockets import socket_authenticate
 
-# A generation that does not answer a state request in this long is gone (its process died
-# or it just finished); the joiner then gets the stored state.
-STATE_REPLY_TIMEOUT = 2.0
-
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     caller: Caller | None = None  # None: not (or no longer) authorized; frames are ignored
@@ -45,10 +42,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     refused = False
 
     async def connect(self) -> None:
-        self.groups_joined: set[str] = set()
-        # conversation id -> timer: deltas of a joined generation are dropped until its state
-        # (which already contains them) arrives.
-        self.awaiting_state: dict[str, asyncio.TimerHandle] = {}
+        self.groups_joined: set[str] = set()  # control messages only (a block)
+        # conversation id -> the task forwarding its event log to this socket.
+        self.readers: dict[uuid.UUID, asyncio.Task[None]] = {}
         authenticated = await database_sync_to_async(socket_authenticate)(self.scope)
         await self.accept()
         if authenticated is None:
@@ -85,9 +81,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
-        for timer in self.awaiting_state.values():
-            timer.cancel()
-        # The generation keeps running; only this socket stops listening.
+        # The generation keeps running; only this socket stops reading.
+        for reader in self.readers.values():
+            reader.cancel()
         for group in self.groups_joined:
             await self.channel_layer.group_discard(group, self.channel_name)
 
@@ -130,35 +126,35 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _dispatch(self, command: MessageCreate | GenerationCancel | ConversationJoin) -> None:
         assert self.caller is not None
         if isinstance(command, MessageCreate):
-            plan = await engine.turn_submit(caller=self.caller, command=command, subscriber=self.channel_name)
-            self.groups_joined.add(plan.group)
+            turn = await engine.turn_submit(caller=self.caller, command=command)
+            if turn.plan.conversation_id not in self.readers:  # a joined one already forwards it
+                self._follow(turn.plan.conversation_id, turn.key, turn.after)
         elif isinstance(command, GenerationCancel):
             if not await engine.generation_cancel(caller=self.caller, conversation_id=command.conversation_id):
                 raise ChatError("nothing is being generated in this conversation")
         else:
-            await self._join(command.conversation_id)
+            await self._join(command)
 
-    async def _join(self, conversation_id: uuid.UUID) -> None:
+    async def _join(self, command: ConversationJoin) -> None:
         assert self.caller is not None
-        group, generating = await engine.conversation_join(
-            caller=self.caller, conversation_id=conversation_id, subscriber=self.channel_name
-        )
-        self.groups_joined.add(group)
-        key = str(conversation_id)
-        if not generating:
-            await self.send_json(engine.idle_state(conversation_id).as_dict())
-            return
-        loop = asyncio.get_running_loop()
-        previous = self.awaiting_state.pop(key, None)
-        if previous:
+        # A join restarts this conversation's reading at the joined position: stop the old
+        # reader first, so the state frame follows every event it sent and nothing is sent twice.
+        previous = self.readers.pop(command.conversation_id, None)
+        if previous is not None:
             previous.cancel()
-        self.awaiting_state[key] = loop.call_later(
-            STATE_REPLY_TIMEOUT, lambda: asyncio.ensure_future(self._state_timeout(key))
+            await asyncio.wait([previous])
+        joined = await engine.conversation_join(
+            caller=self.caller, conversation_id=command.conversation_id, after=command.after
         )
+        await self.send_json({**joined.state.as_dict(), "offset": joined.offset})
+        self._follow(command.conversation_id, joined.key, joined.after)
 
-    async def _state_timeout(self, key: str) -> None:
-        if self.awaiting_state.pop(key, None) is not None:
-            await self.send_json(engine.idle_state(uuid.UUID(key)).as_dict())
+    def _follow(self, conversation_id: uuid.UUID, key: str, after: str) -> None:
+        self.readers[conversation_id] = asyncio.create_task(self._forward(key, after), name=f"socket reader {key}")
+
+    async def _forward(self, key: str, after: str) -> None:
+        async for offset, event in engine.events_follow(key, after):
+            await self.send_json({**event, "offset": offset})
 
     async def _send_error(self, event: ErrorEvent) -> None:
         await self.send_json(event.as_dict())
@@ -167,17 +163,3 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def end_user_blocked(self, message: dict[str, Any]) -> None:
         await self._refuse("this end user is blocked")
-
-    async def chat_event(self, message: dict[str, Any]) -> None:
-        event = message["event"]
-        if event.get("type") == "delta" and message.get("conversation_id") in self.awaiting_state:
-            return
-        await self.send_json(event)
-
-    async def chat_state(self, message: dict[str, Any]) -> None:
-        event = message["event"]
-        timer = self.awaiting_state.pop(event.get("conversation_id"), None)
-        if timer is None:
-            return  # answered by the timeout already
-        timer.cancel()
-        await self.send_json(event)

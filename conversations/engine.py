@@ -1,10 +1,12 @@
 """The chat engine: plain async Python between the wire surfaces and the services.
 
 A generation belongs to its conversation, not to the socket that asked for it: it runs as a
-detached task and publishes every event to the conversation's channel-layer group, so any
-number of sockets in any web process see the same stream, and a dropped socket neither stops
-nor loses it. Each generation listens on a control channel of its own (stored on the
-conversation) for `cancel` and for state requests from sockets that join mid-stream.
+detached task and appends every event to the conversation's event log (eventlog.py), so any
+number of readers in any web process see the same stream from offsets of their own, a slow
+reader catches up instead of losing events, and a dropped socket neither stops nor loses it.
+Each generation listens on a control channel of its own (stored on the conversation) for
+`cancel`; its claim on the conversation carries a heartbeat, so when its process dies the
+sweep (recovery.py) finishes the bookkeeping from the log.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import replace
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -33,7 +36,7 @@ from moderation.services import ModerationContext, moderate
 from tools.calls import ToolContext
 from tools.execution import tool_calls_execute
 
-from . import services, summaries
+from . import eventlog, recovery, services, summaries
 from .models import Message
 from .protocol import (
     ConversationCreated,
@@ -54,12 +57,9 @@ from .tool_rounds import ToolCallAssembler, arguments_object, wire_tool_calls
 
 logger = logging.getLogger(__name__)
 
-# Channel-layer message types. Group events go to every joined socket; control messages go to
-# a generation's own channel; state replies go to the asking socket's channel.
-GROUP_EVENT = "chat.event"
-STATE_REPLY = "chat.state"
+# Control messages ride the channel layer, to a generation's own channel: they are few, and a
+# lost one is a cancel the user repeats. Events never do: they go to the event log.
 CONTROL_CANCEL = "generation.cancel"
-CONTROL_STATE = "generation.state"
 CONTROL_STOP = "generation.stop"
 
 # Why a turn stopped before the model finished it (besides a cancel): the finish reasons of an
@@ -71,18 +71,49 @@ TIME_BUDGET_EXHAUSTED = "time_budget_exhausted"  # past GENERATION_MAX_SECONDS
 _running: set[asyncio.Task] = set()
 
 
-async def publish(plan: TurnPlan, event: Event) -> None:
-    await get_channel_layer().group_send(
-        plan.group,
-        {"type": GROUP_EVENT, "conversation_id": str(plan.conversation_id), "event": event.as_dict()},
-    )
+async def publish(plan: TurnPlan, event: Event) -> str:
+    """Append to the conversation's log; returns the event's offset. Never waits for readers."""
+    return await eventlog.event_log().append(eventlog.log_key(plan.group), event.as_dict())
 
 
-async def turn_submit(*, caller: Caller, command: MessageCreate, subscriber: str | None) -> TurnPlan:
-    """Commit the user's message, subscribe the asking channel, start the generation.
+async def events_follow(key: str, after: str) -> AsyncIterator[eventlog.Entry]:
+    """Every wire event of the log after `after`, in order, then each as it is appended;
+    runs until cancelled. A Redis outage pauses it: it resumes from the same offset."""
+    log = eventlog.event_log()
+    while True:
+        try:
+            page = await log.read(key, after, block_ms=settings.EVENT_LOG_BLOCK_MS)
+        except eventlog.LOG_ERRORS:
+            logger.warning("event log %s unreadable; retrying", key, exc_info=True)
+            await asyncio.sleep(1)
+            continue
+        for offset, event in page:
+            after = offset
+            if event.get("type") not in recovery.INTERNAL_EVENTS:
+                yield offset, event
+
+
+@dataclass(frozen=True)
+class Submitted:
+    plan: TurnPlan
+    key: str  # the conversation's event log
+    after: str  # the log's offset before this turn's first event
+
+
+async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
+    """Commit the user's message, start the generation; its events follow `after` in the log.
 
     Raises the services' domain errors before anything is published."""
     layer = get_channel_layer()
+    # The log's position before this turn, read before the claim so that nothing can fail
+    # between claiming and starting; a new conversation's log is empty. At most the previous
+    # turn's last event (written just after it freed the conversation) comes after it.
+    after = eventlog.START
+    if command.conversation_id is not None:
+        await recovery.conversation_recover(caller=caller, conversation_id=command.conversation_id)
+        after = await eventlog.event_log().head(eventlog.log_key(
+            services.group_name(tenant_id=caller.tenant_id, conversation_id=command.conversation_id)
+        ))
     # Default prefix: channels_redis reads all of a process's specific channels through one
     # receive loop keyed on it; a custom prefix would starve the sockets' channels.
     control = await layer.new_channel()
@@ -94,13 +125,13 @@ async def turn_submit(*, caller: Caller, command: MessageCreate, subscriber: str
         client_msg_id=command.client_msg_id,
         control_channel=control,
     )
-    if subscriber is not None:
-        await layer.group_add(plan.group, subscriber)
     generation = Generation(plan=plan, control_channel=control)
     task = asyncio.create_task(generation.run(), name=f"generation {plan.assistant_message_id}")
     _running.add(task)
     task.add_done_callback(_running.discard)
-    return plan
+    beat = asyncio.create_task(recovery.heartbeat(plan), name=f"heartbeat {plan.assistant_message_id}")
+    task.add_done_callback(lambda _: beat.cancel())
+    return Submitted(plan=plan, key=eventlog.log_key(plan.group), after=after)
 
 
 async def generation_cancel(*, caller: Caller, conversation_id: uuid.UUID) -> bool:
@@ -115,27 +146,28 @@ async def generation_cancel(*, caller: Caller, conversation_id: uuid.UUID) -> bo
     return True
 
 
-async def conversation_join(*, caller: Caller, conversation_id: uuid.UUID, subscriber: str) -> tuple[str, bool]:
-    """Subscribe `subscriber` to the conversation's events; returns the group and whether a
-    generation is running. If one is, it is asked to send its state (content so far) to the
-    subscriber as a `chat.state` message."""
-    layer = get_channel_layer()
+@dataclass(frozen=True)
+class Joined:
+    key: str  # the conversation's event log
+    state: ConversationState  # the log up to `offset`
+    offset: str
+    after: str  # where the joiner's reading starts: `offset`, or the client's own offset
+
+
+async def conversation_join(*, caller: Caller, conversation_id: uuid.UUID, after: str | None) -> Joined:
+    """The conversation's state, built from its log, and where to read on. Without `after`
+    the state carries the running answer so far and reading starts right after it; with
+    `after` (the last offset the client saw) every event after it is read again, exactly
+    once, and the state carries no content. Raises NotFound."""
     conversation = await database_sync_to_async(services.access_conversation)(
         caller=caller, conversation_id=conversation_id
     )
-    group = services.group_name(tenant_id=caller.tenant_id, conversation_id=conversation.id)
-    await layer.group_add(group, subscriber)
-    # Read the claim after subscribing: a generation that starts in between is seen either
-    # here or through the group.
-    control = await database_sync_to_async(services.generation_control_channel)(conversation=conversation)
-    if control is None:
-        return group, False
-    await layer.send(control, {"type": CONTROL_STATE, "reply_to": subscriber})
-    return group, True
-
-
-def idle_state(conversation_id: uuid.UUID) -> ConversationState:
-    return ConversationState(conversation_id=str(conversation_id), generating=False)
+    await recovery.conversation_recover(caller=caller, conversation_id=conversation.id)
+    key = eventlog.log_key(services.group_name(tenant_id=caller.tenant_id, conversation_id=conversation.id))
+    entries = await eventlog.read_all(eventlog.event_log(), key)
+    offset = entries[-1][0] if entries else eventlog.START
+    state = recovery.state_from_log(conversation.id, [event for _, event in entries], with_content=after is None)
+    return Joined(key=key, state=state, offset=offset, after=offset if after is None else after)
 
 
 class Generation:
@@ -226,6 +258,7 @@ class Generation:
 
     async def _announce(self) -> None:
         plan = self.plan
+        await recovery.round_record(plan, round_number=0, prompt_tokens=plan.prompt.tokens)
         if plan.conversation_created:
             await publish(plan, ConversationCreated(id=str(plan.conversation_id)))
         await publish(
@@ -402,6 +435,7 @@ class Generation:
         self.round_reservation = await database_sync_to_async(services.round_reserve)(
             plan=plan, round_number=self.round_number, prompt_tokens=self.round_prompt_tokens
         )
+        await recovery.round_record(plan, round_number=self.round_number, prompt_tokens=self.round_prompt_tokens)
         return stored.messages
 
     async def _listen(self) -> None:
@@ -413,15 +447,6 @@ class Generation:
                 return
             if kind == CONTROL_CANCEL:
                 self.cancel()
-            elif kind == CONTROL_STATE and isinstance(message.get("reply_to"), str):
-                async with self._publish_lock:
-                    state = ConversationState(
-                        conversation_id=str(self.plan.conversation_id),
-                        generating=True,
-                        message_id=self.message_id,
-                        content=self.content,
-                    )
-                    await layer.send(message["reply_to"], {"type": STATE_REPLY, "event": state.as_dict()})
 
     def cancel(self) -> None:
         self._stop("cancelled")

@@ -77,6 +77,8 @@ class Conversation(models.Model):
     generation_id = models.UUIDField(null=True, blank=True)
     generation_channel = models.CharField(max_length=200, blank=True, default="")
     generation_started_at = models.DateTimeField(null=True, blank=True)
+    # Refreshed by the generating process while it runs; a stale beat means it died.
+    generation_beat_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

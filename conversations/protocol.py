@@ -20,6 +20,7 @@ from billing.services import PriceMissing, money_str
 from llm.gateway import UpstreamError
 
 from .errors import ChatError
+from .eventlog import OFFSET_PATTERN
 
 ERROR_CODES = frozenset(
     {
@@ -144,6 +145,7 @@ class GenerationCancel:
 @dataclass(frozen=True)
 class ConversationJoin:
     conversation_id: uuid.UUID
+    after: str | None = None  # the last event offset the client saw: replay what followed
 
 
 ClientCommand = MessageCreate | GenerationCancel | ConversationJoin
@@ -151,7 +153,7 @@ ClientCommand = MessageCreate | GenerationCancel | ConversationJoin
 _ALLOWED_KEYS = {
     "message.create": {"type", "conversation_id", "assistant", "content", "client_msg_id"},
     "generation.cancel": {"type", "conversation_id"},
-    "conversation.join": {"type", "conversation_id"},
+    "conversation.join": {"type", "conversation_id", "after"},
 }
 
 
@@ -230,7 +232,15 @@ def parse_client_frame(frame: Any) -> ClientCommand:
     assert conversation_id is not None
     if kind == "generation.cancel":
         return GenerationCancel(conversation_id=conversation_id)
-    return ConversationJoin(conversation_id=conversation_id)
+    return ConversationJoin(conversation_id=conversation_id, after=_offset(frame.get("after")))
+
+
+def _offset(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not OFFSET_PATTERN.match(value):
+        raise InvalidFrame("after must be an event offset as sent in an event's offset field")
+    return value
 
 
 # --- server → client ----------------------------------------------------------------------

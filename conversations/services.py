@@ -7,7 +7,7 @@ Everything here is synchronous ORM code; the async engine reaches it through one
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from billing import ratelimits
@@ -125,13 +126,44 @@ class TurnPlan:
     def group(self) -> str:
         return group_name(tenant_id=self.caller.tenant_id, conversation_id=self.conversation_id)
 
+    @property
+    def owner(self) -> CallOwner:
+        return CallOwner(
+            caller=self.caller, conversation_id=self.conversation_id, assistant_message_id=self.assistant_message_id,
+            model=self.model, price=self.price, prompt_tokens=self.prompt.tokens,
+        )
+
+
+@dataclass(frozen=True)
+class CallOwner:
+    """Whose upstream calls a turn's ledger rows are: what billing needs of a turn, which the
+    stale-generation sweep can rebuild without the turn's plan."""
+
+    caller: Caller
+    conversation_id: uuid.UUID
+    assistant_message_id: uuid.UUID
+    model: str
+    price: Price
+    prompt_tokens: int
+
+
+def generation_stale_before(now) -> Any:
+    return now - timedelta(seconds=settings.GENERATION_STALE_SECONDS)
+
+
+def stale_claim(now) -> Q:
+    """A claim whose heartbeat stopped; claims from before heartbeats go by their start."""
+    cutoff = generation_stale_before(now)
+    return Q(generation_beat_at__lt=cutoff) | Q(generation_beat_at__isnull=True, generation_started_at__lt=cutoff)
+
 
 def _is_generating(conversation: Conversation, now) -> bool:
-    """A claim older than GENERATION_STALE_SECONDS belongs to a process that died."""
+    """A claim whose heartbeat is older than GENERATION_STALE_SECONDS belongs to a process
+    that died (the sweep in recovery.py stores its answer)."""
     if conversation.generation_id is None:
         return False
-    stale = now - timedelta(seconds=settings.GENERATION_STALE_SECONDS)
-    return conversation.generation_started_at is not None and conversation.generation_started_at >= stale
+    beat = conversation.generation_beat_at or conversation.generation_started_at
+    return beat is not None and beat >= generation_stale_before(now)
 
 
 @dataclass(frozen=True)
@@ -250,6 +282,7 @@ def turn_prepare(
             generation_id=assistant_message_id,
             generation_channel=control_channel,
             generation_started_at=now,
+            generation_beat_at=now,
             updated_at=now,
         )
     tools = admission.tools
@@ -357,11 +390,11 @@ class TurnResult:
 
 
 def _bill_call(
-    *, plan: TurnPlan, outcome: TurnOutcome, message_id: uuid.UUID, content: str, reservation: Reservation
+    *, plan: CallOwner, outcome: TurnOutcome, message_id: uuid.UUID, content: str, reservation: Reservation
 ) -> UsageRecord:
     """One UsageRecord for one upstream call, settled against its reservation."""
     estimated = outcome.prompt_tokens is None
-    prompt_estimate = outcome.prompt_estimate if outcome.prompt_estimate is not None else plan.prompt.tokens
+    prompt_estimate = outcome.prompt_estimate if outcome.prompt_estimate is not None else plan.prompt_tokens
     record = usage_record(
         usage=UsageInput(
             call_id=upstream_call_id(plan.assistant_message_id, outcome.round_number),
@@ -390,8 +423,18 @@ def _bill_call(
 
 def turn_finish(*, plan: TurnPlan, outcome: TurnOutcome) -> TurnResult:
     """Store the answer (complete or incomplete), bill the last call, release the conversation."""
-    reservation = outcome.reservation or plan.reservation
-    seq = outcome.seq if outcome.seq is not None else plan.user_seq + 1
+    return answer_store(plan=plan.owner, outcome=replace(
+        outcome,
+        reservation=outcome.reservation or plan.reservation,
+        seq=outcome.seq if outcome.seq is not None else plan.user_seq + 1,
+    ))
+
+
+def answer_store(*, plan: CallOwner, outcome: TurnOutcome) -> TurnResult:
+    """The one way an answer is stored: by its generation, or by the sweep when that died.
+    `outcome` carries the answer's seq and the last call's reservation."""
+    reservation, seq = outcome.reservation, outcome.seq
+    assert reservation is not None and seq is not None
     with transaction.atomic():
         Message.objects.create(
             id=plan.assistant_message_id,
@@ -469,7 +512,7 @@ def tool_round_commit(*, plan: TurnPlan, record: ToolRoundRecord) -> ToolRoundSt
         next_seq = seq + len(rows)
         Conversation.objects.filter(pk=plan.conversation_id).update(last_seq=next_seq - 1)
         usage = _bill_call(
-            plan=plan, outcome=outcome, message_id=call_message_id, content=outcome.content,
+            plan=plan.owner, outcome=outcome, message_id=call_message_id, content=outcome.content,
             reservation=outcome.reservation or plan.reservation,
         )
     return ToolRoundStored(
@@ -504,11 +547,19 @@ def round_reserve(*, plan: TurnPlan, round_number: int, prompt_tokens: int) -> R
 def generation_release(*, conversation_id: uuid.UUID, generation_id: uuid.UUID, last_seq: int | None = None) -> None:
     # Conditional on our own claim: a stale claim taken over by another process stays theirs.
     fields: dict[str, Any] = {
-        "generation_id": None, "generation_channel": "", "generation_started_at": None, "updated_at": timezone.now()
+        "generation_id": None, "generation_channel": "", "generation_started_at": None, "generation_beat_at": None,
+        "updated_at": timezone.now(),
     }
     if last_seq is not None:
         fields["last_seq"] = last_seq
     Conversation.objects.filter(pk=conversation_id, generation_id=generation_id).update(**fields)
+
+
+def generation_beat(*, conversation_id: uuid.UUID, generation_id: uuid.UUID) -> bool:
+    """Refresh a running generation's heartbeat; False when the claim is no longer ours."""
+    return bool(Conversation.objects.filter(pk=conversation_id, generation_id=generation_id).update(
+        generation_beat_at=timezone.now()
+    ))
 
 
 def conversation_generation(*, caller: Caller, conversation_id: Any) -> tuple[Conversation, str | None]:
@@ -518,11 +569,12 @@ def conversation_generation(*, caller: Caller, conversation_id: Any) -> tuple[Co
     return conversation, _control_channel(conversation)
 
 
-def generation_control_channel(*, conversation: Conversation) -> str | None:
-    """Re-read only the generation claim of a conversation the caller already passed the
-    gatekeeper for (joining reads it again after subscribing)."""
-    conversation.refresh_from_db(fields=["generation_id", "generation_channel", "generation_started_at"])
-    return _control_channel(conversation)
+def stale_generations(*, conversation_id: uuid.UUID | None = None) -> list[tuple[int, uuid.UUID, uuid.UUID]]:
+    """(tenant id, conversation id, generation id) of every claim whose heartbeat stopped."""
+    queryset = Conversation.objects.filter(generation_id__isnull=False).filter(stale_claim(timezone.now()))
+    if conversation_id is not None:
+        queryset = queryset.filter(pk=conversation_id)
+    return list(queryset.values_list("tenant_id", "id", "generation_id"))
 
 
 def _control_channel(conversation: Conversation) -> str | None:

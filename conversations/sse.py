@@ -1,8 +1,8 @@
-"""One REST turn over the channel layer: submit it, then read its events as they are published.
+"""One REST turn over the event log: submit it, then read its events from the conversation's log.
 
-The REST surface listens exactly like a socket does: it creates a channel of its own, hands it
-to `engine.turn_submit` as the subscriber, and reads the conversation's group events from it.
-The generation is detached, so a client that goes away mid-stream stops only the forwarding.
+The REST surface reads exactly like a socket does, from the offset the log was at before the
+turn's first event. The generation is detached, so a client that goes away mid-stream stops
+only the forwarding.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.layers import get_channel_layer
-
 from . import engine
 from .protocol import MessageCreate
 from .services import Caller, TurnPlan
@@ -24,8 +22,6 @@ from .services import Caller, TurnPlan
 logger = logging.getLogger(__name__)
 
 TERMINAL_EVENTS = frozenset({"message.completed", "error"})
-# Our own message to the reading task: the HTTP client left, stop reading.
-READER_STOP = "rest.stop"
 KEEPALIVE_SECONDS = 15.0
 DONE = b"data: [DONE]\n\n"
 
@@ -36,36 +32,33 @@ def sse_data(payload: dict[str, Any]) -> bytes:
 
 @dataclass
 class TurnListener:
-    """The events of one submitted turn, read from our own channel by a reader task.
+    """The events of one submitted turn, read from the log by a reader task into a local
+    queue, so the HTTP side can wait with a keep-alive timeout without ending the reading."""
 
-    Never cancel a pending channels_redis `receive()`: it pops from a list shared by every
-    channel of the process, and a receive cancelled mid-pop drops another consumer's message.
-    So the receive runs in a task of its own that ends only after a terminal event or our stop
-    message, and the HTTP side waits on a local queue, which is safe to cancel."""
-
-    plan: TurnPlan
-    channel: str
-    queue: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+    turn: engine.Submitted
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     _reader: asyncio.Task[None] | None = None
 
+    @property
+    def plan(self) -> TurnPlan:
+        return self.turn.plan
+
     def start(self) -> None:
-        self._reader = asyncio.create_task(self._read(), name=f"rest listener {self.channel}")
+        self._reader = asyncio.create_task(self._read(), name=f"rest listener {self.turn.key}")
+
+    def _ours(self, event: dict[str, Any]) -> bool:
+        # The log is the conversation's: skip the previous turn's last event, written just
+        # after it freed the conversation (events without a message_id are this turn's).
+        owner = event.get("message_id")
+        return owner is None or owner in (str(self.plan.user_message_id), str(self.plan.assistant_message_id))
 
     async def _read(self) -> None:
-        layer = get_channel_layer()
-        try:
-            while True:
-                message = await layer.receive(self.channel)
-                if message.get("type") == READER_STOP:
-                    return
-                if message.get("type") != engine.GROUP_EVENT:
-                    continue
-                event = message["event"]
-                await self.queue.put(event)
-                if event.get("type") in TERMINAL_EVENTS:
-                    return
-        finally:
-            await self.queue.put(None)
+        async for offset, event in engine.events_follow(self.turn.key, self.turn.after):
+            if not self._ours(event):
+                continue
+            await self.queue.put({**event, "offset": offset})
+            if event.get("type") in TERMINAL_EVENTS:
+                return
 
     async def events(self, *, keepalive: float | None = None) -> AsyncIterator[dict[str, Any] | None]:
         """The turn's events up to and including the terminal one; None every `keepalive`
@@ -76,27 +69,20 @@ class TurnListener:
             except TimeoutError:
                 yield None
                 continue
-            if event is None:
-                return
             yield event
             if event.get("type") in TERMINAL_EVENTS:
                 return
 
     async def close(self) -> None:
         """Stop forwarding (the generation goes on). Safe to call more than once."""
-        layer = get_channel_layer()
-        await layer.group_discard(self.plan.group, self.channel)
         if self._reader is not None and not self._reader.done():
-            await layer.send(self.channel, {"type": READER_STOP})
-            try:
-                await asyncio.wait_for(asyncio.shield(self._reader), timeout=10)
-            except Exception:  # noqa: BLE001 — a stuck reader must not fail the response
-                logger.warning("REST listener %s did not stop cleanly", self.channel)
+            self._reader.cancel()
+            await asyncio.wait([self._reader])
 
 
 async def turn_listen(*, caller: Caller, command: MessageCreate) -> TurnListener:
-    """Submit the turn with a fresh channel subscribed to it. Raises the engine's domain
-    errors (NotFound, InvalidInput, GenerationBusy, PriceMissing, …) before anything streams."""
+    """Submit the turn and start reading its events. Raises the engine's domain errors
+    (NotFound, InvalidInput, GenerationBusy, PriceMissing, …) before anything streams."""
     return await asyncio.create_task(_turn_listen(caller=caller, command=command), context=contextvars.Context())
 
 
@@ -105,9 +91,7 @@ async def _turn_listen(*, caller: Caller, command: MessageCreate) -> TurnListene
     # copies it, and must not inherit a request's ThreadSensitiveContext or an async_to_sync
     # caller's thread — both are gone when the request ends, and the generation's database
     # calls would then fail ("CurrentThreadExecutor already quit").
-    channel = await get_channel_layer().new_channel()
-    plan = await engine.turn_submit(caller=caller, command=command, subscriber=channel)
-    listener = TurnListener(plan=plan, channel=channel)
+    listener = TurnListener(turn=await engine.turn_submit(caller=caller, command=command))
     listener.start()
     return listener
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 
+from asgiref.sync import async_to_sync
 from celery import shared_task
 
 from billing.caps import CapExceeded
 from llm.gateway import UpstreamError
 
-from . import summaries
+from . import recovery, summaries
 
 
 @shared_task(
@@ -28,3 +29,9 @@ def summarize_conversation(tenant_id: int, conversation_id: str) -> bool:
         return summaries.conversation_summarize(tenant_id=tenant_id, conversation_id=uuid.UUID(conversation_id))
     except CapExceeded:
         return False
+
+
+@shared_task(acks_late=True, soft_time_limit=60, time_limit=90)
+def generations_recover_stale() -> int:
+    """Beat: store, bill and free every generation whose process stopped beating."""
+    return async_to_sync(recovery.generations_recover)()

@@ -3,6 +3,8 @@ replaced for the end user and never replayed, flags are queued for review."""
 
 from __future__ import annotations
 
+from unittest.mock import ANY
+
 import pytest
 
 from billing.models import UsageRecord
@@ -74,7 +76,7 @@ async def test_blocked_output_is_replaced_kept_for_review_and_never_replayed(ten
         conversation_id = events[0]["id"]
         assert events[-1] == {
             "type": "error", "code": "moderation_blocked", "message": "Withheld by policy.",
-            "message_id": events[2]["message_id"],
+            "message_id": events[2]["message_id"], "offset": ANY,
         }
         await socket.turn("next question", conversation_id=conversation_id)
     assert await adb(_statuses)(conversation_id) == [

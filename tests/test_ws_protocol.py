@@ -278,10 +278,12 @@ async def test_second_socket_joining_mid_stream_gets_partial_then_the_rest(tenan
 async def test_join_when_idle_reports_not_generating(tenant_factory, chat, sim):
     setup = await adb(tenant_factory)()
     async with chat(await adb(setup.token)()) as socket:
-        conversation_id = (await socket.turn("hi"))[0]["id"]
+        events = await socket.turn("hi")
+        conversation_id = events[0]["id"]
         await socket.send({"type": "conversation.join", "conversation_id": conversation_id})
         assert await socket.receive() == {
-            "type": "conversation.state", "conversation_id": conversation_id, "generating": False
+            "type": "conversation.state", "conversation_id": conversation_id, "generating": False,
+            "offset": events[-1]["offset"],  # the log's position the state describes
         }
 
 
