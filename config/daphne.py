@@ -1,5 +1,6 @@
-"""Daphne exactly as the `daphne` command runs it, plus TCP_NODELAY on every connection and a
-dropped connection when an application fails after its response started.
+"""Daphne exactly as the `daphne` command runs it, plus TCP_NODELAY on every connection, a
+dropped connection when an application fails after its response started, and a graceful
+shutdown on SIGTERM (conversations/shutdown.py).
 
     python -m config.daphne -b 0.0.0.0 -p 8000 config.asgi:application   # any daphne arguments
 
@@ -57,9 +58,39 @@ def late_failure_close_install() -> None:
     WebRequest.handle_exception = handle_exception  # type: ignore[method-assign]
 
 
+def graceful_shutdown_install() -> None:
+    """SIGTERM drains the process (conversations/shutdown.py) before the reactor stops; a
+    second SIGTERM (or SIGINT) stops it at once."""
+    import daphne.server  # noqa: F401 — installs the asyncio reactor first
+    from twisted.internet import reactor
+
+    stop = reactor.sigTerm
+    state = {"draining": False}
+
+    def sig_term(number: int, frame: Any = None) -> None:
+        if state["draining"]:
+            return stop(number, frame)
+        state["draining"] = True
+        reactor.callFromThread(_drain_then_stop, reactor)
+
+    reactor.sigTerm = sig_term  # read when the reactor installs its signal handlers
+
+
+def _drain_then_stop(reactor: Any) -> None:
+    import asyncio
+
+    from django.conf import settings
+
+    from conversations import shutdown
+
+    task = asyncio.ensure_future(shutdown.drain(grace=settings.SHUTDOWN_GRACE_SECONDS))
+    task.add_done_callback(lambda _: reactor.stop())
+
+
 def main() -> None:
     nodelay_install()
     late_failure_close_install()
+    graceful_shutdown_install()
     from daphne.cli import CommandLineInterface
 
     CommandLineInterface.entrypoint()  # reads sys.argv like `daphne`

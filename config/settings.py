@@ -304,6 +304,13 @@ MAX_MESSAGE_CHARS = env.int("MAX_MESSAGE_CHARS", default=32_000)
 GENERATION_HEARTBEAT_SECONDS = env.float("GENERATION_HEARTBEAT_SECONDS", default=5.0)
 GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=60)
 
+# SIGTERM (conversations/shutdown.py): a web process refuses new turns (Retry-After
+# SHUTDOWN_RETRY_AFTER_SECONDS), lets running generations and /v1 calls finish for
+# SHUTDOWN_GRACE_SECONDS, stores and bills the rest as interrupted, gives back its leases and
+# exits. Keep the grace under the orchestrator's kill timeout (Kubernetes: 30 s by default).
+SHUTDOWN_GRACE_SECONDS = env.float("SHUTDOWN_GRACE_SECONDS", default=25.0)
+SHUTDOWN_RETRY_AFTER_SECONDS = env.float("SHUTDOWN_RETRY_AFTER_SECONDS", default=1.0)
+
 # The event log (conversations/eventlog.py): a Redis Stream per conversation in services mode.
 # Capped at about EVENT_LOG_MAXLEN events (more than the longest answer's deltas), gone
 # EVENT_LOG_TTL_SECONDS after its last event. Each reader waits up to EVENT_LOG_BLOCK_MS per

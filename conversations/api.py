@@ -33,7 +33,7 @@ from tenants.authentication import ApiKeyAuthentication
 from tenants.models import ApiKey
 
 from . import lifecycle, selectors, sse
-from .errors import ChatError, EndUserBlocked, NotFound
+from .errors import ChatError, EndUserBlocked, NotFound, ShuttingDown
 from .protocol import DOMAIN_ERRORS, MessageCreate, error_event_for, text_check
 from .serializers import (
     ConversationCreateSerializer,
@@ -92,6 +92,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             extra["message_id"] = exc.message_id
         # The key is good, the end user is not: 403, as on /v1 (a 401 says "fix your key").
         status_code = status.HTTP_403_FORBIDDEN if isinstance(exc, EndUserBlocked) else None
+        if isinstance(exc, ShuttingDown):  # this process drains; another one takes the turn
+            status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return _error_response(event.code, event.message, status_code=status_code, **extra)
     if isinstance(exc, Http404):
         return _error_response("not_found", "not found")

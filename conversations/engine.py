@@ -36,7 +36,7 @@ from moderation.services import ModerationContext, moderate
 from tools.calls import ToolContext
 from tools.execution import tool_calls_execute
 
-from . import eventlog, recovery, services, summaries
+from . import eventlog, recovery, services, shutdown, summaries
 from .models import Message
 from .protocol import (
     ConversationCreated,
@@ -67,8 +67,19 @@ CONTROL_STOP = "generation.stop"
 TOOL_ROUNDS_EXHAUSTED = "tool_rounds_exhausted"  # still calling tools after tool_choice "none"
 TIME_BUDGET_EXHAUSTED = "time_budget_exhausted"  # past GENERATION_MAX_SECONDS
 
-# Strong references: the event loop keeps only weak ones to tasks.
-_running: set[asyncio.Task] = set()
+# The generations running in this process, by task (strong references: the event loop keeps
+# only weak ones).
+_running: dict[asyncio.Task, Generation] = {}
+
+
+def generations_running() -> set[asyncio.Task]:
+    return set(_running)
+
+
+def generations_interrupt() -> None:
+    """Shutdown: stop every running generation here; each stores and bills what streamed."""
+    for generation in _running.values():
+        generation.interrupt()
 
 
 async def publish(plan: TurnPlan, event: Event) -> str:
@@ -104,6 +115,7 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
     """Commit the user's message, start the generation; its events follow `after` in the log.
 
     Raises the services' domain errors before anything is published."""
+    shutdown.turn_admit()
     layer = get_channel_layer()
     # The log's position before this turn, read before the claim so that nothing can fail
     # between claiming and starting; a new conversation's log is empty. At most the previous
@@ -127,8 +139,8 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
     )
     generation = Generation(plan=plan, control_channel=control)
     task = asyncio.create_task(generation.run(), name=f"generation {plan.assistant_message_id}")
-    _running.add(task)
-    task.add_done_callback(_running.discard)
+    _running[task] = generation
+    task.add_done_callback(lambda done: _running.pop(done, None))
     beat = asyncio.create_task(recovery.heartbeat(plan), name=f"heartbeat {plan.assistant_message_id}")
     task.add_done_callback(lambda _: beat.cancel())
     return Submitted(plan=plan, key=eventlog.log_key(plan.group), after=after)
@@ -450,6 +462,10 @@ class Generation:
 
     def cancel(self) -> None:
         self._stop("cancelled")
+
+    def interrupt(self) -> None:
+        """The process shuts down: end `incomplete` with what streamed, as a dead one is stored."""
+        self._stop(recovery.INTERRUPTED)
 
     def _out_of_time(self) -> None:
         logger.warning("generation %s ran out of its time budget", self.message_id)

@@ -49,3 +49,16 @@ class GenerationBusy(ChatError):
 
 class ModerationBlocked(ChatError):
     code = "moderation_blocked"
+
+
+class ShuttingDown(ChatError):
+    """This web process is draining for a shutdown: the turn belongs on another one.
+
+    On a socket `rate_limited` with `retry_after`: of the contract's codes, the one that says
+    "nothing is wrong with this message, send it again after `retry_after`", which clients
+    already act on. REST and `/v1` answer 503 with Retry-After."""
+
+    code = "rate_limited"
+
+    def __init__(self, *, retry_after: float) -> None:
+        super().__init__("this server is shutting down; send the message again", retry_after=retry_after)

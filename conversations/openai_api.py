@@ -35,6 +35,7 @@ from llm import relay
 from llm.gateway import UpstreamError
 from tenants.services import InvalidApiKey
 
+from . import shutdown
 from .completions import (
     CompletionPlan,
     EndUserBlocked,
@@ -47,7 +48,7 @@ from .completions import (
     hold_release,
     models_available,
 )
-from .errors import ModerationBlocked
+from .errors import ModerationBlocked, ShuttingDown
 from .protocol import DOMAIN_ERRORS, error_event_for
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ def error_reply(
 
 
 def openai_error(error: Exception) -> Reply:
+    if isinstance(error, ShuttingDown):  # the SDKs retry a 503 after Retry-After: another process answers
+        return error_reply(503, error.message, error_type="server_error", code="service_unavailable",
+                           retry_after=error.retry_after)
     if isinstance(error, InvalidApiKey):
         return error_reply(
             401, f"Incorrect API key provided ({error}).", error_type="invalid_request_error", code="invalid_api_key"
@@ -189,6 +193,27 @@ async def db_after(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
 # Settlements run as tasks of their own: a client that disconnects cancels the response, and
 # the usage must still be written. Strong references, as the loop keeps only weak ones.
 _settling: set[asyncio.Task[Any]] = set()
+# The calls in progress, by the task serving each: a shutdown waits for them, then interrupts.
+_calls: dict[asyncio.Task[Any], CompletionCall] = {}
+
+
+def calls_running() -> set[asyncio.Task[Any]]:
+    return set(_calls)
+
+
+def calls_interrupt() -> None:
+    """Shutdown: a stream ends at its next chunk (billed for what streamed, then OpenAI's
+    in-stream error); a call not streaming yet is cancelled (its hold goes back)."""
+    for task, call in list(_calls.items()):
+        call.interrupted = True
+        if call.stream is None:
+            task.cancel()
+
+
+async def settlements_finished() -> None:
+    """Wait for every UsageRecord and settlement already under way (shutdown, tests)."""
+    if _settling:
+        await asyncio.wait(set(_settling))
 
 
 class CompletionCall:
@@ -200,6 +225,7 @@ class CompletionCall:
         self.first_byte_at: float | None = None
         self.settled = False
         self.stream: relay.StreamRelay | None = None
+        self.interrupted = False  # the process is shutting down
 
     async def settle(self, *, usage: Any, content: str, outcome: str) -> None:
         if self.settled:
@@ -283,6 +309,8 @@ class CompletionCall:
                             break  # stop generating: what was made is billed, nothing more is sent
                     if chunk:
                         yield chunk
+                    if self.interrupted:
+                        raise UpstreamError("this server is shutting down; the answer was cut", code="service_unavailable")
             except UpstreamError as error:
                 outcome = UsageRecord.Outcome.ERROR
                 failure: UpstreamError | None = error
@@ -343,13 +371,20 @@ def _error_event(message: str, code: str | None) -> bytes:
 
 async def chat_completions(request: Request) -> Reply | None:
     started = time.monotonic()
+    shutdown.turn_admit()
     body = completion_request_parse(await request.body())
     plan = await completion_admit(authorization=request.authorization, request=body, hop=db)
     call = CompletionCall(plan, started)
+    task = asyncio.current_task()
+    assert task is not None
+    _calls[task] = call
     try:
         return await _answer(request, call)
     finally:
-        await call.release()
+        try:
+            await call.release()
+        finally:
+            _calls.pop(task, None)
 
 
 async def _answer(request: Request, call: CompletionCall) -> Reply | None:
