@@ -263,6 +263,17 @@ async def v1_call(client: httpx.AsyncClient) -> httpx.Response:
     }, timeout=30)
 
 
+async def answered_unavailable(client: httpx.AsyncClient, socket: SocketTurn) -> None:
+    """While a dependency is down: /v1 and REST answer 503 with Retry-After, a socket frame
+    gets an error frame (read later, with the stream's events)."""
+    down = await v1_call(client)
+    assert down.status_code == 503 and int(down.headers["retry-after"]) > 0
+    assert down.json()["error"]["code"] == "service_unavailable"
+    rest = await client.post(f"/api/v1/conversations/{socket.conversation_id}/messages/", json={"content": "x"})
+    assert rest.status_code == 503 and int(rest.headers["retry-after"]) > 0, rest.text
+    await socket.ws.send(json.dumps({"type": "message.create", "conversation_id": socket.conversation_id, "content": "x"}))
+
+
 async def v1_until_ok(client: httpx.AsyncClient, timeout: float = 20) -> float:
     """Seconds until /v1 answers 200 again (each 503 must carry Retry-After)."""
     started = time.monotonic()
@@ -318,9 +329,11 @@ async def _streams_through(stack: Stack, outage) -> tuple[SocketTurn, SseTurn]:
         await sse.start(f"tell another {PACED}")
         await socket.until("delta")
         await asyncio.wait_for(sse.first_delta.wait(), 15)
-        await outage(client)
-        terminal = await socket.until("message.completed", "error")
-        assert terminal["type"] == "message.completed", terminal
+        await outage(client, socket)
+        await socket.until("message.completed")
+        errors = [e for e in socket.events if e["type"] == "error"]
+        # The frame sent during the outage was answered with an error; the socket stayed open.
+        assert [(e["code"], e["retry_after"] > 0) for e in errors] == [("upstream_error", True)], errors
         assert (await sse.finished())["type"] == "message.completed"
     return socket, sse
 
@@ -333,11 +346,9 @@ async def _next_turn_works(stack: Stack, socket: SocketTurn) -> None:
 async def test_redis_restarted_mid_stream(stack: Stack):
     measured: dict[str, float] = {}
 
-    async def restart_redis(client: httpx.AsyncClient) -> None:
+    async def restart_redis(client: httpx.AsyncClient, socket: SocketTurn) -> None:
         stack.redis.stop()
-        down = await v1_call(client)
-        assert down.status_code == 503 and down.headers["retry-after"]
-        assert down.json()["error"]["code"] == "service_unavailable"
+        await answered_unavailable(client, socket)
         await asyncio.sleep(1)
         stack.redis.start()
         measured["v1_recovered_s"] = await v1_until_ok(client)
@@ -356,10 +367,9 @@ async def test_redis_restarted_mid_stream(stack: Stack):
 async def test_postgres_restarted_mid_stream(stack: Stack):
     measured: dict[str, float] = {}
 
-    async def restart_postgres(client: httpx.AsyncClient) -> None:
+    async def restart_postgres(client: httpx.AsyncClient, socket: SocketTurn) -> None:
         stack.postgres.stop()
-        down = await v1_call(client)
-        assert down.status_code == 503 and down.headers["retry-after"]
+        await answered_unavailable(client, socket)
         await asyncio.sleep(1)
         stack.postgres.start()
         measured["v1_recovered_s"] = await v1_until_ok(client)
