@@ -45,7 +45,9 @@ class RateLimited(Exception):
 def limits_storage() -> Storage:
     """Where every counter lives: Redis in services mode, process memory when embedded."""
     if settings.REDIS_URL:
-        return storage_from_string(settings.REDIS_URL, key_prefix="parley-limits")
+        from config.redis_options import redis_options
+
+        return storage_from_string(settings.REDIS_URL, key_prefix="parley-limits", **redis_options(asynchronous=False))
     return storage_from_string("memory://")
 
 
@@ -235,7 +237,9 @@ def _async_redis() -> Any:
     if client is None:
         import redis.asyncio
 
-        client = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+        from config.redis_options import redis_options
+
+        client = redis.asyncio.Redis.from_url(settings.REDIS_URL, **redis_options(asynchronous=True), socket_timeout=5)
         _async_clients[loop] = client
     return client
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from config.redis_options import redis_options
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(environ.Env().str("PARLEY_VAR_DIR", default=str(BASE_DIR / "var")))
 
@@ -120,7 +122,10 @@ TEMPLATES = [
 
 if SERVICES_MODE:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}
-    DATABASES["default"].setdefault("CONN_MAX_AGE", 0)
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
+    # A persistent connection that died with a PostgreSQL restart is found and replaced
+    # before a request uses it, instead of failing that request.
+    DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 else:
     DATABASES = {
         "default": {
@@ -147,15 +152,16 @@ if REDIS_URL:
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": "parley",
+            "OPTIONS": redis_options(asynchronous=False),
         }
     }
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "config.channel_layer.RedisChannelLayer",
             "CONFIG": {
                 # redis-py 8 times out socket reads after 5 s by default, which kills
                 # channels_redis' 5 s blocking pops; allow well over that.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                "hosts": [{"address": REDIS_URL, **redis_options(asynchronous=True), "socket_timeout": 30}],
                 "prefix": "parley",
                 "capacity": 1000,
                 "expiry": 60,
@@ -322,6 +328,16 @@ EVENT_LOG_MAXLEN = env.int("EVENT_LOG_MAXLEN", default=10_000)
 EVENT_LOG_TTL_SECONDS = env.int("EVENT_LOG_TTL_SECONDS", default=3600)
 EVENT_LOG_BLOCK_MS = env.int("EVENT_LOG_BLOCK_MS", default=5000)
 EVENT_LOG_MAX_CONNECTIONS = env.int("EVENT_LOG_MAX_CONNECTIONS", default=2000)
+# Dependencies that come and go (conversations/outages.py, config/redis_options.py): while
+# PostgreSQL or Redis is away, REST and /v1 answer 503 with Retry-After
+# DEPENDENCY_RETRY_AFTER_SECONDS and sockets get an `upstream_error` frame; a generation keeps
+# its events (they go to the log once Redis is back) and retries storing its answer for up to
+# DEPENDENCY_RETRY_SECONDS, and a REST or SSE reader whose log makes no progress while no
+# generation is alive ends after EVENT_LOG_STALL_SECONDS with the stored answer or an error.
+DEPENDENCY_RETRY_SECONDS = env.float("DEPENDENCY_RETRY_SECONDS", default=30.0)
+DEPENDENCY_RETRY_AFTER_SECONDS = env.float("DEPENDENCY_RETRY_AFTER_SECONDS", default=2.0)
+# Longer than DEPENDENCY_RETRY_SECONDS: a finished generation gets its whole budget to deliver.
+EVENT_LOG_STALL_SECONDS = env.float("EVENT_LOG_STALL_SECONDS", default=DEPENDENCY_RETRY_SECONDS + 5)
 # Wall-clock budget of one generation (every upstream call and tool round of a turn): past it
 # the answer ends `incomplete`, billed for what streamed. A live generation's claim
 # never looks abandoned: its heartbeat keeps it fresh.

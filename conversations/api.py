@@ -32,7 +32,7 @@ from billing.ratelimits import LimitState
 from tenants.authentication import ApiKeyAuthentication
 from tenants.models import ApiKey
 
-from . import lifecycle, selectors, sse
+from . import lifecycle, outages, selectors, sse
 from .errors import ChatError, EndUserBlocked, NotFound, ShuttingDown
 from .protocol import DOMAIN_ERRORS, MessageCreate, error_event_for, text_check
 from .serializers import (
@@ -92,7 +92,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             extra["message_id"] = exc.message_id
         # The key is good, the end user is not: 403, as on /v1 (a 401 says "fix your key").
         status_code = status.HTTP_403_FORBIDDEN if isinstance(exc, EndUserBlocked) else None
-        if isinstance(exc, ShuttingDown):  # this process drains; another one takes the turn
+        # Draining (another process takes the turn) or PostgreSQL/Redis away for a moment.
+        if isinstance(exc, (ShuttingDown, *outages.UNAVAILABLE)):
             status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return _error_response(event.code, event.message, status_code=status_code, **extra)
     if isinstance(exc, Http404):
@@ -357,9 +358,12 @@ class MessageListApi(TenantApi):
             listener = async_to_sync(sse.turn_listen)(caller=caller, command=command)
             return ratelimit_headers(event_stream_response(listener), listener.plan.limit_states)
         plan, terminal = async_to_sync(sse.turn_wait)(caller=caller, command=command)
-        if terminal.get("type") != "message.completed":
-            raise TurnFailed(terminal or {"code": "upstream_error", "message": "the reply was lost"})
-        message = selectors.message_get(conversation=conversation, message_id=plan.assistant_message_id)
+        if terminal.get("type") != "message.completed" and not terminal.get("log_lost"):
+            raise TurnFailed(terminal)
+        try:
+            message = selectors.message_get(conversation=conversation, message_id=plan.assistant_message_id)
+        except NotFound:  # the log lost the turn's events and nothing was stored
+            raise TurnFailed(terminal) from None
         response = Response(MessageSerializer(message).data, status=status.HTTP_201_CREATED)
         return ratelimit_headers(response, plan.limit_states)
 

@@ -36,7 +36,7 @@ from moderation.services import ModerationContext, moderate
 from tools.calls import ToolContext
 from tools.execution import tool_calls_execute
 
-from . import eventlog, recovery, services, shutdown, summaries
+from . import eventlog, outages, recovery, services, shutdown, summaries
 from .models import Message
 from .protocol import (
     ConversationCreated,
@@ -218,6 +218,11 @@ class Generation:
         # sent: a joiner's state then either includes a delta whose publish already finished,
         # or excludes it and is delivered before it (the joiner drops deltas until its state).
         self._publish_lock = asyncio.Lock()
+        # Events wait here while the log (Redis) is away: the answer goes on and is stored.
+        self.outbox = outages.EventOutbox(eventlog.log_key(plan.group))
+
+    async def _publish(self, event: Event) -> None:
+        await self.outbox.append(event.as_dict())
 
     @property
     def message_id(self) -> str:
@@ -244,6 +249,8 @@ class Generation:
             await self._abandon()
         finally:
             budget.cancel()
+            # Every reader gets a terminal event: what waited for the log goes out now.
+            await self.outbox.drain()
             await self._stop_listening(listener)
 
     async def _enqueue_summary(self) -> None:
@@ -270,14 +277,20 @@ class Generation:
 
     async def _announce(self) -> None:
         plan = self.plan
-        await recovery.round_record(plan, round_number=0, prompt_tokens=plan.prompt.tokens)
+        await self._round_record(0, plan.prompt.tokens)
         if plan.conversation_created:
-            await publish(plan, ConversationCreated(id=str(plan.conversation_id)))
-        await publish(
-            plan,
+            await self._publish(ConversationCreated(id=str(plan.conversation_id)))
+        await self._publish(
             MessageAccepted(message_id=str(plan.user_message_id), client_msg_id=plan.client_msg_id),
         )
-        await publish(plan, MessageStarted(message_id=self.message_id, model=plan.model))
+        await self._publish(MessageStarted(message_id=self.message_id, model=plan.model))
+
+    async def _round_record(self, round_number: int, prompt_tokens: int) -> None:
+        # Only the sweep of a dead process needs it: a log outage must not stop the answer.
+        try:
+            await recovery.round_record(self.plan, round_number=round_number, prompt_tokens=prompt_tokens)
+        except eventlog.LOG_ERRORS:
+            logger.warning("generation %s: round %d not recorded in the log", self.message_id, round_number)
 
     def _subject(self) -> Subject:
         caller = self.plan.caller
@@ -292,7 +305,7 @@ class Generation:
         if not verdict.blocked:
             return True
         await database_sync_to_async(services.turn_input_blocked)(plan=plan)
-        await publish(plan, ErrorEvent(
+        await self._publish(ErrorEvent(
             code="moderation_blocked", message="this message was blocked by the content policy",
             message_id=self.message_id,
         ))
@@ -397,7 +410,7 @@ class Generation:
         async with self._publish_lock:
             self.content_parts.append(content)
             self.round_parts.append(content)
-            await publish(self.plan, Delta(message_id=self.message_id, content=content))
+            await self._publish(Delta(message_id=self.message_id, content=content))
 
     async def _tool_round(self) -> list[dict[str, Any]]:
         """Run the calls the model just made, store the round, reserve the next call."""
@@ -417,12 +430,12 @@ class Generation:
         finally:
             self._interruptible = False
         for request, outcome in zip(requests, outcomes, strict=True):
-            await publish(plan, ToolCall(
+            await self._publish(ToolCall(
                 message_id=self.message_id, call_id=request.call_id, name=request.name,
                 arguments=arguments_object(request, outcome),
             ))
         for outcome in outcomes:
-            await publish(plan, ToolResult(call_id=outcome.call_id, ok=outcome.ok))
+            await self._publish(ToolResult(call_id=outcome.call_id, ok=outcome.ok))
         record = ToolRoundRecord(
             outcome=self._outcome(None),
             tool_calls=wire_tool_calls(requests),
@@ -447,13 +460,13 @@ class Generation:
         self.round_reservation = await database_sync_to_async(services.round_reserve)(
             plan=plan, round_number=self.round_number, prompt_tokens=self.round_prompt_tokens
         )
-        await recovery.round_record(plan, round_number=self.round_number, prompt_tokens=self.round_prompt_tokens)
+        await self._round_record(self.round_number, self.round_prompt_tokens)
         return stored.messages
 
     async def _listen(self) -> None:
         layer = get_channel_layer()
         while True:
-            message = await layer.receive(self.control_channel)
+            message = await layer.receive(self.control_channel)  # waits out a Redis restart
             kind = message.get("type")
             if kind == CONTROL_STOP:
                 return
@@ -517,20 +530,23 @@ class Generation:
         if blocked:
             # Kept for review, never replayed to the model; the end user gets the notice.
             outcome = replace(outcome, status=Message.Status.BLOCKED)
-        result = await database_sync_to_async(services.turn_finish)(plan=self.plan, outcome=outcome)
+        # PostgreSQL restarting must not lose the answer: the store is retried for a while.
+        result = await outages.outlast(
+            lambda: database_sync_to_async(services.turn_finish)(plan=self.plan, outcome=outcome),
+            what=f"storing answer {self.message_id}",
+        )
         if blocked:
             notice = self.plan.moderation.notice if self.plan.moderation else ""
-            await publish(self.plan, ErrorEvent(code="moderation_blocked", message=notice, message_id=self.message_id))
+            await self._publish(ErrorEvent(code="moderation_blocked", message=notice, message_id=self.message_id))
             return
         if self.stop_reason == "cancelled":
-            await publish(self.plan, ErrorEvent(code="cancelled", message="generation cancelled", message_id=self.message_id))
+            await self._publish(ErrorEvent(code="cancelled", message="generation cancelled", message_id=self.message_id))
         elif error is not None:
-            await publish(self.plan, error_event_for(error, message_id=self.message_id))
+            await self._publish(error_event_for(error, message_id=self.message_id))
         else:
             # Ended by a limit of Parley's (stop_reason), not by a failure: the answer so far is
             # the reply, sent with what it cost.
-            await publish(
-                self.plan,
+            await self._publish(
                 MessageCompleted(
                     message_id=self.message_id,
                     finish_reason=self.stop_reason or self.finish_reason,
@@ -544,14 +560,12 @@ class Generation:
             )
 
     async def _abandon(self) -> None:
-        """Last resort after an unexpected failure: free the conversation and tell the sockets."""
+        """Last resort after an unexpected failure: free the conversation and tell the sockets.
+        When the database is away the claim stays; the sweep frees it once its heartbeat is stale."""
         try:
             await database_sync_to_async(services.generation_release)(
                 conversation_id=self.plan.conversation_id, generation_id=self.plan.assistant_message_id
             )
-            await publish(
-                self.plan,
-                ErrorEvent(code="upstream_error", message="the reply failed", message_id=self.message_id),
-            )
         except Exception:
             logger.exception("could not release generation %s", self.message_id)
+        await self._publish(ErrorEvent(code="upstream_error", message="the reply failed", message_id=self.message_id))

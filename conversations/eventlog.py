@@ -225,21 +225,17 @@ class _Appender:
 
 def _redis_client(url: str) -> Any:
     import redis.asyncio as redis
-    from redis.backoff import ExponentialBackoff
-    from redis.exceptions import ConnectionError, TimeoutError
-    from redis.retry import Retry
+
+    from config.redis_options import redis_options
 
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=settings.EVENT_LOG_MAX_CONNECTIONS,
         timeout=10,  # a full pool makes a reader wait, not fail
         decode_responses=True,
+        **redis_options(asynchronous=True),
         # Longer than any XREAD BLOCK, so a blocked read is never cut by the socket timeout.
         socket_timeout=settings.EVENT_LOG_BLOCK_MS / 1000 + 10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2, base=0.05), retries=3),
-        retry_on_error=[ConnectionError, TimeoutError],
     )
     return redis.Redis(connection_pool=pool)
 

@@ -21,6 +21,7 @@ from llm.gateway import UpstreamError
 
 from .errors import ChatError
 from .eventlog import OFFSET_PATTERN
+from .outages import UNAVAILABLE, UNAVAILABLE_MESSAGE, retry_after
 
 ERROR_CODES = frozenset(
     {
@@ -355,7 +356,8 @@ def echo(client_msg_id: str | None) -> dict[str, Any]:
 
 # --- domain errors → error events: the one mapping ----------------------------------------
 
-DOMAIN_ERRORS = (ChatError, InvalidFrame, PriceMissing, UpstreamError, CapExceeded, RateLimited)
+# The last ones: PostgreSQL or Redis away for a moment (a 503 on HTTP, an error frame on a socket).
+DOMAIN_ERRORS = (ChatError, InvalidFrame, PriceMissing, UpstreamError, CapExceeded, RateLimited, *UNAVAILABLE)
 
 
 def error_event_for(error: Exception, *, message_id: str | None = None, **extra: Any) -> ErrorEvent:
@@ -383,4 +385,10 @@ def error_event_for(error: Exception, *, message_id: str | None = None, **extra:
         return ErrorEvent(code="invalid_request", message=str(error), message_id=message_id, extra=extra)
     if isinstance(error, UpstreamError):
         return ErrorEvent(code=error.code, message=error.message, retry_after=error.retry_after, message_id=message_id, extra=extra)
+    if isinstance(error, UNAVAILABLE):
+        # The contract has no code of its own for this; the closest: a failure behind Parley.
+        return ErrorEvent(
+            code="upstream_error", message=UNAVAILABLE_MESSAGE, retry_after=retry_after(), message_id=message_id,
+            extra=extra,
+        )
     raise error

@@ -569,6 +569,11 @@ def conversation_generation(*, caller: Caller, conversation_id: Any) -> tuple[Co
     return conversation, _control_channel(conversation)
 
 
+def generation_running(*, plan: TurnPlan) -> bool:
+    """Whether the turn's generation still holds its conversation's claim."""
+    return Conversation.objects.filter(pk=plan.conversation_id, generation_id=plan.assistant_message_id).exists()
+
+
 def stale_generations(*, conversation_id: uuid.UUID | None = None) -> list[tuple[int, uuid.UUID, uuid.UUID]]:
     """(tenant id, conversation id, generation id) of every claim whose heartbeat stopped."""
     queryset = Conversation.objects.filter(generation_id__isnull=False).filter(stale_claim(timezone.now()))

@@ -11,17 +11,22 @@ import asyncio
 import contextvars
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import engine
-from .protocol import MessageCreate
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from . import engine, outages, services
+from .protocol import ErrorEvent, MessageCreate
 from .services import Caller, TurnPlan
 
 logger = logging.getLogger(__name__)
 
 TERMINAL_EVENTS = frozenset({"message.completed", "error"})
+LOG_LOST_MESSAGE = "the event log lost the end of this reply (it restarted); the stored message has the answer"
 KEEPALIVE_SECONDS = 15.0
 DONE = b"data: [DONE]\n\n"
 
@@ -37,6 +42,7 @@ class TurnListener:
 
     turn: engine.Submitted
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    log_lost: bool = False  # the log lost the terminal event (Redis restarted empty)
     _reader: asyncio.Task[None] | None = None
 
     @property
@@ -62,16 +68,35 @@ class TurnListener:
 
     async def events(self, *, keepalive: float | None = None) -> AsyncIterator[dict[str, Any] | None]:
         """The turn's events up to and including the terminal one; None every `keepalive`
-        seconds without an event (a heartbeat for proxies)."""
+        seconds without an event (a heartbeat for proxies). When the log makes no progress for
+        EVENT_LOG_STALL_SECONDS and the generation is no longer running, the terminal event
+        is lost (Redis restarted empty): an `upstream_error` ends the turn instead."""
+        stall = settings.EVENT_LOG_STALL_SECONDS
+        progress = time.monotonic()
         while True:
             try:
-                event = await asyncio.wait_for(self.queue.get(), timeout=keepalive)
+                event = await asyncio.wait_for(self.queue.get(), timeout=min(keepalive or stall, stall))
             except TimeoutError:
+                if time.monotonic() - progress >= stall and not await self._generation_running():
+                    self.log_lost = True
+                    yield ErrorEvent(
+                        code="upstream_error", message=LOG_LOST_MESSAGE, message_id=str(self.plan.assistant_message_id)
+                    ).as_dict()
+                    return
                 yield None
                 continue
+            progress = time.monotonic()
             yield event
             if event.get("type") in TERMINAL_EVENTS:
                 return
+
+    async def _generation_running(self) -> bool:
+        """Whether this turn's generation still holds the conversation (in any process).
+        While the database is away that is unknown: keep waiting."""
+        try:
+            return await database_sync_to_async(services.generation_running)(plan=self.plan)
+        except outages.UNAVAILABLE:
+            return True
 
     async def close(self) -> None:
         """Stop forwarding (the generation goes on). Safe to call more than once."""
@@ -106,7 +131,7 @@ async def turn_wait(*, caller: Caller, command: MessageCreate) -> tuple[TurnPlan
                 terminal = event
     finally:
         await listener.close()
-    return listener.plan, terminal
+    return listener.plan, {**terminal, "log_lost": True} if listener.log_lost else terminal
 
 
 async def event_stream(listener: TurnListener) -> AsyncIterator[bytes]:

@@ -474,7 +474,10 @@ async def test_a_failure_after_the_stream_started_ends_it_with_an_error_event(te
 
     assert [m["type"] for m in sent][:1] == ["http.response.start"] and sent[0]["status"] == 200
     assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body")
-    assert json.loads(sent[-1]["body"].removeprefix(b"data: "))["error"]["message"] == "internal error"
+    # OpenAI's in-stream error event, then [DONE]: never a stream that just stops.
+    error, done = sent[-1]["body"].strip().split(b"\n\n")
+    assert json.loads(error.removeprefix(b"data: "))["error"]["message"] == "internal error"
+    assert done == b"data: [DONE]"
     assert sum(m["type"] == "http.response.start" for m in sent) == 1
 
 

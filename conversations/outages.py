@@ -1,0 +1,106 @@
+"""Dependencies that come and go: what counts as PostgreSQL or Redis being away, and riding out
+an outage of seconds instead of losing an answer.
+
+Each surface maps `UNAVAILABLE` in its one error mapper (503 with Retry-After on REST and /v1,
+an `upstream_error` frame on a socket). A generation outlasts an outage: its events wait in an
+`EventOutbox` while the log is away, and its final store is retried (`outlast`) for up to
+DEPENDENCY_RETRY_SECONDS, so the answer is stored and billed once both are back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import eventlog
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A dependency is away (refused, reset, restarting, timed out): worth a retry, never a 500.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OperationalError, InterfaceError, RedisConnectionError, RedisTimeoutError,
+)
+UNAVAILABLE_MESSAGE = "a service Parley depends on is briefly unavailable; retry shortly"
+
+
+def retry_after() -> float:
+    """Seconds a client is told to wait before retrying during an outage."""
+    return settings.DEPENDENCY_RETRY_AFTER_SECONDS
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.25 * 2**attempt, 4.0)
+
+
+async def outlast(call: Callable[[], Awaitable[T]], *, what: str, seconds: float | None = None) -> T:
+    """`call()`, retried with backoff while a dependency is away, for up to `seconds`
+    (DEPENDENCY_RETRY_SECONDS); then the last error is raised."""
+    deadline = time.monotonic() + (settings.DEPENDENCY_RETRY_SECONDS if seconds is None else seconds)
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except UNAVAILABLE:
+            delay = _backoff(attempt)
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("%s: a dependency is away; retrying in %.2fs", what, delay)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
+class EventOutbox:
+    """A generation's appends to its log, in order, that never fail the generation: while the
+    log is away, events wait here (retried at most once a second, so a dead Redis does not
+    slow the stream) and go out, in order, once it answers again. Readers resume from their
+    offsets: Redis Stream ids grow with time, so what is appended after a restart follows."""
+
+    RETRY_INTERVAL = 1.0
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.pending: list[dict[str, Any]] = []
+        self.retry_at = 0.0
+
+    async def append(self, event: dict[str, Any]) -> None:
+        """Queue the event and send what waits, unless the log failed less than a second ago.
+        Never raises: a failure leaves the events waiting for the next try."""
+        self.pending.append(event)
+        if time.monotonic() >= self.retry_at:
+            try:
+                await self._flush()
+            except eventlog.LOG_ERRORS:
+                pass
+
+    async def _flush(self) -> None:
+        log = eventlog.event_log()
+        try:
+            while self.pending:
+                await log.append(self.key, self.pending[0])
+                self.pending.pop(0)
+        except eventlog.LOG_ERRORS:
+            self.retry_at = time.monotonic() + self.RETRY_INTERVAL
+            logger.warning("event log %s unavailable; %d events wait", self.key, len(self.pending))
+            raise
+
+    async def drain(self) -> bool:
+        """Deliver what waits, retrying for up to DEPENDENCY_RETRY_SECONDS. False when the log
+        stayed away (those events are lost; the answer itself is stored)."""
+        if not self.pending:
+            return True
+        try:
+            await outlast(self._flush, what=f"event log {self.key}")
+        except eventlog.LOG_ERRORS:
+            logger.error("event log %s: %d events could not be delivered", self.key, len(self.pending))
+            return False
+        return True
