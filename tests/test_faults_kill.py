@@ -17,11 +17,11 @@ import websockets
 from django.conf import settings
 from django.core.management import call_command
 
-from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord
+from billing.models import CapPeriod, Reservation, UsageRecord
 from conversations.models import Conversation, Message
 from conversations.tasks import generations_recover_stale
 from tests.conftest import adb
-from tests.webprocs import web_processes
+from tests.webprocs import events_until, tenant_capped, web_processes
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -35,20 +35,6 @@ STALE_SECONDS = 2
 FAST_HEARTBEATS = {"GENERATION_HEARTBEAT_SECONDS": "0.5", "GENERATION_STALE_SECONDS": str(STALE_SECONDS)}
 
 
-def _capped(tenant_factory):
-    setup = tenant_factory()
-    SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=100)
-    return setup
-
-
-async def _until(ws, *types: str, timeout: float = 20) -> list[dict]:
-    events = []
-    async with asyncio.timeout(timeout):
-        while True:
-            event = json.loads(await ws.recv())
-            events.append(event)
-            if event["type"] in types:
-                return events
 
 
 def _deltas(events: list[dict]) -> str:
@@ -63,14 +49,14 @@ def _nothing_held() -> None:
 
 async def test_sigkill_mid_stream_socket_answer_is_stored_billed_and_freed(tenant_factory, sim, settings):
     settings.GENERATION_STALE_SECONDS = STALE_SECONDS  # this process plays beat
-    setup = await adb(_capped)(tenant_factory)
+    setup = await adb(tenant_capped)(tenant_factory)
     token = await adb(setup.token)()
     with web_processes(2, **FAST_HEARTBEATS) as [(port_a, process_a), (port_b, _)]:
         async with websockets.connect(f"ws://127.0.0.1:{port_a}/ws/chat/?token={token}") as a:
             await a.send(json.dumps({"type": "message.create", "content": "story [[sim:words=400 tps=20]]"}))
-            seen_by_a = await _until(a, "delta")
+            seen_by_a = await events_until(a, "delta")
             for _ in range(5):
-                seen_by_a += await _until(a, "delta")
+                seen_by_a += await events_until(a, "delta")
             conversation_id = seen_by_a[0]["id"]
             [answer_id] = [e["message_id"] for e in seen_by_a if e["type"] == "message.started"]
             first = next(i for i, e in enumerate(seen_by_a) if e["type"] == "delta")
@@ -84,17 +70,17 @@ async def test_sigkill_mid_stream_socket_answer_is_stored_billed_and_freed(tenan
             # Beat's sweep, once the heartbeat is stale: the joined socket gets the terminal event.
             await asyncio.sleep(STALE_SECONDS + 0.5)
             assert await adb(generations_recover_stale)() == 1
-            ended = await _until(live, "error", timeout=10)
+            ended = await events_until(live, "error", timeout=10)
             assert ended[-1]["message_id"] == answer_id
             # A client that resumes from an offset gets every event after it, then the same end.
             await late.send(json.dumps({"type": "conversation.join", "conversation_id": conversation_id,
                                         "after": seen_by_a[first]["offset"]}))
-            replayed = await _until(late, "error", timeout=10)
+            replayed = await events_until(late, "error", timeout=10)
             assert replayed[0]["generating"] is False
             # The conversation is free: the next turn, on the surviving process, works.
             await late.send(json.dumps({"type": "message.create", "conversation_id": conversation_id,
                                         "content": "go on [[sim:words=5]]"}))
-            assert (await _until(late, "message.completed", "error"))[-1]["type"] == "message.completed"
+            assert (await events_until(late, "message.completed", "error"))[-1]["type"] == "message.completed"
 
     streamed = state["content"] + _deltas(ended)
     assert _deltas(seen_by_a[:first + 1]) + _deltas(replayed) == streamed

@@ -7,7 +7,6 @@ and a database other processes can open, so it runs in services mode (CI) only.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from django.db import connection
 from conversations.models import Message
 from tests.conftest import adb
 from tests.netutil import free_port, processes_stop, wait_listening
+from tests.webprocs import events_until
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -64,15 +64,6 @@ def daphne_processes(count: int):
         processes_stop(processes)
 
 
-async def _until(ws, *types: str, timeout: float = 10) -> list[dict]:
-    events = []
-    async with asyncio.timeout(timeout):
-        while True:
-            event = json.loads(await ws.recv())
-            events.append(event)
-            if event["type"] in types:
-                return events
-
 
 async def test_two_processes_share_one_conversation(tenant_factory, sim):
     setup = await adb(tenant_factory)()
@@ -85,11 +76,11 @@ async def test_two_processes_share_one_conversation(tenant_factory, sim):
         ):
             # A generation started in process A, joined mid-stream through process B.
             await a.send(json.dumps({"type": "message.create", "content": "story [[sim:words=60 tps=120]]"}))
-            started = await _until(a, "delta")
+            started = await events_until(a, "delta", timeout=10)
             conversation_id = started[0]["id"]
             await b.send(json.dumps({"type": "conversation.join", "conversation_id": conversation_id}))
-            seen_by_b = await _until(b, "message.completed")
-            seen_by_a = started + await _until(a, "message.completed")
+            seen_by_b = await events_until(b, "message.completed", timeout=10)
+            seen_by_a = started + await events_until(a, "message.completed", timeout=10)
 
             state = seen_by_b[0]
             assert state["type"] == "conversation.state" and state["generating"] is True
@@ -102,9 +93,9 @@ async def test_two_processes_share_one_conversation(tenant_factory, sim):
                 "type": "message.create", "conversation_id": conversation_id,
                 "content": "again [[sim:words=400 tps=100]]",
             }))
-            await _until(a, "delta")
+            await events_until(a, "delta", timeout=10)
             await b.send(json.dumps({"type": "generation.cancel", "conversation_id": conversation_id}))
-            ended_a = await _until(a, "error", "message.completed")
+            ended_a = await events_until(a, "error", "message.completed", timeout=10)
             assert ended_a[-1]["code"] == "cancelled"
 
     stored = await adb(lambda: list(

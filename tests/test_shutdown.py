@@ -18,11 +18,11 @@ import websockets
 from django.conf import settings
 from django.core.management import call_command
 
-from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord
+from billing.models import CapPeriod, Reservation, UsageRecord
 from conversations import eventlog, services
 from conversations.models import Conversation, Message
 from tests.conftest import adb
-from tests.webprocs import web_processes
+from tests.webprocs import events_until, tenant_capped, web_processes
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -33,20 +33,6 @@ pytestmark = [
 ]
 
 
-def _capped(tenant_factory):
-    setup = tenant_factory()
-    SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=100)
-    return setup
-
-
-async def _until(ws, *types: str, timeout: float = 20) -> list[dict]:
-    events = []
-    async with asyncio.timeout(timeout):
-        while True:
-            event = json.loads(await ws.recv())
-            events.append(event)
-            if event["type"] in types:
-                return events
 
 
 async def _exited(process, timeout: float) -> int:
@@ -63,17 +49,17 @@ def _nothing_held() -> None:
 
 
 async def test_sigterm_refuses_new_turns_and_lets_the_running_answer_finish(tenant_factory, sim):
-    setup = await adb(_capped)(tenant_factory)
+    setup = await adb(tenant_capped)(tenant_factory)
     token = await adb(setup.token)()
     with web_processes(1, SHUTDOWN_GRACE_SECONDS="20") as [(port, process)]:
         async with websockets.connect(f"ws://127.0.0.1:{port}/ws/chat/?token={token}") as ws:
             await ws.send(json.dumps({"type": "message.create", "content": "story [[sim:words=80 tps=20]]"}))
-            started = await _until(ws, "delta")
+            started = await events_until(ws, "delta")
             process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             # New turns go elsewhere: on a socket, an error with retry_after ...
             await ws.send(json.dumps({"type": "message.create", "content": "another", "client_msg_id": "m2"}))
-            rest = await _until(ws, "error")
+            rest = await events_until(ws, "error")
             assert (rest[-1]["code"], rest[-1]["client_msg_id"]) == ("rate_limited", "m2")
             assert rest[-1]["retry_after"] >= 1
             # ... on REST and /v1 a 503 with Retry-After.
@@ -87,7 +73,7 @@ async def test_sigterm_refuses_new_turns_and_lets_the_running_answer_finish(tena
             assert (posted.status_code, posted.headers["retry-after"]) == (503, "1")
             assert (v1.status_code, v1.headers["retry-after"]) == (503, "1")
             assert v1.json()["error"]["code"] == "service_unavailable"
-            rest += await _until(ws, "message.completed")
+            rest += await events_until(ws, "message.completed")
         # The running answer finished, complete, and the process exited without waiting out the grace.
         assert rest[-1]["finish_reason"] == "stop"
         assert await _exited(process, timeout=10) == 0
@@ -99,7 +85,7 @@ async def test_sigterm_refuses_new_turns_and_lets_the_running_answer_finish(tena
 
 
 async def test_sigterm_past_the_grace_stores_and_bills_what_streamed(tenant_factory, sim):
-    setup = await adb(_capped)(tenant_factory)
+    setup = await adb(tenant_capped)(tenant_factory)
     token = await adb(setup.token)()
     with web_processes(1, SHUTDOWN_GRACE_SECONDS="0.5") as [(port, process)]:
         async with (
@@ -107,7 +93,7 @@ async def test_sigterm_past_the_grace_stores_and_bills_what_streamed(tenant_fact
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client,
         ):
             await ws.send(json.dumps({"type": "message.create", "content": "story [[sim:words=400 tps=20]]"}))
-            started = await _until(ws, "delta")
+            started = await events_until(ws, "delta")
             async with client.stream(
                 "POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {setup.api_key}"},
                 json={"model": setup.assistant.model, "stream": True,

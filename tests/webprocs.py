@@ -4,6 +4,8 @@ with settings of the test's own (small heartbeats, a short grace)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +53,23 @@ def web_processes(count: int, **extra: str) -> Iterator[list[tuple[int, subproce
         yield list(zip(ports, processes, strict=True))
     finally:
         processes_stop([p for p in processes if p.poll() is None])
+
+
+async def events_until(ws, *types: str, timeout: float = 20) -> list[dict]:
+    """Frames from a `websockets` client up to and including the first of one of `types`."""
+    events = []
+    async with asyncio.timeout(timeout):
+        while True:
+            event = json.loads(await ws.recv())
+            events.append(event)
+            if event["type"] in types:
+                return events
+
+
+def tenant_capped(tenant_factory):
+    """A tenant with a monthly cap, so that every call holds and settles."""
+    from billing.models import SpendingCap
+
+    setup = tenant_factory()
+    SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=100)
+    return setup
