@@ -235,6 +235,7 @@ class _Appender:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for key, data, _ in batch:
                         pipe.xadd(key, {"e": data}, maxlen=settings.EVENT_LOG_MAXLEN, approximate=True)
+                    for key in {key for key, _, _ in batch}:  # once per log, after its appends
                         pipe.expire(key, settings.EVENT_LOG_TTL_SECONDS)
                     replies = await pipe.execute()
             except Exception as error:  # every waiting generation learns it
@@ -242,7 +243,7 @@ class _Appender:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for (_, _, future), offset in zip(batch, replies[::2], strict=True):
+            for (_, _, future), offset in zip(batch, replies[:len(batch)], strict=True):
                 if not future.done():
                     future.set_result(offset)
 
