@@ -8,9 +8,11 @@ read into each follower's buffer. Pushing never waits: a slow follower's buffer 
 its bound the follower drops it and reads the gap from the log itself, from its own offset —
 it falls behind and catches up, it never loses an event, and it never holds up the others.
 
-XREAD BLOCK cannot be interrupted, so a log first followed while the dispatcher is blocked
-joins at the next read: the block is short (EVENT_LOG_BLOCK_MS). A new follower reads what is
-already in the log itself, so only events appended after it arrived wait for that read.
+XREAD BLOCK cannot be interrupted (cancelling it would cost the connection: redis-py
+disconnects a connection whose read was cancelled), so a log first followed while the
+dispatcher is blocked joins at the next read: the block is short (EVENT_LOG_BLOCK_MS). A new
+follower reads what is already in the log itself, so only events appended after it arrived
+wait for that read.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class Fanout:
                 await asyncio.sleep(1)
                 continue
             self._hand_out(positions, found)
+        self._task = None  # a finished task would keep its loop (this dispatcher's key) alive
 
     def _hand_out(self, positions: dict[str, str], found: dict[str, list[Entry]]) -> None:
         for key, entries in found.items():
