@@ -319,15 +319,20 @@ SHUTDOWN_RETRY_AFTER_SECONDS = env.float("SHUTDOWN_RETRY_AFTER_SECONDS", default
 
 # The event log (conversations/eventlog.py): a Redis Stream per conversation in services mode.
 # Capped at about EVENT_LOG_MAXLEN events (more than the longest answer's deltas), gone
-# EVENT_LOG_TTL_SECONDS after its last event. Each reader waits up to EVENT_LOG_BLOCK_MS per
-# XREAD BLOCK and holds one pooled connection while it waits, so a web process needs about one
-# connection per open stream: EVENT_LOG_MAX_CONNECTIONS bounds the pool (a full pool makes
-# readers queue, never fail), and Redis' maxclients (10,000 by default) bounds the sum over
-# processes.
+# EVENT_LOG_TTL_SECONDS after its last event. Readers do not hold connections: one dispatcher
+# per event loop (conversations/fanout.py) reads every log the process follows with one XREAD
+# BLOCK of EVENT_LOG_BLOCK_MS (short: a log first followed meanwhile joins at the next read),
+# up to EVENT_FANOUT_COUNT events per log per read, and hands them to each reader's buffer of
+# EVENT_FANOUT_BUFFER events (a reader further behind reads the gap from the log itself).
+# The pool (EVENT_LOG_MAX_CONNECTIONS; a full pool makes callers queue, never fail) serves
+# that read, the shared append pipeline and readers catching up, so it does not grow with
+# the streams a process serves.
 EVENT_LOG_MAXLEN = env.int("EVENT_LOG_MAXLEN", default=10_000)
 EVENT_LOG_TTL_SECONDS = env.int("EVENT_LOG_TTL_SECONDS", default=3600)
-EVENT_LOG_BLOCK_MS = env.int("EVENT_LOG_BLOCK_MS", default=5000)
-EVENT_LOG_MAX_CONNECTIONS = env.int("EVENT_LOG_MAX_CONNECTIONS", default=2000)
+EVENT_LOG_BLOCK_MS = env.int("EVENT_LOG_BLOCK_MS", default=100)
+EVENT_LOG_MAX_CONNECTIONS = env.int("EVENT_LOG_MAX_CONNECTIONS", default=100)
+EVENT_FANOUT_COUNT = env.int("EVENT_FANOUT_COUNT", default=200)
+EVENT_FANOUT_BUFFER = env.int("EVENT_FANOUT_BUFFER", default=1000)
 # Dependencies that come and go (conversations/outages.py, config/redis_options.py): while
 # PostgreSQL or Redis is away, REST and /v1 answer 503 with Retry-After
 # DEPENDENCY_RETRY_AFTER_SECONDS and sockets get an `upstream_error` frame; a generation keeps

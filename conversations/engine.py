@@ -36,7 +36,7 @@ from moderation.services import ModerationContext, moderate
 from tools.calls import ToolContext
 from tools.execution import tool_calls_execute
 
-from . import eventlog, outages, recovery, services, shutdown, summaries
+from . import eventlog, fanout, outages, recovery, services, shutdown, summaries
 from .models import Message
 from .protocol import (
     ConversationCreated,
@@ -90,18 +90,9 @@ async def publish(plan: TurnPlan, event: Event) -> str:
 async def events_follow(key: str, after: str) -> AsyncIterator[eventlog.Entry]:
     """Every wire event of the log after `after`, in order, then each as it is appended;
     runs until cancelled. A Redis outage pauses it: it resumes from the same offset."""
-    log = eventlog.event_log()
-    while True:
-        try:
-            page = await log.read(key, after, block_ms=settings.EVENT_LOG_BLOCK_MS)
-        except eventlog.LOG_ERRORS:
-            logger.warning("event log %s unreadable; retrying", key, exc_info=True)
-            await asyncio.sleep(1)
-            continue
-        for offset, event in page:
-            after = offset
-            if event.get("type") not in recovery.INTERNAL_EVENTS:
-                yield offset, event
+    async for offset, event in fanout.fanout().follow(key, after):
+        if event.get("type") not in recovery.INTERNAL_EVENTS:
+            yield offset, event
 
 
 @dataclass(frozen=True)

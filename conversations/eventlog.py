@@ -53,6 +53,10 @@ class EventLog(Protocol):
         """Up to `count` events after offset `after`, oldest first; with `block_ms`, wait that
         long for one when there are none yet ([] on timeout)."""
 
+    async def read_many(self, positions: dict[str, str], *, block_ms: int = 0, count: int = 100) -> dict[str, list[Entry]]:
+        """`read` over several logs at once (each after its own offset): the logs that have
+        events, up to `count` each; with `block_ms`, wait that long for any one of them."""
+
     async def head(self, key: str) -> str:
         """The offset of the last event (START when the log is empty or gone)."""
 
@@ -116,22 +120,35 @@ class MemoryEventLog:
         )]
 
     async def read(self, key: str, after: str, *, block_ms: int = 0, count: int = 1000) -> list[Entry]:
+        return (await self.read_many({key: after}, block_ms=block_ms, count=count)).get(key, [])
+
+    async def read_many(self, positions: dict[str, str], *, block_ms: int = 0, count: int = 100) -> dict[str, list[Entry]]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block_ms / 1000
         while True:
             with self._lock:
-                entries = self._take(key, after, count)
-                if entries or loop.time() >= deadline:
-                    return entries
+                found = {key: entries for key, after in positions.items() if (entries := self._take(key, after, count))}
+                if found or loop.time() >= deadline:
+                    return found
                 waiter = loop.create_future()
-                stream = self._stream(key, time.monotonic()) or self._streams.setdefault(
-                    key, _Stream(expires_at=time.monotonic() + settings.EVENT_LOG_TTL_SECONDS)
-                )
-                stream.waiters.append((loop, waiter))
+                streams = [self._waiting(key) for key in positions]
+                for stream in streams:
+                    stream.waiters.append((loop, waiter))
             try:
                 await asyncio.wait_for(waiter, timeout=max(deadline - loop.time(), 0))
             except TimeoutError:
                 pass
+            finally:  # a wait that timed out leaves no waiter behind on the quiet logs
+                with self._lock:
+                    for stream in streams:
+                        if (loop, waiter) in stream.waiters:
+                            stream.waiters.remove((loop, waiter))
+
+    def _waiting(self, key: str) -> _Stream:
+        now = time.monotonic()
+        return self._stream(key, now) or self._streams.setdefault(
+            key, _Stream(expires_at=now + settings.EVENT_LOG_TTL_SECONDS)
+        )
 
     async def head(self, key: str) -> str:
         with self._lock:
@@ -172,19 +189,26 @@ class RedisEventLog:
         return await appender.append(key, json.dumps(event, separators=(",", ":")))
 
     async def read(self, key: str, after: str, *, block_ms: int = 0, count: int = 1000) -> list[Entry]:
-        reply = await self.client().xread({key: after}, count=count, block=block_ms or None)
+        return (await self.read_many({key: after}, block_ms=block_ms, count=count)).get(key, [])
+
+    async def read_many(self, positions: dict[str, str], *, block_ms: int = 0, count: int = 100) -> dict[str, list[Entry]]:
+        reply = await self.client().xread(positions, count=count, block=block_ms or None)
         if not reply:
-            return []
-        streams = reply.values() if isinstance(reply, dict) else [entries for _, entries in reply]
-        return [
-            (offset, json.loads(fields["e"]))
-            for entries in streams
-            for offset, fields in (entries[0] if entries and isinstance(entries[0], list) else entries)
-        ]
+            return {}
+        # RESP2 answers [[key, entries], …]; RESP3 {key: [entries]}.
+        streams = reply.items() if isinstance(reply, dict) else reply
+        return {
+            key: [(offset, json.loads(fields["e"])) for offset, fields in _entries(found)]
+            for key, found in streams
+        }
 
     async def head(self, key: str) -> str:
         last = await self.client().xrevrange(key, count=1)
         return last[0][0] if last else START
+
+
+def _entries(found: list[Any]) -> list[Any]:
+    return found[0] if found and isinstance(found[0], list) else found
 
 
 class _Appender:
@@ -211,6 +235,7 @@ class _Appender:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for key, data, _ in batch:
                         pipe.xadd(key, {"e": data}, maxlen=settings.EVENT_LOG_MAXLEN, approximate=True)
+                    for key in {key for key, _, _ in batch}:  # once per log, after its appends
                         pipe.expire(key, settings.EVENT_LOG_TTL_SECONDS)
                     replies = await pipe.execute()
             except Exception as error:  # every waiting generation learns it
@@ -218,7 +243,7 @@ class _Appender:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for (_, _, future), offset in zip(batch, replies[::2], strict=True):
+            for (_, _, future), offset in zip(batch, replies[:len(batch)], strict=True):
                 if not future.done():
                     future.set_result(offset)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+import weakref
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -48,16 +49,32 @@ async def round_record(plan: services.TurnPlan, *, round_number: int, prompt_tok
     })
 
 
+# The running generations of each event loop, beaten together by one task.
+_beating: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[uuid.UUID]] = weakref.WeakKeyDictionary()
+
+
 async def heartbeat(plan: services.TurnPlan) -> None:
-    """Runs beside a generation until it ends (its task cancels this one)."""
-    while True:
+    """Runs beside a generation until it ends (its task cancels this one). Every generation of
+    the process beats in the same UPDATE: one query (and one database connection) per period,
+    not one per generation."""
+    loop = asyncio.get_running_loop()
+    beating = _beating.setdefault(loop, set())
+    if not beating:
+        loop.create_task(_beat(beating), name="generation heartbeats")
+    beating.add(plan.assistant_message_id)
+    try:
+        await loop.create_future()  # until the generation ends
+    finally:
+        beating.discard(plan.assistant_message_id)
+
+
+async def _beat(beating: set[uuid.UUID]) -> None:
+    while beating:
         await asyncio.sleep(settings.GENERATION_HEARTBEAT_SECONDS)
         try:
-            await database_sync_to_async(services.generation_beat)(
-                conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id
-            )
+            await database_sync_to_async(services.generations_beat)(generation_ids=list(beating))
         except Exception:  # a missed beat is retried; only a minute of them is a death
-            logger.warning("heartbeat of generation %s failed", plan.assistant_message_id, exc_info=True)
+            logger.warning("heartbeat of %d generations failed", len(beating), exc_info=True)
 
 
 def state_from_log(conversation_id: uuid.UUID, events: list[dict[str, Any]], *, with_content: bool) -> ConversationState:

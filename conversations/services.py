@@ -555,11 +555,10 @@ def generation_release(*, conversation_id: uuid.UUID, generation_id: uuid.UUID, 
     Conversation.objects.filter(pk=conversation_id, generation_id=generation_id).update(**fields)
 
 
-def generation_beat(*, conversation_id: uuid.UUID, generation_id: uuid.UUID) -> bool:
-    """Refresh a running generation's heartbeat; False when the claim is no longer ours."""
-    return bool(Conversation.objects.filter(pk=conversation_id, generation_id=generation_id).update(
-        generation_beat_at=timezone.now()
-    ))
+def generations_beat(*, generation_ids: list[uuid.UUID]) -> int:
+    """Refresh the heartbeat of running generations (one UPDATE for all of a process's);
+    how many claims are still theirs (a generation id is claimed by one conversation at most)."""
+    return Conversation.objects.filter(generation_id__in=generation_ids).update(generation_beat_at=timezone.now())
 
 
 def conversation_generation(*, caller: Caller, conversation_id: Any) -> tuple[Conversation, str | None]:

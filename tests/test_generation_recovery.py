@@ -4,6 +4,7 @@ and tells the joined sockets."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -80,9 +81,7 @@ async def test_sweep_stores_bills_and_frees_a_dead_generation(tenant_factory, si
 async def test_a_live_generation_is_not_swept(tenant_factory, sim):
     setup = await adb(tenant_factory)()
     plan = await adb(_claim)(setup)
-    assert await adb(services.generation_beat)(
-        conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id
-    )
+    assert await adb(services.generations_beat)(generation_ids=[plan.assistant_message_id]) == 1
     assert await recovery.generations_recover() == 0
     assert (await Conversation.objects.aget(pk=plan.conversation_id)).generation_id == plan.assistant_message_id
     assert await Reservation.objects.filter(status="held").aexists()
@@ -133,3 +132,22 @@ async def test_a_claim_from_before_heartbeats_is_swept_by_its_start(tenant_facto
     )
     assert await recovery.generations_recover() == 1
     assert (await Message.objects.aget(pk=plan.assistant_message_id)).content == "".join(DELTAS)
+
+
+async def test_every_running_generation_of_a_process_keeps_its_claim_fresh(tenant_factory, sim, settings):
+    """The generations of a process beat together; one that ended stops beating."""
+    settings.GENERATION_HEARTBEAT_SECONDS = 0.05
+    setup = await adb(tenant_factory)()
+    plans = [await adb(_claim)(setup) for _ in range(3)]
+    for plan in plans:
+        await adb(_heartbeat_stopped)(plan)
+    beats = [asyncio.create_task(recovery.heartbeat(plan)) for plan in plans]
+    await asyncio.sleep(0.5)
+    beats[0].cancel()
+    await asyncio.wait([beats[0]])
+    await adb(_heartbeat_stopped)(plans[0])
+    await asyncio.sleep(0.3)
+    assert await adb(services.stale_generations)() == [(setup.tenant.pk, plans[0].conversation_id, plans[0].assistant_message_id)]
+    for beat in beats[1:]:
+        beat.cancel()
+    await asyncio.wait(beats[1:])
