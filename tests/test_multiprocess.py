@@ -1,28 +1,21 @@
 """Two Daphne processes sharing PostgreSQL and Redis serve one tenant's conversation.
 
 A generation started through process A is joined, watched and cancelled through process B:
-the channel layer, not process memory, carries every event. Needs the Redis channel layer
+the event log in Redis and the channel layer (cancel), not process memory, carry every event. Needs the Redis channel layer
 and a database other processes can open, so it runs in services mode (CI) only.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import websockets
 from django.conf import settings
-from django.db import connection
 
 from conversations.models import Message
 from tests.conftest import adb
-from tests.netutil import free_port, processes_stop, wait_listening
-from tests.webprocs import events_until
+from tests.webprocs import events_until, web_processes
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -32,44 +25,12 @@ pytestmark = [
     ),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@contextmanager
-def daphne_processes(count: int):
-    db = connection.settings_dict
-    database_url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": settings.REDIS_URL,
-        "SECRET_KEY": settings.SECRET_KEY,
-        "FIELD_ENCRYPTION_KEYS": ",".join(settings.FIELD_ENCRYPTION_KEYS),
-        "DEBUG": "false",
-        "LOG_LEVEL": "WARNING",
-    }
-    ports = [free_port() for _ in range(count)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        for port in ports
-    ]
-    try:
-        for port, process in zip(ports, processes, strict=True):
-            wait_listening(port, lambda process=process: process.poll() is None)
-        yield ports
-    finally:
-        processes_stop(processes)
-
-
 
 async def test_two_processes_share_one_conversation(tenant_factory, sim):
     setup = await adb(tenant_factory)()
     token = await adb(setup.token)()
     origin = {"Origin": "http://127.0.0.1"}
-    with daphne_processes(2) as (port_a, port_b):
+    with web_processes(2) as [(port_a, _), (port_b, _)]:
         async with (
             websockets.connect(f"ws://127.0.0.1:{port_a}/ws/chat/?token={token}", additional_headers=origin) as a,
             websockets.connect(f"ws://127.0.0.1:{port_b}/ws/chat/?token={token}", additional_headers=origin) as b,
