@@ -343,17 +343,19 @@ async def _next_turn_works(stack: Stack, socket: SocketTurn) -> None:
     assert (await socket.until("message.completed", "error"))["type"] == "message.completed"
 
 
-async def test_redis_restarted_mid_stream(stack: Stack):
+@pytest.mark.parametrize("service", ["redis", "postgres"])
+async def test_a_dependency_restarted_mid_stream(stack: Stack, service: str):
     measured: dict[str, float] = {}
+    dependency = getattr(stack, service)
 
-    async def restart_redis(client: httpx.AsyncClient, socket: SocketTurn) -> None:
-        stack.redis.stop()
+    async def restart(client: httpx.AsyncClient, socket: SocketTurn) -> None:
+        dependency.stop()
         await answered_unavailable(client, socket)
         await asyncio.sleep(1)
-        stack.redis.start()
+        dependency.start()
         measured["v1_recovered_s"] = await v1_until_ok(client)
 
-    socket, sse = await _streams_through(stack, restart_redis)
+    socket, sse = await _streams_through(stack, restart)
     try:
         assert_turn_accounted(stack, socket.conversation_id, socket.message_id, streamed=deltas(socket.events))
         assert_turn_accounted(stack, sse.conversation_id, sse.message_id, streamed=deltas(sse.events))
@@ -361,28 +363,7 @@ async def test_redis_restarted_mid_stream(stack: Stack):
         assert_no_hold(stack)
     finally:
         await socket.close()
-    print(f"redis restart: /v1 back to 200 {measured['v1_recovered_s']:.2f}s after Redis was")
-
-
-async def test_postgres_restarted_mid_stream(stack: Stack):
-    measured: dict[str, float] = {}
-
-    async def restart_postgres(client: httpx.AsyncClient, socket: SocketTurn) -> None:
-        stack.postgres.stop()
-        await answered_unavailable(client, socket)
-        await asyncio.sleep(1)
-        stack.postgres.start()
-        measured["v1_recovered_s"] = await v1_until_ok(client)
-
-    socket, sse = await _streams_through(stack, restart_postgres)
-    try:
-        assert_turn_accounted(stack, socket.conversation_id, socket.message_id, streamed=deltas(socket.events))
-        assert_turn_accounted(stack, sse.conversation_id, sse.message_id, streamed=deltas(sse.events))
-        await _next_turn_works(stack, socket)
-        assert_no_hold(stack)
-    finally:
-        await socket.close()
-    print(f"postgres restart: /v1 back to 200 {measured['v1_recovered_s']:.2f}s after PostgreSQL was")
+    print(f"{service} restart: /v1 back to 200 {measured['v1_recovered_s']:.2f}s after it was")
 
 
 async def test_postgres_restarted_between_turns(stack: Stack):

@@ -3,7 +3,6 @@ upstream, what it is billed after, and that every way a request ends gives its h
 
 from __future__ import annotations
 
-import asyncio
 import json
 from decimal import Decimal
 from io import StringIO
@@ -20,6 +19,7 @@ from billing.services import price_for
 from conversations.services import worst_case_cost
 from llm.tokens import count_messages
 from tests.conftest import adb
+from tests.v1direct import closing_hop, v1_handle
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -184,50 +184,23 @@ def test_a_request_that_fails_after_admission_leaves_no_hold(parley, tenant_fact
     assert not Reservation.objects.filter(tenant_id=setup.tenant.pk, status="held").exists()
 
 
-async def _closing_hop(fn, /, **kwargs):
-    from channels.db import database_sync_to_async
-
-    return await database_sync_to_async(fn)(**kwargs)
-
-
-async def _handle(api_key: str, raw: bytes) -> list[dict]:
-    """One request through the endpoint's ASGI handler, in this process and on this loop."""
-    from conversations import openai_api
-
-    incoming = [{"type": "http.request", "body": raw, "more_body": False}]
-    sent: list[dict] = []
-
-    async def receive():
-        if incoming:
-            return incoming.pop()
-        await asyncio.sleep(3600)  # the client stays connected
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
-             "headers": [(b"authorization", f"Bearer {api_key}".encode())]}
-    await asyncio.wait_for(openai_api.handle(openai_api.Request(scope, receive, send)), timeout=10)
-    return sent
-
-
 @pytest.fixture
 def in_process(monkeypatch):
     from conversations import openai_api
 
     for name in ("db", "db_after"):  # the endpoint's own threads would keep a connection open
-        monkeypatch.setattr(openai_api, name, _closing_hop)
+        monkeypatch.setattr(openai_api, name, closing_hop)
 
 
 async def test_a_leased_call_that_fails_after_admission_gives_its_draw_back(tenant_factory, sim, in_process):
     setup = await adb(tenant_factory)()
     await adb(_cap)(setup, "5", scope="tenant")
     hi = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    assert (await _handle(setup.api_key, hi))[0]["status"] == 200
+    assert (await v1_handle(setup.api_key, hi))[0]["status"] == 200
     [lease] = leases().by_ident.values()
     available = lease.available
 
-    assert (await _handle(setup.api_key, LONE_SURROGATE))[0]["status"] >= 400
+    assert (await v1_handle(setup.api_key, LONE_SURROGATE))[0]["status"] >= 400
 
     assert (lease.available, lease.outstanding) == (available, 0)
 
@@ -243,7 +216,7 @@ async def test_a_stream_that_fails_before_relaying_is_billed_and_released(tenant
     await adb(_cap)(setup, "1")
     raw = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
-    assert (await _handle(setup.api_key, raw))[0]["status"] == 500
+    assert (await v1_handle(setup.api_key, raw))[0]["status"] == 500
 
     [record] = await adb(list)(UsageRecord.objects.filter(tenant=setup.tenant))
     period = await adb(CapPeriod.objects.get)(tenant=setup.tenant)

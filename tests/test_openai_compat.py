@@ -3,7 +3,6 @@ with the simulator as the tenant's provider over real HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -15,6 +14,7 @@ from billing.models import UsageRecord
 from tenants.models import ApiKey, EndUser
 from tenants.services import api_keys_revoke
 from tests.conftest import adb
+from tests.v1direct import closing_hop, v1_handle
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -438,12 +438,6 @@ async def test_without_a_lease_the_one_hop_is_the_reservation(tenant_factory, si
     assert statements == (["WITH"] if connection.vendor == "postgresql" else ["UPDATE", "INSERT"])
 
 
-async def _closing_hop(fn, /, **kwargs):
-    from channels.db import database_sync_to_async
-
-    return await database_sync_to_async(fn)(**kwargs)
-
-
 async def test_a_failure_after_the_stream_started_ends_it_with_an_error_event(tenant_factory, sim, monkeypatch):
     """Once the status line is out, a 500 can no longer be sent: the stream must still end
     (OpenAI's error event), not leave the client waiting."""
@@ -454,23 +448,10 @@ async def test_a_failure_after_the_stream_started_ends_it_with_an_error_event(te
 
     monkeypatch.setattr(openai_api, "completion_settle", broken_settle)
     for name in ("db", "db_after"):  # the endpoint's own threads would keep a connection open
-        monkeypatch.setattr(openai_api, name, _closing_hop)
+        monkeypatch.setattr(openai_api, name, closing_hop)
     setup = await adb(tenant_factory)()
     body = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    incoming = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[dict] = []
-
-    async def receive():
-        if incoming:
-            return incoming.pop()
-        await asyncio.sleep(3600)  # the client stays connected
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
-             "headers": [(b"authorization", f"Bearer {setup.api_key}".encode())]}
-    await asyncio.wait_for(openai_api.handle(openai_api.Request(scope, receive, send)), timeout=10)
+    sent = await v1_handle(setup.api_key, body)
 
     assert [m["type"] for m in sent][:1] == ["http.response.start"] and sent[0]["status"] == 200
     assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body")
