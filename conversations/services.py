@@ -18,7 +18,6 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from billing import ratelimits
 from billing.caps import Subject, cap_reserve, cap_settle
 from billing.models import Reservation, UsageRecord
 from billing.services import Price, UsageInput, price_for, usage_record
@@ -26,6 +25,7 @@ from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message, count_text
 from moderation.rules import PolicySnapshot
 from moderation.services import policy_for
+from tenants import ratelimits
 from tenants.models import ApiKey, EndUser, Tenant
 from tenants.services import credential_default, end_user_hash
 from tools.registry import tool_definitions

@@ -27,14 +27,16 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from billing import ratelimits
-from billing.ratelimits import LimitState
+from conversations import lifecycle, outages, selectors
+from conversations.errors import ChatError, EndUserBlocked, NotFound, ShuttingDown
+from conversations.protocol import DOMAIN_ERRORS, MessageCreate, error_event_for, text_check
+from conversations.services import Caller
+from tenants import ratelimits
 from tenants.authentication import ApiKeyAuthentication
 from tenants.models import ApiKey
+from tenants.ratelimits import LimitState
 
-from . import lifecycle, outages, selectors, sse
-from .errors import ChatError, EndUserBlocked, NotFound, ShuttingDown
-from .protocol import DOMAIN_ERRORS, MessageCreate, error_event_for, text_check
+from . import sse
 from .serializers import (
     ConversationCreateSerializer,
     ConversationSerializer,
@@ -44,7 +46,6 @@ from .serializers import (
     MessageCreateSerializer,
     MessageSerializer,
 )
-from .services import Caller
 
 # --- errors: the one mapping for the REST surface -----------------------------------------
 

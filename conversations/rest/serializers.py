@@ -7,8 +7,8 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
-from .models import Conversation, Message
-from .protocol import InvalidFrame, validate_content
+from conversations.models import Conversation, Message
+from conversations.protocol import InvalidFrame, validate_content
 
 
 class StrictSerializer(serializers.Serializer):

@@ -1,1 +1,1 @@
-"""Management commands of the provider gateway."""
+"""Management commands of the simulator."""

@@ -1,1 +1,1 @@
-"""Management commands of the provider gateway."""
+"""`run_simulator`: the simulator over HTTP."""
