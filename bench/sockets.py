@@ -51,7 +51,7 @@ def serve_simulator(port: int) -> None:
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     django.setup()
-    from llm.simulator import create_app
+    from simulator import create_app
 
     simulator = create_app(ttft_ms=100, tokens_per_second=0)
     stamps: dict[str, list[tuple[float, str]]] = {}

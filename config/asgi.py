@@ -12,8 +12,8 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the app regi
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from conversations.routing import websocket_urlpatterns  # noqa: E402
-from conversations.sockets import SocketOriginValidator  # noqa: E402
+from conversations.ws.routing import websocket_urlpatterns  # noqa: E402
+from conversations.ws.sockets import SocketOriginValidator  # noqa: E402
 
 http_app = django_asgi_app
 if settings.SERVE_STATIC:
@@ -23,7 +23,7 @@ if settings.SERVE_STATIC:
 
 # The OpenAI-compatible endpoint (/v1/…) answers before Django's middleware stack: it is the
 # streaming hot path, and bearer-authenticated JSON needs none of that stack.
-from conversations.openai_api import OpenAICompatibleApp  # noqa: E402
+from compat.openai_api import OpenAICompatibleApp  # noqa: E402
 
 http_app = OpenAICompatibleApp(http_app)
 
@@ -39,7 +39,7 @@ application: Any = ProtocolTypeRouter(
 if settings.SIMULATOR_MOUNTED:
     # Embedded demo: the model simulator answers at /simulator/v1 inside this same process, so
     # `make run` is the whole system in one process. Off unless DEBUG (or asked for).
-    from llm.simulator import create_app
+    from simulator import create_app
 
     _simulator = create_app(ttft_ms=settings.SIMULATOR_TTFT_MS, tokens_per_second=settings.SIMULATOR_TPS)
     _parley = application

@@ -90,6 +90,8 @@ INSTALLED_APPS = [
     "tools",
     "moderation",
     "conversations",
+    "compat",
+    "simulator",
 ]
 
 MIDDLEWARE = [
@@ -214,9 +216,9 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # DRF's JSONParser through the one safe decoder (depth, NUL, surrogates, NaN: a 400).
-    "DEFAULT_PARSER_CLASSES": ["conversations.parsers.JsonBodyParser"],
+    "DEFAULT_PARSER_CLASSES": ["conversations.rest.parsers.JsonBodyParser"],
     # One error shape for the whole REST API: {"error": {"code", "message", ...}}.
-    "EXCEPTION_HANDLER": "conversations.api.exception_handler",
+    "EXCEPTION_HANDLER": "config.rest.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
@@ -233,7 +235,7 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "conversations.api.strict_request_bodies",
+        "config.rest.strict_request_bodies",
     ],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

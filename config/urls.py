@@ -5,7 +5,7 @@ from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import UsageApi
-from conversations import api
+from conversations.rest import api
 from conversations.views import chat_page
 
 from .health import healthz

@@ -23,13 +23,13 @@ from cachetools import LRUCache
 
 from billing.caps import Subject, caps_applicable
 from billing.models import ModelPrice, SpendingCap
-from billing.ratelimits import Caller
 from billing.services import Price, PriceMissing, price_for
 from llm.gateway import ProviderTarget
 from moderation.rules import PolicySnapshot
 from moderation.services import policy_for
 from tenants.freshness import MAX_AGE_SECONDS, versions_read
 from tenants.models import ApiKey, EndUser
+from tenants.ratelimits import Caller
 from tenants.services import InvalidApiKey, api_key_hash_matches, end_user_get_or_create
 
 from .errors import ChatError, EndUserBlocked, NotFound  # noqa: F401  (EndUserBlocked: re-exported for /v1)

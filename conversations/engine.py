@@ -36,7 +36,7 @@ from moderation.services import ModerationContext, moderate
 from tools.calls import ToolContext
 from tools.execution import tool_calls_execute
 
-from . import eventlog, fanout, outages, recovery, services, shutdown, summaries
+from . import eventlog, fanout, gatekeepers, outages, recovery, services, shutdown, summaries
 from .models import Message
 from .protocol import (
     ConversationCreated,
@@ -162,7 +162,7 @@ async def conversation_join(*, caller: Caller, conversation_id: uuid.UUID, after
     the state carries the running answer so far and reading starts right after it; with
     `after` (the last offset the client saw) every event after it is read again, exactly
     once, and the state carries no content. Raises NotFound."""
-    conversation = await database_sync_to_async(services.access_conversation)(
+    conversation = await database_sync_to_async(gatekeepers.access_conversation)(
         caller=caller, conversation_id=conversation_id
     )
     await recovery.conversation_recover(caller=caller, conversation_id=conversation.id)

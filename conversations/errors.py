@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ChatError(Exception):
     code = "invalid_request"
@@ -62,3 +64,13 @@ class ShuttingDown(ChatError):
 
     def __init__(self, *, retry_after: float) -> None:
         super().__init__("this server is shutting down; send the message again", retry_after=retry_after)
+
+
+class TurnFailed(ChatError):
+    """A reply that ended with an error event (upstream failure, cancel) while a
+    `stream: false` caller waited for it."""
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        super().__init__(event.get("message", "the reply failed"), retry_after=event.get("retry_after"))
+        self.code = event.get("code", "upstream_error")
+        self.message_id = event.get("message_id")

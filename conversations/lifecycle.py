@@ -9,9 +9,9 @@ from tenants.models import Tenant
 from tenants.services import EndUserToken, end_user_get_or_create, end_user_token_issue
 
 from .errors import GenerationBusy
+from .gatekeepers import access_assistant, access_tenant_conversation, end_user_admit
 from .models import Conversation
-from .selectors import access_tenant_conversation
-from .services import _is_generating, access_assistant, end_user_admit
+from .services import _is_generating
 
 # REST callers that name no end user talk as this one: usage, limits and history still hang
 # off a real EndUser row, shared by the tenant's server-side integrations.

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 from django.conf import settings
 
 from billing.caps import CapExceeded
-from billing.ratelimits import RateLimited
 from billing.services import PriceMissing, money_str
 from llm.gateway import UpstreamError
+from tenants.ratelimits import RateLimited
 
 from .errors import ChatError
 from .eventlog import OFFSET_PATTERN

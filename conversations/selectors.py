@@ -15,15 +15,6 @@ def conversation_list(*, tenant_id: int) -> QuerySet[Conversation]:
     return Conversation.objects.for_tenant(tenant_id).select_related("assistant", "end_user")
 
 
-def access_tenant_conversation(*, tenant_id: int, conversation_id: Any) -> Conversation:
-    """The tenant's conversation with this id, whoever its end user. A foreign, missing or
-    malformed id raises the same NotFound."""
-    try:
-        return conversation_list(tenant_id=tenant_id).get(id=conversation_id)
-    except (Conversation.DoesNotExist, ValidationError, ValueError):
-        raise NotFound("conversation") from None
-
-
 def message_list(*, conversation: Conversation) -> QuerySet[Message]:
     return Message.objects.for_tenant(conversation.tenant_id).filter(conversation=conversation)
 

@@ -1,4 +1,5 @@
-"""Chat services: gatekeepers, and the short transactions before and after a generation.
+"""Chat services: the short transactions before and after a generation (the gatekeepers they
+call are in gatekeepers.py).
 
 Everything here is synchronous ORM code; the async engine reaches it through one
 `database_sync_to_async` hop before the stream and one after.
@@ -13,12 +14,10 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from billing import ratelimits
 from billing.caps import Subject, cap_reserve, cap_settle
 from billing.models import Reservation, UsageRecord
 from billing.services import Price, UsageInput, price_for, usage_record
@@ -26,61 +25,20 @@ from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message, count_text
 from moderation.rules import PolicySnapshot
 from moderation.services import policy_for
+from tenants import ratelimits
 from tenants.models import ApiKey, EndUser, Tenant
 from tenants.services import credential_default, end_user_hash
 from tools.registry import tool_definitions
 
 from .context import Prompt, prompt_assemble
-from .errors import EndUserBlocked, GenerationBusy, InvalidInput, NotFound
+from .errors import GenerationBusy, InvalidInput
+from .gatekeepers import Caller, access_assistant, access_conversation, end_user_admit
 from .models import Assistant, Conversation, Message
 from .summaries import summary_needed
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who is talking: always a tenant and one of its end users; an API key when REST."""
-
-    tenant_id: int
-    end_user_id: uuid.UUID
-    api_key_id: int | None = None
-
-
 def group_name(*, tenant_id: int, conversation_id: uuid.UUID | str) -> str:
     return f"t{tenant_id}.c{conversation_id}"
-
-
-# --- gatekeepers --------------------------------------------------------------------------
-
-
-def end_user_admit(end_user: EndUser) -> EndUser:
-    """The one rule every surface applies: a blocked end user is refused. Raises EndUserBlocked."""
-    if end_user.is_blocked:
-        raise EndUserBlocked()
-    return end_user
-
-
-def access_conversation(*, caller: Caller, conversation_id: Any, lock: bool = False) -> Conversation:
-    """Raises NotFound, or EndUserBlocked once the caller's end user is blocked (a socket
-    opened before the block learns it here, on its next turn, join or cancel)."""
-    queryset = Conversation.objects.for_tenant(caller.tenant_id).filter(end_user_id=caller.end_user_id)
-    if lock:
-        queryset = queryset.select_for_update(of=("self",))
-    try:
-        conversation = queryset.select_related("assistant", "end_user").get(id=conversation_id)
-    except (Conversation.DoesNotExist, ValidationError, ValueError):
-        raise NotFound("conversation") from None
-    end_user_admit(conversation.end_user)
-    return conversation
-
-
-def access_assistant(*, tenant_id: int, slug: str | None) -> Assistant:
-    queryset = Assistant.objects.for_tenant(tenant_id)
-    try:
-        if slug is None:
-            return queryset.get(is_default=True)
-        return queryset.get(slug=slug)
-    except Assistant.DoesNotExist:
-        raise NotFound("assistant") from None
 
 
 def provider_target(assistant: Assistant) -> ProviderTarget:

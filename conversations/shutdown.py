@@ -42,8 +42,9 @@ async def drain(*, grace: float) -> None:
     wait for it to be stored and billed, then give back this process's cap leases."""
     # The surfaces import this module to refuse turns; they are only needed here.
     from billing.leases import leases
+    from compat import openai_api
 
-    from . import engine, openai_api
+    from . import engine
 
     global _draining
     _draining = True

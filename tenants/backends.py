@@ -11,7 +11,7 @@ from django.core.exceptions import PermissionDenied
 from limits import RateLimitItemPerMinute
 from limits.strategies import MovingWindowRateLimiter
 
-from billing.ratelimits import limits_storage
+from tenants.ratelimits import limits_storage
 
 logger = logging.getLogger(__name__)
 

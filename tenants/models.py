@@ -24,7 +24,7 @@ class Tenant(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
     is_active = models.BooleanField(default=True)
-    # Requests a minute each end user may make (enforced by billing's rate limits).
+    # Requests a minute each end user may make (enforced by tenants/ratelimits.py).
     end_user_rpm = models.PositiveIntegerField(default=20)
     # Whole-tenant limits across all its end users and keys (requests and tokens a minute).
     tenant_rpm = models.PositiveIntegerField(default=600)

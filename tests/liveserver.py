@@ -122,8 +122,8 @@ class Parley:
         subprocess's work is awaited by the tests reading to the end of their streams."""
         if not self.in_process:
             return
+        from compat.openai_api import _settling
         from conversations.engine import _running
-        from conversations.openai_api import _settling
 
         deadline = time.monotonic() + timeout
         while any(not task.done() for task in [*_running, *_settling]) and time.monotonic() < deadline:

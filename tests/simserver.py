@@ -15,7 +15,7 @@ from types import TracebackType
 
 import uvicorn
 
-from llm.simulator import Simulator, create_app
+from simulator import Simulator, create_app
 
 
 class SimulatorServer:

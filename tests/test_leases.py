@@ -13,7 +13,7 @@ from channels.db import database_sync_to_async
 from billing.caps import Subject, caps_for
 from billing.leases import LEASE_CALL_PREFIX, Leases, lease_book
 from billing.models import CapPeriod, Reservation, SpendingCap
-from conversations.completions import _hold
+from compat.completions import _hold
 from tests.conftest import adb
 
 pytestmark = pytest.mark.django_db(transaction=True)

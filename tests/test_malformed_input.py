@@ -17,8 +17,8 @@ from asgiref.sync import async_to_sync, sync_to_async
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conversations.gatekeepers import access_assistant
 from conversations.models import Conversation
-from conversations.services import access_assistant
 from tests.conftest import adb
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -186,7 +186,7 @@ def test_a_request_that_fails_after_admission_leaves_no_hold(parley, tenant_fact
 
 @pytest.fixture
 def in_process(monkeypatch):
-    from conversations import openai_api
+    from compat import openai_api
 
     for name in ("db", "db_after"):  # the endpoint's own threads would keep a connection open
         monkeypatch.setattr(openai_api, name, closing_hop)
@@ -206,7 +206,7 @@ async def test_a_leased_call_that_fails_after_admission_gives_its_draw_back(tena
 
 
 async def test_a_stream_that_fails_before_relaying_is_billed_and_released(tenant_factory, sim, in_process, monkeypatch):
-    from conversations import openai_api
+    from compat import openai_api
 
     def broken_headers(self):
         raise RuntimeError("headers could not be built")

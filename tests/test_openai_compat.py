@@ -396,7 +396,7 @@ def _recording_hop():
 
 
 async def _admit_names(setup, hop, hops) -> list[str]:
-    from conversations.completions import completion_admit
+    from compat.completions import completion_admit
 
     hops.clear()
     request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "user": "carol"}
@@ -441,7 +441,7 @@ async def test_without_a_lease_the_one_hop_is_the_reservation(tenant_factory, si
 async def test_a_failure_after_the_stream_started_ends_it_with_an_error_event(tenant_factory, sim, monkeypatch):
     """Once the status line is out, a 500 can no longer be sent: the stream must still end
     (OpenAI's error event), not leave the client waiting."""
-    from conversations import openai_api
+    from compat import openai_api
 
     def broken_settle(**kwargs):
         raise RuntimeError("the ledger is down")

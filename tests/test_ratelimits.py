@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from billing.ratelimits import Caller, Check, RateLimited, rate_limit_hit
 from conversations.models import Message
+from tenants.ratelimits import Caller, Check, RateLimited, rate_limit_hit
 from tests.conftest import adb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ import json, os, sys, uuid
 import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django.setup()
-from billing.ratelimits import Caller, RateLimited, rate_limit_hit
+from tenants.ratelimits import Caller, RateLimited, rate_limit_hit
 caller = Caller(**json.loads(sys.argv[1]))
 admitted = 0
 for _ in range(int(sys.argv[2])):
@@ -127,7 +127,7 @@ def test_limit_holds_across_processes_sharing_redis():
 
 
 def test_a_refused_request_counts_against_no_limit():
-    from billing.ratelimits import _limiter, checks_for
+    from tenants.ratelimits import _limiter, checks_for
 
     caller = _caller(end_user_rpm=1, tenant_rpm=100)
     rate_limit_hit(caller=caller)
@@ -142,7 +142,7 @@ def test_a_refused_request_counts_against_no_limit():
 async def test_the_event_loop_path_counts_the_counters_the_library_reads():
     """`rate_limits_acquire_async` (the /v1 path, one Redis script) and `rate_limit_hit` (the
     socket and REST paths, through `limits`) share one set of counters."""
-    from billing.ratelimits import _limiter, checks_for, rate_limits_acquire_async
+    from tenants.ratelimits import _limiter, checks_for, rate_limits_acquire_async
 
     caller = _caller(end_user_rpm=3, tenant_rpm=100, tenant_tpm=1000)
     await rate_limits_acquire_async(checks_for(caller, tokens=400))
@@ -163,7 +163,7 @@ async def test_the_event_loop_path_counts_the_counters_the_library_reads():
 async def test_the_event_loop_path_reads_other_keys_in_the_same_round_trip():
     import redis
 
-    from billing.ratelimits import checks_for, rate_limits_acquire_async
+    from tenants.ratelimits import checks_for, rate_limits_acquire_async
 
     redis.Redis.from_url(settings.REDIS_URL).set("parley-test:version", "v42")
     acquired = await rate_limits_acquire_async(checks_for(_caller()), also_read=("parley-test:version", "parley-test:none"))
@@ -174,7 +174,7 @@ async def test_the_event_loop_path_reads_other_keys_in_the_same_round_trip():
 async def test_the_event_loop_path_loads_its_script_into_a_redis_that_forgot_it():
     import redis
 
-    from billing.ratelimits import checks_for, rate_limits_acquire_async
+    from tenants.ratelimits import checks_for, rate_limits_acquire_async
 
     redis.Redis.from_url(settings.REDIS_URL).script_flush()  # as after a Redis restart
     acquired = await rate_limits_acquire_async(checks_for(_caller(end_user_rpm=5)), also_read=("parley-test:none",))
@@ -195,14 +195,14 @@ def _chat_limits(setup, external_id: str = "user-1", api_key: bool = False):
 
 def _remaining(limits) -> dict[str, int]:
     """What each of a caller's limits has left, read through the library (no counting)."""
-    from billing.ratelimits import _limiter, checks_for
+    from tenants.ratelimits import _limiter, checks_for
 
     return {c.name: _limiter().get_window_stats(c.item, *c.identifiers).remaining for c in checks_for(limits, tokens=1)}
 
 
 def _use_up(limits, name: str, *, leave: int = 0) -> None:
     """Use up one of a caller's limits from outside the turn, leaving `leave`."""
-    from billing.ratelimits import checks_for, rate_limits_acquire
+    from tenants.ratelimits import checks_for, rate_limits_acquire
 
     [check] = [c for c in checks_for(limits, tokens=1) if c.name == name]
     amount = _remaining(limits)[name] - leave

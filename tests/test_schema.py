@@ -11,8 +11,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from conversations.gatekeepers import access_assistant
 from conversations.models import Conversation
-from conversations.services import access_assistant
 from tenants.models import ApiKey
 from tenants.services import end_user_get_or_create
 

@@ -14,8 +14,8 @@ import httpx2
 import openai
 import pytest
 
-from llm.simulator import Simulator, create_app
 from llm.tokens import count_messages, count_text
+from simulator import Simulator, create_app
 from tests.simserver import SimulatorServer
 
 # `simulator_server` (one SimulatorServer for the session) and `sim` (its app, reset for each

@@ -8,8 +8,8 @@ from typing import Any
 import openai
 import pytest
 
-from llm.simulator import Simulator, create_app, prompt_token_sequence
 from llm.tokens import count_messages
+from simulator import Simulator, create_app, prompt_token_sequence
 from tests.simserver import SimulatorServer
 
 MODEL = "gpt-4o-mini"

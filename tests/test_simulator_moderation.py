@@ -8,8 +8,8 @@ import httpx2
 import openai
 import pytest
 
-import llm.simulator
-from llm.simulator import CATEGORIES, TRIGGERS, Simulator
+import simulator
+from simulator import CATEGORIES, TRIGGERS, Simulator
 from tests.simserver import SimulatorServer
 
 
@@ -59,7 +59,7 @@ def test_every_documented_trigger_flags_known_categories(client: openai.OpenAI) 
 
 
 def test_the_documented_table_is_the_one_applied() -> None:
-    section = (llm.simulator.__doc__ or "").split("\nModeration\n")[1].split("\nDirectives in")[0]
+    section = (simulator.__doc__ or "").split("\nModeration\n")[1].split("\nDirectives in")[0]
     rows = re.findall(r"^(``\S.*?``)\s{2,}(\S.*)$", section, re.MULTILINE)
     documented = {word: tuple(categories.split(", ")) for words, categories in rows
                   for word in re.findall(r"``(.+?)``", words)}

@@ -9,7 +9,7 @@ import openai
 import pytest
 from jsonschema import Draft202012Validator
 
-from llm.simulator import Simulator
+from simulator import Simulator
 from tests.simserver import SimulatorServer
 
 MODEL = "gpt-4o-mini"

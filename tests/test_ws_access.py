@@ -164,7 +164,7 @@ async def test_a_socket_is_closed_when_its_token_expires(tenant_factory, chat, s
 
 
 async def test_an_expired_token_runs_no_more_turns(tenant_factory, chat, sim, monkeypatch):
-    from conversations import consumers
+    from conversations.ws import consumers
 
     setup = await adb(tenant_factory)()
     token = await adb(setup.token)("user-1", 2)

@@ -15,7 +15,7 @@ async def closing_hop(fn, /, **kwargs):
 
 async def v1_handle(api_key: str, raw: bytes) -> list[dict]:
     """One request through the handler; every ASGI message it sent."""
-    from conversations import openai_api
+    from compat import openai_api
 
     incoming = [{"type": "http.request", "body": raw, "more_body": False}]
     sent: list[dict] = []

@@ -9,7 +9,7 @@ from django.core.exceptions import RequestDataTooBig
 from rest_framework import exceptions
 from rest_framework.parsers import JSONParser
 
-from .protocol import InvalidFrame, json_parse
+from conversations.protocol import InvalidFrame, json_parse
 
 
 class JsonBodyParser(JSONParser):

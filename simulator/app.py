@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .asgi import (
@@ -30,26 +30,11 @@ from .errors import ApiError, StreamCut, missing_bearer, status_error
 from .moderation import moderation_body, parse_moderation_request
 from .plan import plan_reply
 from .request import ParsedRequest, parse_chat_request
+from .stats import SimStats
 from .wire import HANG_SECONDS, Reply
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4-turbo", "gpt-3.5-turbo")
 RECORDED_REQUESTS = 200
-
-
-@dataclass
-class SimStats:
-    requests: int = 0
-    completions: int = 0
-    incomplete: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    tool_calls: int = 0
-    moderations: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass

@@ -22,22 +22,11 @@ from typing import Any
 
 from django.db import transaction
 
-from billing import ratelimits
 from billing.caps import CapExceeded, Subject, cap_hold, cap_settle
 from billing.leases import Draw, lease_book, leases
 from billing.models import ModelPrice, Reservation, UsageRecord
 from billing.services import Price, UsageInput, usage_record
-from llm import relay
-from llm.gateway import ProviderTarget, Usage
-from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt, count_text
-from moderation.rules import PolicySnapshot
-from moderation.sentences import SentenceSplitter
-from moderation.services import ModerationContext, moderate
-from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
-from tenants.freshness import versions_parse, versions_read, versions_stored_keys
-from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
-
-from .access import (
+from conversations.access import (
     EndUserAccess,
     EndUserBlocked,
     KeyAccess,
@@ -49,10 +38,20 @@ from .access import (
     end_user_load,
     price_load,
 )
-from .errors import InvalidInput, ModerationBlocked
-from .lifecycle import DEFAULT_END_USER
-from .protocol import InvalidFrame, json_parse
-from .services import worst_case_cost
+from conversations.errors import InvalidInput, ModerationBlocked
+from conversations.lifecycle import DEFAULT_END_USER
+from conversations.protocol import InvalidFrame, json_parse
+from conversations.services import worst_case_cost
+from llm import relay
+from llm.gateway import ProviderTarget, Usage
+from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt, count_text
+from moderation.rules import PolicySnapshot
+from moderation.sentences import SentenceSplitter
+from moderation.services import ModerationContext, moderate
+from tenants import ratelimits
+from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
+from tenants.freshness import versions_parse, versions_read, versions_stored_keys
+from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
 
 __all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the access cache
 

@@ -10,7 +10,7 @@ from typing import Any
 import uvicorn
 from django.core.management.base import BaseCommand, CommandParser
 
-from llm.simulator import create_app
+from simulator import create_app
 
 
 class Command(BaseCommand):

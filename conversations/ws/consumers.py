@@ -13,11 +13,9 @@ from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from tenants.services import end_user_group
-
-from . import engine
-from .errors import ChatError, EndUserBlocked
-from .protocol import (
+from conversations import engine
+from conversations.errors import ChatError, EndUserBlocked
+from conversations.protocol import (
     DOMAIN_ERRORS,
     ConversationJoin,
     ErrorEvent,
@@ -31,7 +29,9 @@ from .protocol import (
     parse_client_frame,
     text_client_msg_id,
 )
-from .services import Caller
+from conversations.services import Caller
+from tenants.services import end_user_group
+
 from .sockets import socket_authenticate
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from .asgi import Headers, Send, dumps, send_body, sleep_until, sse
 from .errors import StreamCut
 from .plan import ReplyPlan
-
-if TYPE_CHECKING:
-    from .app import Simulator
+from .stats import StatsOwner
 
 HANG_SECONDS = 3600.0
 SYSTEM_FINGERPRINT = "fp_parleysim"
@@ -53,7 +51,7 @@ def usage_event(plan: ReplyPlan) -> bytes:
 class Reply:
     """Renders one plan as a stream or a JSON body; books it in the stats exactly once."""
 
-    def __init__(self, sim: Simulator, plan: ReplyPlan, send: Send, headers: Headers) -> None:
+    def __init__(self, sim: StatsOwner, plan: ReplyPlan, send: Send, headers: Headers) -> None:
         self.sim, self.plan, self.send, self.headers = sim, plan, send, headers
         self.outcome: str | None = None
         self.stop_at, self.action = plan.interruption or (len(plan.deltas), "")

@@ -30,13 +30,15 @@ from django.db import connection
 
 from billing.leases import leases
 from billing.models import UsageRecord
-from billing.ratelimits import ratelimit_headers
 from billing.services import usage_billed
+from conversations import outages, shutdown
+from conversations.errors import ModerationBlocked, ShuttingDown
+from conversations.protocol import DOMAIN_ERRORS, error_event_for
 from llm import relay
 from llm.gateway import UpstreamError
+from tenants.ratelimits import ratelimit_headers
 from tenants.services import InvalidApiKey
 
-from . import outages, shutdown
 from .completions import (
     CompletionPlan,
     EndUserBlocked,
@@ -49,8 +51,6 @@ from .completions import (
     hold_release,
     models_available,
 )
-from .errors import ModerationBlocked, ShuttingDown
-from .protocol import DOMAIN_ERRORS, error_event_for
 
 logger = logging.getLogger(__name__)
 

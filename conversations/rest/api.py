@@ -15,135 +15,40 @@ from urllib.parse import parse_qsl
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import close_old_connections
-from django.http import Http404, StreamingHttpResponse
+from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
 from rest_framework.pagination import Cursor, CursorPagination
-from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
-from billing import ratelimits
-from billing.ratelimits import LimitState
-from tenants.authentication import ApiKeyAuthentication
-from tenants.models import ApiKey
+from config.rest import TenantApi, error_responses
+from conversations import gatekeepers, lifecycle, selectors
+from conversations.errors import NotFound, TurnFailed
+from conversations.protocol import MessageCreate, text_check
+from conversations.services import Caller
+from tenants import ratelimits
+from tenants.ratelimits import LimitState
 
-from . import lifecycle, outages, selectors, sse
-from .errors import ChatError, EndUserBlocked, NotFound, ShuttingDown
-from .protocol import DOMAIN_ERRORS, MessageCreate, error_event_for, text_check
+from . import sse
 from .serializers import (
     ConversationCreateSerializer,
     ConversationSerializer,
     EndUserTokenRequestSerializer,
     EndUserTokenSerializer,
-    ErrorSerializer,
     MessageCreateSerializer,
     MessageSerializer,
 )
-from .services import Caller
-
-# --- errors: the one mapping for the REST surface -----------------------------------------
-
-STATUS_OF_CODE = {
-    "invalid_request": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "cancelled": 409,
-    "moderation_blocked": 422,
-    "rate_limited": 429,
-    "spending_cap_exceeded": 429,
-    "upstream_error": 502,
-    "upstream_timeout": 504,
-}
 
 
-class TurnFailed(ChatError):
-    """A reply that ended with an error event (upstream failure, cancel) while a
-    `stream: false` caller waited for it."""
-
-    def __init__(self, event: dict[str, Any]) -> None:
-        super().__init__(event.get("message", "the reply failed"), retry_after=event.get("retry_after"))
-        self.code = event.get("code", "upstream_error")
-        self.message_id = event.get("message_id")
-
-
-def _error_response(
-    code: str, message: str, *, status_code: int | None = None, **extra: Any
-) -> Response:
-    body = {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}
-    response = Response({"error": body}, status=status_code or STATUS_OF_CODE[code])
-    if body.get("retry_after") is not None:
-        response["Retry-After"] = str(max(1, round(body["retry_after"])))
-        if code == "rate_limited":
-            response["x-ratelimit-remaining-requests"] = "0"
-    return response
-
-
-def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    """REST_FRAMEWORK["EXCEPTION_HANDLER"]: domain and DRF errors → `{"error": {code, message}}`."""
-    if isinstance(exc, DOMAIN_ERRORS):
-        event = error_event_for(exc)
-        extra = {"retry_after": event.retry_after, **event.extra}
-        if isinstance(exc, TurnFailed):
-            extra["message_id"] = exc.message_id
-        # The key is good, the end user is not: 403, as on /v1 (a 401 says "fix your key").
-        status_code = status.HTTP_403_FORBIDDEN if isinstance(exc, EndUserBlocked) else None
-        # Draining (another process takes the turn) or PostgreSQL/Redis away for a moment.
-        if isinstance(exc, (ShuttingDown, *outages.UNAVAILABLE)):
-            status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-        return _error_response(event.code, event.message, status_code=status_code, **extra)
-    if isinstance(exc, Http404):
-        return _error_response("not_found", "not found")
-    if isinstance(exc, RequestDataTooBig):  # past DATA_UPLOAD_MAX_MEMORY_SIZE
-        return _error_response("invalid_request", "the request body is too large", status_code=413)
-    if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
-        response = _error_response("unauthorized", str(exc.detail))
-        response["WWW-Authenticate"] = ApiKeyAuthentication.keyword
-        return response
-    if isinstance(exc, exceptions.ValidationError):
-        return _error_response("invalid_request", "invalid request body", fields=_field_errors(exc.detail))
-    if isinstance(exc, exceptions.NotFound):
-        return _error_response("not_found", str(exc.detail))
-    if isinstance(exc, exceptions.Throttled):
-        return _error_response("rate_limited", str(exc.detail), retry_after=exc.wait)
-    if isinstance(exc, exceptions.APIException):  # parse errors, 405, 406, 415
-        return _error_response("invalid_request", str(exc.detail), status_code=exc.status_code)
-    return None  # a bug: Django's 500
-
-
-def _field_errors(detail: Any) -> dict[str, list[str]]:
-    if isinstance(detail, dict):
-        return {str(k): [str(v) for v in (vs if isinstance(vs, list) else [vs])] for k, vs in detail.items()}
-    return {"non_field_errors": [str(v) for v in (detail if isinstance(detail, list) else [detail])]}
-
-
-def _errors(*codes: str) -> dict[int, OpenApiResponse]:
-    """Schema entries for the error answers a view can give."""
-    statuses = sorted({STATUS_OF_CODE[code] for code in codes})
-    return {s: OpenApiResponse(ErrorSerializer, description=f"error ({', '.join(c for c in codes if STATUS_OF_CODE[c] == s)})") for s in statuses}
-
-
-# --- base ---------------------------------------------------------------------------------
-
-
-class TenantApi(APIView):
-    authentication_classes = [ApiKeyAuthentication]
-    permission_classes = [IsAuthenticated]
-
-    @property
-    def api_key(self) -> ApiKey:
-        return self.request.auth
-
-    @property
-    def tenant_id(self) -> int:
-        return self.request.auth.tenant_id
+# A view under `conversations/{id}/`: the conversation through the tenant's gatekeeper. (No
+# docstring: drf-spectacular would publish it as every operation's description.)
+class TenantConversationApi(TenantApi):
 
     def conversation(self, conversation_id: uuid.UUID) -> Any:
-        return selectors.access_tenant_conversation(tenant_id=self.tenant_id, conversation_id=conversation_id)
+        return gatekeepers.access_tenant_conversation(tenant_id=self.tenant_id, conversation_id=conversation_id)
 
 
 class StrictCursorPagination(CursorPagination):
@@ -208,15 +113,6 @@ class BySeq(StrictCursorPagination):
     max_page_size = 500
 
 
-def strict_request_bodies(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """drf-spectacular postprocessing hook: request bodies refuse unknown fields (see
-    serializers.StrictSerializer), and the schema says so."""
-    for name, component in result.get("components", {}).get("schemas", {}).items():
-        if name.endswith("Request") and component.get("type") == "object":
-            component["additionalProperties"] = False
-    return result
-
-
 def release_db_connection() -> None:
     """Give the database connection back before a long wait or stream: a connection held per
     open stream would exhaust the server's connections."""
@@ -231,7 +127,7 @@ class ConversationListApi(TenantApi):
 
     @extend_schema(
         operation_id="conversations_list",
-        responses={200: ConversationSerializer(many=True), **_errors("invalid_request", "unauthorized", "not_found")},
+        responses={200: ConversationSerializer(many=True), **error_responses("invalid_request", "unauthorized", "not_found")},
     )
     def get(self, request: Request) -> Response:
         paginator = self.pagination_class()
@@ -241,7 +137,7 @@ class ConversationListApi(TenantApi):
     @extend_schema(
         operation_id="conversations_create",
         request=ConversationCreateSerializer,
-        responses={201: ConversationSerializer, **_errors("invalid_request", "unauthorized", "not_found")},
+        responses={201: ConversationSerializer, **error_responses("invalid_request", "unauthorized", "not_found")},
     )
     def post(self, request: Request) -> Response:
         body = ConversationCreateSerializer(data=request.data)
@@ -255,17 +151,17 @@ class ConversationListApi(TenantApi):
         return Response(ConversationSerializer(conversation).data, status=status.HTTP_201_CREATED)
 
 
-class ConversationDetailApi(TenantApi):
+class ConversationDetailApi(TenantConversationApi):
     @extend_schema(
         operation_id="conversations_retrieve",
-        responses={200: ConversationSerializer, **_errors("unauthorized", "not_found")},
+        responses={200: ConversationSerializer, **error_responses("unauthorized", "not_found")},
     )
     def get(self, request: Request, conversation_id: uuid.UUID) -> Response:
         return Response(ConversationSerializer(self.conversation(conversation_id)).data)
 
     @extend_schema(
         operation_id="conversations_destroy",
-        responses={204: None, **_errors("invalid_request", "unauthorized", "not_found")},
+        responses={204: None, **error_responses("invalid_request", "unauthorized", "not_found")},
     )
     def delete(self, request: Request, conversation_id: uuid.UUID) -> Response:
         lifecycle.conversation_delete(tenant_id=self.tenant_id, conversation_id=conversation_id)
@@ -307,12 +203,12 @@ SSE_EVENT_SCHEMA = {
 }
 
 
-class MessageListApi(TenantApi):
+class MessageListApi(TenantConversationApi):
     pagination_class = BySeq
 
     @extend_schema(
         operation_id="messages_list",
-        responses={200: MessageSerializer(many=True), **_errors("invalid_request", "unauthorized", "not_found")},
+        responses={200: MessageSerializer(many=True), **error_responses("invalid_request", "unauthorized", "not_found")},
     )
     def get(self, request: Request, conversation_id: uuid.UUID) -> Response:
         conversation = self.conversation(conversation_id)
@@ -332,7 +228,7 @@ class MessageListApi(TenantApi):
                 description=SSE_DESCRIPTION,
                 examples=[OpenApiExample("a turn", value=SSE_EXAMPLE, media_type="text/event-stream")],
             ),
-            **_errors(
+            **error_responses(
                 "invalid_request", "unauthorized", "not_found", "cancelled", "rate_limited",
                 "spending_cap_exceeded", "upstream_error", "upstream_timeout",
             ),
@@ -352,8 +248,8 @@ class MessageListApi(TenantApi):
         )
         release_db_connection()
         # caps and rate limits: issue 3 — admission happens inside turn_submit
-        # (services.turn_prepare) before any upstream call, raising the domain errors mapped
-        # above; settlement happens when the engine finishes the turn (services.turn_finish).
+        # (services.turn_prepare) before any upstream call, raising the domain errors mapped in
+        # config/rest.py; settlement happens when the engine finishes the turn (services.turn_finish).
         if body.validated_data["stream"]:
             listener = async_to_sync(sse.turn_listen)(caller=caller, command=command)
             return ratelimit_headers(event_stream_response(listener), listener.plan.limit_states)
@@ -391,7 +287,7 @@ class EndUserTokenApi(TenantApi):
         operation_id="end_user_token_create",
         parameters=[OpenApiParameter("external_id", str, OpenApiParameter.PATH, description="The tenant's own id for the end user; created on first use.")],
         request=EndUserTokenRequestSerializer,
-        responses={200: EndUserTokenSerializer, **_errors("invalid_request", "unauthorized")},
+        responses={200: EndUserTokenSerializer, **error_responses("invalid_request", "unauthorized")},
     )
     def post(self, request: Request, external_id: str) -> Response:
         if not external_id or len(external_id) > 200:

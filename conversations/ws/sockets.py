@@ -9,11 +9,11 @@ from urllib.parse import ParseResult, parse_qs, urlparse
 from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.conf import settings
 
+from conversations.errors import EndUserBlocked
+from conversations.gatekeepers import end_user_admit
+from conversations.services import Caller
 from tenants.models import Membership
 from tenants.services import InvalidEndUserToken, end_user_token_authenticate, member_end_user
-
-from .errors import EndUserBlocked
-from .services import Caller, end_user_admit
 
 
 def socket_token(scope: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """An OpenAI-compatible upstream, as a raw ASGI app: deterministic and faultable.
 
 Used as the model in tests, the demo and benchmarks; the real `openai` SDK parses every byte.
-``from llm.simulator import create_app, Simulator`` is the entry point; the modules of this
+``from simulator import create_app, Simulator`` is the entry point; the modules of this
 package are small, one concept each (see the end of this docstring).
 
 Endpoints

@@ -7,8 +7,8 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
-from .models import Conversation, Message
-from .protocol import InvalidFrame, validate_content
+from conversations.models import Conversation, Message
+from conversations.protocol import InvalidFrame, validate_content
 
 
 class StrictSerializer(serializers.Serializer):
@@ -92,24 +92,3 @@ class EndUserTokenRequestSerializer(StrictSerializer):
 class EndUserTokenSerializer(serializers.Serializer):
     token = serializers.CharField()
     expires_at = serializers.DateTimeField()
-
-
-class ErrorDetailSerializer(serializers.Serializer):
-    code = serializers.ChoiceField(
-        choices=[
-            "invalid_request", "unauthorized", "not_found", "rate_limited", "spending_cap_exceeded",
-            "moderation_blocked", "upstream_error", "upstream_timeout", "cancelled",
-        ]
-    )
-    message = serializers.CharField()
-    retry_after = serializers.FloatField(required=False)
-    fields = serializers.DictField(
-        child=serializers.ListField(child=serializers.CharField()), required=False,
-        help_text="Per-field problems, for invalid_request.",
-    )
-
-
-class ErrorSerializer(serializers.Serializer):
-    """The one error shape of the REST API."""
-
-    error = ErrorDetailSerializer()

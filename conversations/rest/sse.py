@@ -19,9 +19,9 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from . import engine, outages, services
-from .protocol import ErrorEvent, MessageCreate
-from .services import Caller, TurnPlan
+from conversations import engine, outages, services
+from conversations.protocol import ErrorEvent, MessageCreate
+from conversations.services import Caller, TurnPlan
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The WebSocket surface of conversations: routing, the socket's authentication, the consumer."""

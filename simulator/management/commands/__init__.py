@@ -1,0 +1,1 @@
+"""`run_simulator`: the simulator over HTTP."""
