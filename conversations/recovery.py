@@ -29,6 +29,7 @@ from billing.models import Reservation, UsageRecord
 from billing.services import price_for
 
 from . import eventlog, services
+from .control import INTERRUPTED
 from .models import Conversation, Message
 from .protocol import ConversationState, ErrorEvent
 
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 ROUND_RECORD = "generation.round"
 INTERNAL_EVENTS = frozenset({ROUND_RECORD})
 TERMINAL_EVENTS = frozenset({"message.completed", "error"})
-INTERRUPTED = "interrupted"
 
 
 async def round_record(plan: services.TurnPlan, *, round_number: int, prompt_tokens: int) -> None:
