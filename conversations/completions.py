@@ -52,7 +52,7 @@ from .access import (
 from .errors import InvalidInput, ModerationBlocked
 from .lifecycle import DEFAULT_END_USER
 from .protocol import InvalidFrame, json_parse
-from .services import worst_case_cost
+from .turns import worst_case_cost
 
 __all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the access cache
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from . import eventlog, fanout, recovery, services, shutdown
+from . import eventlog, fanout, recovery, services, shutdown, turns
 from .control import control_send_cancel
 from .generation import Generation
 from .protocol import ConversationState, Event, MessageCreate
-from .services import Caller, TurnPlan
+from .services import Caller
+from .turns import TurnPlan
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
     # Default prefix: channels_redis reads all of a process's specific channels through one
     # receive loop keyed on it; a custom prefix would starve the sockets' channels.
     control = await layer.new_channel()
-    plan = await database_sync_to_async(services.turn_prepare)(
+    plan = await database_sync_to_async(turns.turn_prepare)(
         caller=caller,
         content=command.content,
         conversation_id=command.conversation_id,

@@ -29,7 +29,8 @@ from moderation.services import ModerationContext, moderate
 from tools.calls import ToolContext
 from tools.execution import tool_calls_execute
 
-from . import eventlog, outages, recovery, services, summaries
+from . import answers, eventlog, outages, recovery, services, summaries
+from .answers import ToolRoundRecord, TurnOutcome, TurnResult
 from .control import CANCELLED, Control
 from .models import Message
 from .protocol import (
@@ -44,8 +45,8 @@ from .protocol import (
     ToolResult,
     error_event_for,
 )
-from .services import ToolRoundRecord, TurnOutcome, TurnPlan, TurnResult
 from .tool_rounds import arguments_object, wire_tool_calls
+from .turns import TurnPlan
 from .upstream import RoundOutput, upstream_round
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class Generation:
         )
         if not verdict.blocked:
             return True
-        await database_sync_to_async(services.turn_input_blocked)(plan=plan)
+        await database_sync_to_async(answers.turn_input_blocked)(plan=plan)
         await self._publish(ErrorEvent(
             code="moderation_blocked", message="this message was blocked by the content policy",
             message_id=self.message_id,
@@ -278,7 +279,7 @@ class Generation:
             outcome=self._outcome(None), tool_calls=wire_tool_calls(requests),
             results=[(o.call_id, o.content) for o in outcomes],
         )
-        stored = await database_sync_to_async(services.tool_round_commit)(plan=plan, record=record)
+        stored = await database_sync_to_async(answers.tool_round_commit)(plan=plan, record=record)
         self.spent.add(stored)
         await self._next_round(record, next_seq=stored.next_seq)
         last_round = self.round.number >= plan.max_tool_rounds
@@ -304,7 +305,7 @@ class Generation:
             prompt_tokens=self.round.prompt_tokens + appended_tokens, seq=next_seq,
         )
         # Every upstream call of the loop draws on the caps; a refusal ends the turn here.
-        self.round.reservation = await database_sync_to_async(services.round_reserve)(
+        self.round.reservation = await database_sync_to_async(answers.round_reserve)(
             plan=plan, round_number=self.round.number, prompt_tokens=self.round.prompt_tokens
         )
         await self._round_record(self.round.number, self.round.prompt_tokens)
@@ -349,7 +350,7 @@ class Generation:
             outcome = replace(outcome, status=Message.Status.BLOCKED)
         # PostgreSQL restarting must not lose the answer: the store is retried for a while.
         result = await outages.outlast(
-            lambda: database_sync_to_async(services.turn_finish)(plan=self.plan, outcome=outcome),
+            lambda: database_sync_to_async(answers.turn_finish)(plan=self.plan, outcome=outcome),
             what=f"storing answer {self.message_id}",
         )
         await self._publish(self._terminal(error, blocked=blocked, result=result))

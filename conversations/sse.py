@@ -21,7 +21,8 @@ from django.conf import settings
 
 from . import engine, outages, services
 from .protocol import ErrorEvent, MessageCreate
-from .services import Caller, TurnPlan
+from .services import Caller
+from .turns import TurnPlan
 
 logger = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from llm.tokens import count_messages, count_text
 
 from .context import REPLAYED_STATUSES
 from .models import Assistant, Conversation, Message
+from .services import provider_target
 from .upstream import upstream_text
 
 logger = logging.getLogger(__name__)
@@ -126,8 +127,6 @@ def _transcript(rows: list[tuple]) -> str:
 
 def summary_plan(*, tenant_id: int, conversation_id: uuid.UUID) -> SummaryJob | None:
     """What to compact, or None when the history is already under its low-water mark."""
-    from .services import provider_target
-
     conversation = Conversation.objects.for_tenant(tenant_id).select_related("assistant").get(pk=conversation_id)
     assistant = conversation.assistant
     rows = list(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from conversations.services import TurnOutcome, TurnPlan
+from conversations.answers import TurnOutcome
+from conversations.turns import TurnPlan
 from llm import gateway
 from llm.gateway import Finish, TextDelta, UpstreamError, Usage
 
