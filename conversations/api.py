@@ -357,7 +357,7 @@ class MessageListApi(AsyncDispatch, TenantApi):
         # the domain errors mapped above; settlement when the engine finishes the turn.
         if body.validated_data["stream"]:
             listener = await sse.turn_listen(caller=caller, command=command)
-            return ratelimit_headers(event_stream_response(listener), listener.plan.limit_states)
+            return ratelimit_headers(sse.event_stream_response(listener), listener.plan.limit_states)
         plan, terminal = await sse.turn_wait(caller=caller, command=command)
         if terminal.get("type") != "message.completed" and not terminal.get("log_lost"):
             raise TurnFailed(terminal)
@@ -371,27 +371,15 @@ class MessageListApi(AsyncDispatch, TenantApi):
 
     def _reply(self, conversation: Any, message_id: uuid.UUID, terminal: dict[str, Any]) -> dict[str, Any]:
         try:
-            message = selectors.message_get(conversation=conversation, message_id=message_id)
+            return MessageSerializer(selectors.message_get(conversation=conversation, message_id=message_id)).data
         except NotFound:  # the log lost the turn's events and nothing was stored
             raise TurnFailed(terminal) from None
-        try:
-            return MessageSerializer(message).data
-        finally:
-            release_db_connection()
 
 
 def ratelimit_headers(response: Any, states: tuple[LimitState, ...]) -> Any:
     """OpenAI-style `x-ratelimit-*` headers for the limits that applied."""
     for name, value in ratelimits.ratelimit_headers(states):
         response[name] = value
-    return response
-
-
-def event_stream_response(listener: sse.TurnListener) -> StreamingHttpResponse:
-    # An async iterator: under ASGI, Django streams it on the event loop, not in a thread.
-    response = StreamingHttpResponse(sse.event_stream(listener), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response
 
 

@@ -91,6 +91,35 @@ class Spent:
         )
 
 
+class AnswerLog:
+    """Where a generation's events go: the conversation's log, through an outbox that holds
+    them while the log (Redis) is away, so the answer goes on and is stored."""
+
+    def __init__(self, plan: TurnPlan) -> None:
+        self.message_id = str(plan.assistant_message_id)
+        self.outbox = outages.EventOutbox(eventlog.log_key(plan.group))
+        self.parts: list[str] = []  # every round's text: what joiners are shown
+        self.first_token_at: float | None = None
+        # Held while a delta is appended and published: a joiner's state then either includes
+        # a delta whose publish already finished, or excludes it and is delivered before it.
+        self._lock = asyncio.Lock()
+
+    @property
+    def content(self) -> str:
+        return "".join(self.parts)
+
+    async def publish(self, event: Event) -> None:
+        await self.outbox.append(event.as_dict())
+
+    async def delta(self, content: str, *, round_parts: list[str]) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        async with self._lock:
+            self.parts.append(content)
+            round_parts.append(content)
+            await self.publish(Delta(message_id=self.message_id, content=content))
+
+
 class Generation:
     """One assistant answer: stream, publish, store, bill."""
 
@@ -106,24 +135,14 @@ class Generation:
         self.round = TurnRound(
             number=0, reservation=plan.reservation, prompt_tokens=plan.prompt.tokens, seq=plan.user_seq + 1,
         )
-        self.content_parts: list[str] = []  # every round's text: what joiners are shown
+        self.log = AnswerLog(plan)
         self.spent = Spent()
         self.limit_reason = ""  # a limit of Parley's ended the turn (not a stop)
         self.started = time.monotonic()
-        self.first_token_at: float | None = None
-        # Held while a delta is appended and published: a joiner's state then either includes
-        # a delta whose publish already finished, or excludes it and is delivered before it.
-        self._publish_lock = asyncio.Lock()
-        # Events wait here while the log (Redis) is away: the answer goes on and is stored.
-        self.outbox = outages.EventOutbox(eventlog.log_key(plan.group))
 
     @property
     def message_id(self) -> str:
         return str(self.plan.assistant_message_id)
-
-    @property
-    def content(self) -> str:
-        return "".join(self.content_parts)
 
     @property
     def stop_reason(self) -> str:
@@ -135,9 +154,6 @@ class Generation:
 
     def interrupt(self) -> None:
         self.control.interrupt()
-
-    async def _publish(self, event: Event) -> None:
-        await self.outbox.append(event.as_dict())
 
     async def run(self) -> None:
         listener = asyncio.create_task(self.control.listen())
@@ -157,7 +173,7 @@ class Generation:
         finally:
             budget.cancel()
             # Every reader gets a terminal event: what waited for the log goes out now.
-            await self.outbox.drain()
+            await self.log.outbox.drain()
             await self.control.close(listener)
 
     async def _enqueue_summary(self) -> None:
@@ -175,11 +191,11 @@ class Generation:
         plan = self.plan
         await self._round_record(0, plan.prompt.tokens)
         if plan.conversation_created:
-            await self._publish(ConversationCreated(id=str(plan.conversation_id)))
-        await self._publish(
+            await self.log.publish(ConversationCreated(id=str(plan.conversation_id)))
+        await self.log.publish(
             MessageAccepted(message_id=str(plan.user_message_id), client_msg_id=plan.client_msg_id),
         )
-        await self._publish(MessageStarted(message_id=self.message_id, model=plan.model))
+        await self.log.publish(MessageStarted(message_id=self.message_id, model=plan.model))
 
     async def _round_record(self, round_number: int, prompt_tokens: int) -> None:
         # Only the sweep of a dead process needs it: a log outage must not stop the answer.
@@ -197,7 +213,7 @@ class Generation:
         if not verdict.blocked:
             return True
         await database_sync_to_async(answers.turn_input_blocked)(plan=plan)
-        await self._publish(ErrorEvent(
+        await self.log.publish(ErrorEvent(
             code="moderation_blocked", message="this message was blocked by the content policy",
             message_id=self.message_id,
         ))
@@ -246,12 +262,7 @@ class Generation:
         return not self.gate.blocked
 
     async def _publish_delta(self, content: str) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-        async with self._publish_lock:
-            self.content_parts.append(content)
-            self.round.parts.append(content)
-            await self._publish(Delta(message_id=self.message_id, content=content))
+        await self.log.delta(content, round_parts=self.round.parts)
 
     async def _tool_round(self, request: ChatRequest) -> ChatRequest:
         """Run the calls the model just made, store the round, reserve the next call; the
@@ -269,12 +280,12 @@ class Generation:
                 tenant_id=plan.caller.tenant_id, calls=requests, context=context, names=plan.tool_names
             )
         for call, outcome in zip(requests, outcomes, strict=True):
-            await self._publish(ToolCall(
+            await self.log.publish(ToolCall(
                 message_id=self.message_id, call_id=call.call_id, name=call.name,
                 arguments=arguments_object(call, outcome),
             ))
         for outcome in outcomes:
-            await self._publish(ToolResult(call_id=outcome.call_id, ok=outcome.ok))
+            await self.log.publish(ToolResult(call_id=outcome.call_id, ok=outcome.ok))
         record = ToolRoundRecord(
             outcome=self._outcome(None), tool_calls=wire_tool_calls(requests),
             results=[(o.call_id, o.content) for o in outcomes],
@@ -331,7 +342,7 @@ class Generation:
             completion_tokens=usage.completion_tokens if usage else None,
             cached_tokens=usage.cached_tokens if usage else 0,
             latency_ms=int((now - self.started) * 1000),
-            ttft_ms=int((self.first_token_at - self.started) * 1000) if self.first_token_at else None,
+            ttft_ms=int((self.log.first_token_at - self.started) * 1000) if self.log.first_token_at else None,
             usage_outcome=outcome,
             round_number=turn_round.number,
             reservation=turn_round.reservation,
@@ -343,7 +354,7 @@ class Generation:
         outcome = self._outcome(error)
         blocked = self.gate.blocked or (
             error is None and not self.control.stopped and not self.gate.by_sentence
-            and await self.gate.blocks(self.content)
+            and await self.gate.blocks(self.log.content)
         )
         if blocked:
             # Kept for review, never replayed to the model; the end user gets the notice.
@@ -353,7 +364,7 @@ class Generation:
             lambda: database_sync_to_async(answers.turn_finish)(plan=self.plan, outcome=outcome),
             what=f"storing answer {self.message_id}",
         )
-        await self._publish(self._terminal(error, blocked=blocked, result=result))
+        await self.log.publish(self._terminal(error, blocked=blocked, result=result))
 
     def _terminal(self, error: UpstreamError | CapExceeded | None, *, blocked: bool, result: TurnResult) -> Event:
         if blocked:
@@ -378,4 +389,4 @@ class Generation:
             )
         except Exception:
             logger.exception("could not release generation %s", self.message_id)
-        await self._publish(ErrorEvent(code="upstream_error", message="the reply failed", message_id=self.message_id))
+        await self.log.publish(ErrorEvent(code="upstream_error", message="the reply failed", message_id=self.message_id))
