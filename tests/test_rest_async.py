@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 
 import pytest
 from django.test import AsyncClient
@@ -44,7 +43,6 @@ async def test_concurrent_non_streaming_posts_hold_no_thread_while_their_replies
         conversations.append(created.json()["id"])
     sim.ttft_ms = TTFT_SECONDS * 1000
     try:
-        started = time.monotonic()
         posts = [
             asyncio.create_task(client.post(
                 f"/api/v1/conversations/{conversation_id}/messages/", {"content": f"hello {n}", "stream": False},
@@ -56,9 +54,9 @@ async def test_concurrent_non_streaming_posts_hold_no_thread_while_their_replies
         await asyncio.sleep(TTFT_SECONDS / 2)
         assert _threads_in_the_view() == []
         # A sync view parks a thread per post (the process's one thread for thread-sensitive
-        # work, here): the posts would run one after another, or not at all.
+        # work, here): the posts would run one after another (POSTS * TTFT_SECONDS at least),
+        # or not at all. Concurrent, they take about one TTFT.
         replies = await asyncio.wait_for(asyncio.gather(*posts), timeout=POSTS * TTFT_SECONDS)
-        elapsed = time.monotonic() - started
     finally:
         sim.ttft_ms = 0
     for reply in replies:
@@ -67,4 +65,3 @@ async def test_concurrent_non_streaming_posts_hold_no_thread_while_their_replies
         assert body["role"] == "assistant" and body["status"] == "complete" and body["content"]
         assert {"id", "seq", "role", "content", "status", "tokens", "model", "created_at"} <= set(body)
         assert reply.headers.get("x-ratelimit-limit-requests") is not None
-    assert elapsed < POSTS * TTFT_SECONDS / 2  # concurrent, not one after another
