@@ -31,9 +31,13 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
 from billing.models import SpendingCap  # noqa: E402
-from conversations import services  # noqa: E402
+from conversations import (
+    answers,
+    turns,
+)
+from conversations.answers import TurnOutcome  # noqa: E402
+from conversations.gatekeepers import Caller  # noqa: E402
 from conversations.onboarding import tenant_onboard  # noqa: E402
-from conversations.services import Caller, TurnOutcome  # noqa: E402
 from tenants.services import end_user_get_or_create  # noqa: E402
 
 
@@ -55,11 +59,11 @@ def make_caller(*, capped: bool) -> Caller:
 
 def one_turn(caller: Caller, conversation_id) -> tuple[float, object]:
     started = time.perf_counter()
-    plan = services.turn_prepare(
+    plan = turns.turn_prepare(
         caller=caller, content="How much does a turn cost?", conversation_id=conversation_id,
         assistant_slug=None, client_msg_id=None, control_channel="bench",
     )
-    services.turn_finish(
+    answers.turn_finish(
         plan=plan,
         outcome=TurnOutcome(
             called_upstream=True, content="About a tenth of a cent.", status="complete", finish_reason="stop",

@@ -34,9 +34,9 @@ from django.core.management import call_command  # noqa: E402
 from django.db.models import Sum  # noqa: E402
 
 from billing.models import ModelPrice, UsageRecord  # noqa: E402
-from conversations import services, summaries  # noqa: E402
+from conversations import answers, summaries  # noqa: E402
+from conversations.gatekeepers import Caller  # noqa: E402
 from conversations.onboarding import tenant_onboard  # noqa: E402
-from conversations.services import Caller  # noqa: E402
 from tenants.services import end_user_get_or_create  # noqa: E402
 from tests.simserver import SimulatorServer  # noqa: E402
 from tests.turns import turn_upstream  # noqa: E402
@@ -80,11 +80,11 @@ def setup(strategy: str, base_url: str) -> Caller:
 def play(caller: Caller, turns: int) -> None:
     conversation_id = None
     for turn in range(turns):
-        plan = services.turn_prepare(
+        plan = turns.turn_prepare(
             caller=caller, content=user_line(turn), conversation_id=conversation_id,
             assistant_slug=None, client_msg_id=None, control_channel="bench",
         )
-        services.turn_finish(plan=plan, outcome=turn_upstream(plan))
+        answers.turn_finish(plan=plan, outcome=turn_upstream(plan))
         conversation_id = plan.conversation_id
         if plan.summary_due:  # what the Celery worker does between turns
             summaries.conversation_summarize(tenant_id=caller.tenant_id, conversation_id=conversation_id)

@@ -31,10 +31,14 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.test.utils import CaptureQueriesContext  # noqa: E402
 
-from conversations import services  # noqa: E402
+from conversations import (
+    answers,
+    turns,
+)
+from conversations.answers import TurnOutcome  # noqa: E402
+from conversations.gatekeepers import Caller  # noqa: E402
 from conversations.models import Conversation, Message  # noqa: E402
 from conversations.onboarding import tenant_onboard  # noqa: E402
-from conversations.services import Caller, TurnOutcome  # noqa: E402
 from tenants.services import end_user_get_or_create  # noqa: E402
 
 SIZES = (20, 1_000, 10_000)
@@ -76,11 +80,11 @@ def conversation_of(size: int, strategy: str) -> tuple[Caller, Conversation]:
 def turn(caller: Caller, conversation: Conversation) -> tuple[float, int]:
     with CaptureQueriesContext(connection) as queries:
         started = perf_counter()
-        plan = services.turn_prepare(
+        plan = turns.turn_prepare(
             caller=caller, content="and one more thing", conversation_id=conversation.pk,
             assistant_slug=None, client_msg_id=None, control_channel="bench",
         )
-        services.turn_finish(
+        answers.turn_finish(
             plan=plan,
             outcome=TurnOutcome(
                 called_upstream=True, content="noted.", status="complete", finish_reason="stop",

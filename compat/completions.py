@@ -41,12 +41,12 @@ from conversations.access import (
 from conversations.errors import InvalidInput, ModerationBlocked
 from conversations.lifecycle import DEFAULT_END_USER
 from conversations.protocol import InvalidFrame, json_parse
-from conversations.services import worst_case_cost
+from conversations.turns import worst_case_cost
 from llm import relay
 from llm.gateway import ProviderTarget, Usage
 from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt, count_text
+from moderation.gate import OutputGate
 from moderation.rules import PolicySnapshot
-from moderation.sentences import SentenceSplitter
 from moderation.services import ModerationContext, moderate
 from tenants import ratelimits
 from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
@@ -269,31 +269,35 @@ async def _input_check(policy: PolicySnapshot | None, messages: list[dict[str, A
         raise ModerationBlocked("this message was blocked by the content policy")
 
 
-async def completion_output_check(plan: CompletionPlan, text: str) -> ModerationBlocked | None:
-    """The tenant's output policy on answer text (a whole answer, or one sentence of a stream
-    under `SentenceGate`): the error to answer with instead, or None."""
-    policy = plan.moderation
-    if policy is None or not policy.check_output:
-        return None
-    verdict = await moderate(
-        policy=policy, direction="output", text=text, target=plan.target,
-        subject=Subject(plan.tenant_id, plan.end_user_id, plan.api_key_id), context=ModerationContext(),
+def completion_output_gate(plan: CompletionPlan) -> OutputGate:
+    """The tenant's output policy for this call's answer (moderation/gate.py, shared with chat)."""
+    return OutputGate(
+        policy=plan.moderation, target=plan.target, subject=Subject(plan.tenant_id, plan.end_user_id, plan.api_key_id),
     )
-    if not verdict.blocked:
+
+
+def _blocked_error(plan: CompletionPlan) -> ModerationBlocked:
+    notice = plan.moderation.notice if plan.moderation else ""
+    return ModerationBlocked(notice or "the answer was blocked by the content policy")
+
+
+async def completion_output_check(plan: CompletionPlan, text: str) -> ModerationBlocked | None:
+    """The tenant's output policy on a whole answer: the error to answer with instead, or None."""
+    if not plan.output_checked or not await completion_output_gate(plan).blocks(text):
         return None
-    return ModerationBlocked(policy.notice or "the answer was blocked by the content policy")
+    return _blocked_error(plan)
 
 
 class SentenceGate:
-    """Holds a relayed stream's events back until the text they carry has passed the tenant's
-    output policy, one sentence at a time — what sockets do with `stream_check_sentences`, for
-    bytes that are relayed rather than rebuilt. An event goes out once every character up to
-    its end belongs to a checked sentence; events without text (the role, the finish reason,
-    usage) go out in their place. After a blocked sentence nothing more goes out."""
+    """Holds a relayed stream's events back until the text they carry has passed the output
+    gate, one sentence at a time — the gate sockets use, for bytes that are relayed rather
+    than rebuilt. An event goes out once every character up to its end belongs to a checked
+    sentence; events without text (the role, the finish reason, usage) go out in their place.
+    After a blocked sentence nothing more goes out."""
 
     def __init__(self, plan: CompletionPlan) -> None:
         self.plan = plan
-        self.splitter = SentenceSplitter()
+        self.gate = completion_output_gate(plan)
         self.pending: deque[tuple[int, bytes]] = deque()  # (text offset at the event's end, event)
         self.fed = 0  # characters of answer text seen
         self.checked = 0  # characters of it in sentences that passed
@@ -307,23 +311,20 @@ class SentenceGate:
             text = _delta_text(event)
             self.fed += len(text)
             self.pending.append((self.fed, event + b"\n\n"))
-            for sentence in self.splitter.feed(text):
-                if not await self._passes(sentence):
-                    return b""
+            async for sentence in self.gate.passed(text):
+                self.checked += len(sentence)
+            if self.gate.blocked:
+                self.blocked = _blocked_error(self.plan)
+                return b""
         return self._release()
 
     async def finish(self) -> bytes:
         """The stream ended: check the last, unfinished sentence and release the rest."""
-        rest = self.splitter.flush()
-        if rest and not await self._passes(rest):
+        self.checked += len(await self.gate.rest())
+        if self.gate.blocked:
+            self.blocked = _blocked_error(self.plan)
             return b""
         return self._release()
-
-    async def _passes(self, sentence: str) -> bool:
-        self.blocked = await completion_output_check(self.plan, sentence)
-        if self.blocked is None:
-            self.checked += len(sentence)
-        return self.blocked is None
 
     def _release(self) -> bytes:
         out = []

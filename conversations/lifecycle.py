@@ -11,7 +11,7 @@ from tenants.services import EndUserToken, end_user_get_or_create, end_user_toke
 from .errors import GenerationBusy
 from .gatekeepers import access_assistant, access_tenant_conversation, end_user_admit
 from .models import Conversation
-from .services import _is_generating
+from .services import generation_claimed
 
 # REST callers that name no end user talk as this one: usage, limits and history still hang
 # off a real EndUser row, shared by the tenant's server-side integrations.
@@ -43,6 +43,6 @@ def conversation_delete(*, tenant_id: int, conversation_id: object) -> None:
     with transaction.atomic():
         found = access_tenant_conversation(tenant_id=tenant_id, conversation_id=conversation_id)
         conversation = Conversation.objects.select_for_update().get(pk=found.pk)
-        if _is_generating(conversation, timezone.now()):
+        if generation_claimed(conversation, timezone.now()):
             raise GenerationBusy()
         conversation.delete()

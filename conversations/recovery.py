@@ -28,7 +28,8 @@ from billing.caps import cap_settle
 from billing.models import Reservation, UsageRecord
 from billing.services import price_for
 
-from . import eventlog, services
+from . import answers, eventlog, services, turns
+from .control import INTERRUPTED
 from .models import Conversation, Message
 from .protocol import ConversationState, ErrorEvent
 
@@ -38,10 +39,9 @@ logger = logging.getLogger(__name__)
 ROUND_RECORD = "generation.round"
 INTERNAL_EVENTS = frozenset({ROUND_RECORD})
 TERMINAL_EVENTS = frozenset({"message.completed", "error"})
-INTERRUPTED = "interrupted"
 
 
-async def round_record(plan: services.TurnPlan, *, round_number: int, prompt_tokens: int) -> None:
+async def round_record(plan: turns.TurnPlan, *, round_number: int, prompt_tokens: int) -> None:
     """Note in the log what billing a round needs should this process die during it."""
     await eventlog.event_log().append(eventlog.log_key(plan.group), {
         "type": ROUND_RECORD, "message_id": str(plan.assistant_message_id), "round": round_number,
@@ -53,7 +53,7 @@ async def round_record(plan: services.TurnPlan, *, round_number: int, prompt_tok
 _beating: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[uuid.UUID]] = weakref.WeakKeyDictionary()
 
 
-async def heartbeat(plan: services.TurnPlan) -> None:
+async def heartbeat(plan: turns.TurnPlan) -> None:
     """Runs beside a generation until it ends (its task cancels this one). Every generation of
     the process beats in the same UPDATE: one query (and one database connection) per period,
     not one per generation."""
@@ -184,20 +184,20 @@ def generation_checkpoint(*, conversation_id: uuid.UUID, generation_id: uuid.UUI
         if conversation is None:
             return False  # it is alive after all, or another sweeper got there first
         model = partial.model or conversation.assistant.model
-        owner = services.CallOwner(
+        owner = turns.CallOwner(
             caller=services.Caller(conversation.tenant_id, conversation.end_user_id, partial.api_key_id),
             conversation_id=conversation_id, assistant_message_id=generation_id, model=model,
             price=price_for(model), prompt_tokens=partial.prompt_tokens or 0,
         )
         started = conversation.generation_started_at or now
-        services.answer_store(plan=owner, outcome=services.TurnOutcome(
+        answers.answer_store(plan=owner, outcome=answers.TurnOutcome(
             # Tokens the provider streamed were charged; a round that streamed nothing is
             # settled at zero, as the stale-reservation sweep would.
             called_upstream=bool(partial.content), content=partial.content, status=Message.Status.INCOMPLETE,
             finish_reason=INTERRUPTED, prompt_tokens=None, completion_tokens=None, cached_tokens=0,
             latency_ms=int((now - started).total_seconds() * 1000), ttft_ms=None,
             usage_outcome=UsageRecord.Outcome.ERROR, round_number=partial.round_number,
-            reservation=_reservation(services.upstream_call_id(generation_id, partial.round_number)),
+            reservation=_reservation(turns.upstream_call_id(generation_id, partial.round_number)),
             seq=conversation.last_seq + 1, prompt_estimate=partial.prompt_tokens,
         ))
         # A next round reserved just before the process died never made its call.

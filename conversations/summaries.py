@@ -25,12 +25,13 @@ from django.utils import timezone
 from billing.caps import Subject, cap_reserve, cap_settle
 from billing.models import Reservation, UsageRecord
 from billing.services import Price, UsageInput, price_for, usage_billed, usage_record
-from llm import gateway
-from llm.gateway import ChatRequest, ProviderTarget, TextDelta, Usage
+from llm.gateway import ChatRequest, ProviderTarget, Usage
 from llm.tokens import count_messages, count_text
 
 from .context import REPLAYED_STATUSES
 from .models import Assistant, Conversation, Message
+from .services import provider_target
+from .upstream import upstream_text
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,6 @@ def _transcript(rows: list[tuple]) -> str:
 
 def summary_plan(*, tenant_id: int, conversation_id: uuid.UUID) -> SummaryJob | None:
     """What to compact, or None when the history is already under its low-water mark."""
-    from .services import provider_target
-
     conversation = Conversation.objects.for_tenant(tenant_id).select_related("assistant").get(pk=conversation_id)
     assistant = conversation.assistant
     rows = list(
@@ -158,17 +157,6 @@ def summary_plan(*, tenant_id: int, conversation_id: uuid.UUID) -> SummaryJob | 
         price=price_for(model),
         prompt_tokens=count_messages(messages, model),
     )
-
-
-async def _generate(job: SummaryJob) -> tuple[str, Usage | None]:
-    parts: list[str] = []
-    usage = None
-    async for event in gateway.stream_chat(job.target, job.request):
-        if isinstance(event, TextDelta):
-            parts.append(event.content)
-        elif isinstance(event, Usage):
-            usage = event
-    return "".join(parts).strip(), usage
 
 
 def _bill(*, job: SummaryJob, reservation: Reservation, text: str, usage: Usage | None, outcome: str) -> Decimal:
@@ -204,7 +192,7 @@ def conversation_summarize(*, tenant_id: int, conversation_id: uuid.UUID) -> boo
         worst = job.price.cost(prompt_tokens=job.prompt_tokens + 16, completion_tokens=SUMMARY_MAX_TOKENS)
         reservation = cap_reserve(subject=Subject(tenant_id), amount=worst, call_id=f"sum-{uuid.uuid4()}")
         try:
-            text, usage = asyncio.run(_generate(job))
+            text, usage = asyncio.run(upstream_text(job.target, job.request))
         except BaseException as error:
             # A refusal costs nothing; anything else (timeouts, cut streams) our own count.
             with transaction.atomic():

@@ -16,8 +16,8 @@ from billing import caps
 from billing.caps import CapExceeded, Subject, cap_reserve, cap_settle, period_bounds
 from billing.models import CapAlert, CapPeriod, Reservation, SpendingCap, UsageRecord
 from billing.tasks import cap_alerts_notify
-from conversations import services
-from conversations.services import Caller
+from conversations import answers, turns
+from conversations.gatekeepers import Caller
 from tests.conftest import adb
 from tests.turns import turn_upstream
 
@@ -34,14 +34,14 @@ def _concurrent_turns(caller: Caller, count: int, content: str = "hello [[sim:wo
         try:
             barrier.wait()
             try:
-                plan = services.turn_prepare(
+                plan = turns.turn_prepare(
                     caller=caller, content=content, conversation_id=None,
                     assistant_slug=None, client_msg_id=None, control_channel="test",
                 )
             except CapExceeded:
                 result = "refused"
             else:
-                services.turn_finish(plan=plan, outcome=turn_upstream(plan))
+                answers.turn_finish(plan=plan, outcome=turn_upstream(plan))
                 result = "served"
         except Exception as error:  # surfaced through the assertion below
             result = f"crashed: {error!r}"
@@ -72,11 +72,11 @@ def _setup(tenant_factory, *, max_tokens: int = 40):
 
 
 def _one_turn_cost(caller: Caller) -> Decimal:
-    plan = services.turn_prepare(
+    plan = turns.turn_prepare(
         caller=caller, content="hello [[sim:words=20]]", conversation_id=None,
         assistant_slug=None, client_msg_id=None, control_channel="test",
     )
-    return services.turn_finish(plan=plan, outcome=turn_upstream(plan)).cost_usd
+    return answers.turn_finish(plan=plan, outcome=turn_upstream(plan)).cost_usd
 
 
 def test_fifty_concurrent_turns_never_exceed_the_tenant_cap(tenant_factory, sim):
@@ -124,7 +124,7 @@ def test_refusal_says_which_cap_what_remains_and_when_it_resets(tenant_factory):
     setup, caller = _setup(tenant_factory, max_tokens=1000)
     SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="day", limit_usd=Decimal("0.0001"))
     with pytest.raises(CapExceeded) as refused:
-        services.turn_prepare(
+        turns.turn_prepare(
             caller=caller, content="hi", conversation_id=None,
             assistant_slug=None, client_msg_id=None, control_channel="test",
         )
@@ -161,7 +161,7 @@ def test_a_model_without_a_price_is_refused_not_free(tenant_factory, sim):
     setup.assistant.model = "gpt-unpriced"
     setup.assistant.save()
     with pytest.raises(PriceMissing):
-        services.turn_prepare(
+        turns.turn_prepare(
             caller=caller, content="hi", conversation_id=None,
             assistant_slug=None, client_msg_id=None, control_channel="test",
         )
@@ -180,11 +180,11 @@ def test_a_model_without_a_price_is_refused_not_free(tenant_factory, sim):
 def test_every_turn_is_billed_and_the_ledger_matches_what_was_served(tenant_factory, sim, content, outcome):
     setup, caller = _setup(tenant_factory)
     SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("10"))
-    plan = services.turn_prepare(
+    plan = turns.turn_prepare(
         caller=caller, content=content, conversation_id=None,
         assistant_slug=None, client_msg_id=None, control_channel="test",
     )
-    services.turn_finish(plan=plan, outcome=turn_upstream(plan))
+    answers.turn_finish(plan=plan, outcome=turn_upstream(plan))
 
     record = UsageRecord.objects.get(tenant=setup.tenant)
     assert record.outcome == outcome
@@ -362,7 +362,7 @@ def test_a_moderation_model_is_not_a_chat_model(tenant_factory, sim):
     setup.assistant.model = "omni-moderation-latest"  # priced ($0), but for moderation calls
     setup.assistant.save()
     with pytest.raises(PriceMissing):
-        services.turn_prepare(
+        turns.turn_prepare(
             caller=caller, content="hi", conversation_id=None,
             assistant_slug=None, client_msg_id=None, control_channel="test",
         )

@@ -113,3 +113,23 @@ async def test_sentence_checks_stop_the_stream_before_a_blocked_sentence_is_sent
     assert events[-1]["code"] == "moderation_blocked" and events[-1]["message"] == "Withheld."
     stored = await adb(Message.objects.get)(conversation_id=clean[0]["id"], seq=4)
     assert stored.status == "blocked" and "sesame" in stored.content
+
+
+async def test_sentence_checks_send_the_whole_answer_including_its_last_unfinished_sentence(tenant_factory, chat, sim):
+    """The gate releases what is left when the stream ends: an answer whose last sentence has
+    no trailing whitespace still reaches the socket and the stored message whole."""
+    plain = await _tenant(tenant_factory, check_input=False, blocked_terms=["sesame"], output_action="block")
+    checked = await _tenant(
+        tenant_factory, check_input=False, blocked_terms=["sesame"], output_action="block",
+        stream_check_sentences=True,
+    )
+    answers = []
+    for setup in (plain, checked):
+        async with chat(await adb(setup.token)()) as socket:
+            events = await socket.turn("hello there")
+        assert events[-1]["type"] == "message.completed"
+        streamed = "".join(e["content"] for e in events if e["type"] == "delta")
+        stored = await adb(Message.objects.get)(conversation_id=events[0]["id"], seq=2)
+        assert stored.content == streamed
+        answers.append(streamed)
+    assert answers[1] == answers[0] and answers[0].rstrip() == answers[0]

@@ -11,10 +11,10 @@ import pytest
 from django.utils import timezone
 
 from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord
-from conversations import engine, eventlog, recovery, services
+from conversations import engine, eventlog, recovery, services, turns
+from conversations.gatekeepers import Caller
 from conversations.models import Conversation, Message
 from conversations.protocol import Delta, MessageStarted
-from conversations.services import Caller
 from llm.tokens import count_text
 from tests.conftest import adb
 
@@ -23,12 +23,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 DELTAS = ["Once", " upon", " a", " time", " there"]
 
 
-def _claim(setup) -> services.TurnPlan:
+def _claim(setup) -> turns.TurnPlan:
     """A turn claimed as a web process claims it (message committed, hold placed on a cap)."""
     if not SpendingCap.objects.filter(tenant=setup.tenant).exists():
         SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=100)
     end_user = setup.end_user()
-    return services.turn_prepare(
+    return turns.turn_prepare(
         caller=Caller(tenant_id=setup.tenant.pk, end_user_id=end_user.pk), content="tell me a story",
         conversation_id=None, assistant_slug=None, client_msg_id=None, control_channel="gone",
     )
@@ -40,7 +40,7 @@ def _heartbeat_stopped(plan, seconds: int = 120) -> None:
     )
 
 
-async def _streamed_then_died(setup, *, deltas=DELTAS) -> services.TurnPlan:
+async def _streamed_then_died(setup, *, deltas=DELTAS) -> turns.TurnPlan:
     """What a generation leaves behind when its process is killed mid-stream: the claim, the
     hold and the log, and nothing running."""
     plan = await adb(_claim)(setup)

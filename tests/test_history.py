@@ -9,10 +9,10 @@ import pytest
 from django.utils import timezone
 
 from billing.models import UsageRecord
-from conversations import summaries
+from conversations import answers, summaries, turns
 from conversations.context import SUMMARY_PREAMBLE, _Window, history_budget, prompt_assemble
+from conversations.gatekeepers import Caller
 from conversations.models import Conversation, Message
-from conversations.services import Caller
 from conversations.tasks import summarize_conversation
 from llm.gateway import UpstreamError
 from llm.tokens import count_message
@@ -238,11 +238,10 @@ async def test_chat_keeps_working_while_summaries_fail(tenant_factory, chat, sim
 
 
 def test_a_turn_enqueues_a_summary_past_the_high_water_mark(tenant_factory, sim, monkeypatch):
-    from conversations import services
 
     setup = tenant_factory()
     conversation = _long(setup, turns=30)
-    plan = services.turn_prepare(
+    plan = turns.turn_prepare(
         caller=Caller(tenant_id=setup.tenant.pk, end_user_id=conversation.end_user_id), content="next",
         conversation_id=conversation.pk, assistant_slug=None, client_msg_id=None, control_channel="t",
     )
@@ -254,8 +253,7 @@ def test_a_turn_enqueues_a_summary_past_the_high_water_mark(tenant_factory, sim,
 
 
 def test_queries_per_turn_do_not_grow_with_history(tenant_factory, django_assert_max_num_queries):
-    from conversations import services
-    from conversations.services import TurnOutcome
+    from conversations.answers import TurnOutcome
 
     setup = tenant_factory()
     conversation = _conversation(setup, history_strategy="full")
@@ -272,11 +270,11 @@ def test_queries_per_turn_do_not_grow_with_history(tenant_factory, django_assert
     setup.assistant.history_strategy = "window"
     setup.assistant.save()
     with django_assert_max_num_queries(20):
-        plan = services.turn_prepare(
+        plan = turns.turn_prepare(
             caller=caller, content="hello", conversation_id=conversation.pk,
             assistant_slug=None, client_msg_id=None, control_channel="t",
         )
-        services.turn_finish(
+        answers.turn_finish(
             plan=plan,
             outcome=TurnOutcome(
                 called_upstream=True, content="hi", status="complete", finish_reason="stop",
@@ -334,19 +332,18 @@ def test_a_prompt_with_the_unsaved_message_is_the_prompt_after_saving_it(tenant_
 def test_a_turn_sends_what_was_stored_while_it_was_being_admitted(tenant_factory, monkeypatch):
     """Another answer lands between the turn's admission (prompt read, limits counted) and its
     lock: the prompt sent is read again under the lock and carries that answer."""
-    from conversations import services
 
     setup = tenant_factory()
     conversation = _conversation(setup)
     _add(conversation, "user", "first question")
-    counted = services.rate_limits_for
+    counted = turns.rate_limits_for
 
     def an_answer_lands(caller):
         _add(Conversation.objects.get(pk=conversation.pk), "assistant", "the answer that landed meanwhile")
         return counted(caller)
 
-    monkeypatch.setattr(services, "rate_limits_for", an_answer_lands)
-    plan = services.turn_prepare(
+    monkeypatch.setattr(turns, "rate_limits_for", an_answer_lands)
+    plan = turns.turn_prepare(
         caller=Caller(tenant_id=setup.tenant.pk, end_user_id=conversation.end_user_id), content="second question",
         conversation_id=conversation.pk, assistant_slug=None, client_msg_id=None, control_channel="c",
     )

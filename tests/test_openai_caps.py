@@ -16,7 +16,7 @@ from django.db.models import F
 from billing.leases import leases, leases_forget
 from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord
 from billing.services import price_for
-from conversations.services import worst_case_cost
+from conversations.turns import worst_case_cost
 from llm.tokens import count_messages
 from tests.conftest import adb
 from tests.v1direct import closing_hop, v1_handle

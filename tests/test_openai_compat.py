@@ -471,7 +471,7 @@ def test_concurrent_calls_through_the_server_never_pass_the_cap(parley, tenant_f
 
     from billing.models import CapPeriod, SpendingCap
     from billing.services import price_for
-    from conversations.services import worst_case_cost
+    from conversations.turns import worst_case_cost
     from llm.tokens import count_messages
 
     setup = tenant_factory(user_rpm=1000)

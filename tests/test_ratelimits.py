@@ -185,8 +185,8 @@ async def test_the_event_loop_path_loads_its_script_into_a_redis_that_forgot_it(
 
 
 def _chat_limits(setup, external_id: str = "user-1", api_key: bool = False):
-    from conversations.services import Caller as ChatCaller
-    from conversations.services import rate_limits_for
+    from conversations.gatekeepers import Caller as ChatCaller
+    from conversations.turns import rate_limits_for
     from tenants.models import ApiKey
 
     key_id = ApiKey.objects.get(tenant=setup.tenant).pk if api_key else None
@@ -257,7 +257,7 @@ def test_a_limit_refusal_does_not_wait_for_a_locked_conversation(tenant_factory)
 
     from django.db import connection, transaction
 
-    from conversations import services
+    from conversations import services, turns
     from conversations.models import Conversation
 
     setup = tenant_factory(tenant_tpm=5000)
@@ -282,7 +282,7 @@ def test_a_limit_refusal_does_not_wait_for_a_locked_conversation(tenant_factory)
         assert locked.wait(timeout=5)
         started = time.monotonic()
         with pytest.raises(RateLimited) as refused:
-            services.turn_prepare(
+            turns.turn_prepare(
                 caller=services.Caller(tenant_id=setup.tenant.pk, end_user_id=end_user.id), content="hello",
                 conversation_id=conversation.pk, assistant_slug=None, client_msg_id=None, control_channel="c",
             )
@@ -314,13 +314,13 @@ class _RedisTrips:
 @pytest.mark.skipif(not settings.REDIS_URL, reason="round trips to Redis need Redis")
 @pytest.mark.django_db
 def test_a_chat_turn_is_admitted_in_one_redis_round_trip(tenant_factory, monkeypatch):
-    from conversations import services
+    from conversations import services, turns
 
     setup = tenant_factory()
     caller = services.Caller(tenant_id=setup.tenant.pk, end_user_id=setup.end_user().id)
 
     def turn() -> None:
-        services.turn_prepare(
+        turns.turn_prepare(
             caller=caller, content="hello", conversation_id=None, assistant_slug=None, client_msg_id=None,
             control_channel="c",
         )

@@ -5,29 +5,25 @@ from __future__ import annotations
 
 import asyncio
 
-from conversations.services import TurnOutcome, TurnPlan
-from llm import gateway
-from llm.gateway import Finish, TextDelta, UpstreamError, Usage
+from conversations.answers import TurnOutcome
+from conversations.turns import TurnPlan
+from conversations.upstream import RoundOutput, upstream_round
+from llm.gateway import UpstreamError
 
 
 def turn_upstream(plan: TurnPlan) -> TurnOutcome:
-    """The engine's upstream leg, run to completion in this thread's own event loop."""
+    """The engine's upstream round, run to completion in this thread's own event loop."""
 
-    async def consume():
-        parts, usage, finish, error = [], None, "", None
+    async def consume() -> UpstreamError | None:
         try:
-            async for event in gateway.stream_chat(plan.target, plan.request):
-                if isinstance(event, TextDelta):
-                    parts.append(event.content)
-                elif isinstance(event, Usage):
-                    usage = event
-                elif isinstance(event, Finish):
-                    finish = event.reason
+            await upstream_round(plan.target, plan.request, output)
         except UpstreamError as failure:
-            error = failure
-        return parts, usage, finish, error
+            return failure
+        return None
 
-    parts, usage, finish, error = asyncio.run(consume())
+    output = RoundOutput()
+    error = asyncio.run(consume())
+    parts, usage, finish = output.text, output.usage, output.finish_reason
     return TurnOutcome(
         called_upstream=True,
         content="".join(parts),

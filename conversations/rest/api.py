@@ -2,8 +2,9 @@
 
 Every view authenticates an API key, which acts for its whole tenant; objects are fetched only
 through tenant-scoped selectors, so a foreign id answers exactly like a missing one. Posting a
-message runs the same engine as the WebSocket: `stream: true` answers `text/event-stream`
-carrying the WebSocket events, otherwise the view waits for the reply and returns it.
+message runs the same engine as the WebSocket, awaited from an async view (api_async.py):
+`stream: true` answers `text/event-stream` carrying the WebSocket events, otherwise the view
+awaits the reply and returns it, holding no thread meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from base64 import b64decode
 from typing import Any
 from urllib.parse import parse_qsl
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import close_old_connections
@@ -27,12 +28,13 @@ from rest_framework.response import Response
 from config.rest import TenantApi, error_responses
 from conversations import gatekeepers, lifecycle, selectors
 from conversations.errors import NotFound, TurnFailed
+from conversations.gatekeepers import Caller
 from conversations.protocol import MessageCreate, text_check
-from conversations.services import Caller
 from tenants import ratelimits
 from tenants.ratelimits import LimitState
 
 from . import sse
+from .api_async import AsyncDispatch
 from .serializers import (
     ConversationCreateSerializer,
     ConversationSerializer,
@@ -203,7 +205,7 @@ SSE_EVENT_SCHEMA = {
 }
 
 
-class MessageListApi(TenantConversationApi):
+class MessageListApi(AsyncDispatch, TenantConversationApi):
     pagination_class = BySeq
 
     @extend_schema(
@@ -234,10 +236,11 @@ class MessageListApi(TenantConversationApi):
             ),
         },
     )
-    def post(self, request: Request, conversation_id: uuid.UUID) -> Response | StreamingHttpResponse:
+    async def post(self, request: Request, conversation_id: uuid.UUID) -> Response | StreamingHttpResponse:
+        # Async end to end: the turn is awaited on the event loop; only the database legs hop.
         body = MessageCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        conversation = self.conversation(conversation_id)
+        conversation = await sync_to_async(self._conversation_released)(conversation_id)
         # A tenant's key talks for the conversation's own end user: limits, caps and the
         # gatekeeper inside the engine all see that end user.
         caller = Caller(tenant_id=self.tenant_id, end_user_id=conversation.end_user_id, api_key_id=self.api_key.pk)
@@ -246,36 +249,33 @@ class MessageListApi(TenantConversationApi):
             conversation_id=conversation.id,
             client_msg_id=body.validated_data["client_msg_id"],
         )
-        release_db_connection()
-        # caps and rate limits: issue 3 — admission happens inside turn_submit
-        # (services.turn_prepare) before any upstream call, raising the domain errors mapped in
-        # config/rest.py; settlement happens when the engine finishes the turn (services.turn_finish).
+        # Admission (limits, caps) happens inside turn_submit before any upstream call, raising
+        # the domain errors mapped above; settlement when the engine finishes the turn.
         if body.validated_data["stream"]:
-            listener = async_to_sync(sse.turn_listen)(caller=caller, command=command)
-            return ratelimit_headers(event_stream_response(listener), listener.plan.limit_states)
-        plan, terminal = async_to_sync(sse.turn_wait)(caller=caller, command=command)
+            listener = await sse.turn_listen(caller=caller, command=command)
+            return ratelimit_headers(sse.event_stream_response(listener), listener.plan.limit_states)
+        plan, terminal = await sse.turn_wait(caller=caller, command=command)
         if terminal.get("type") != "message.completed" and not terminal.get("log_lost"):
             raise TurnFailed(terminal)
+        reply = await sync_to_async(self._reply)(conversation, plan.assistant_message_id, terminal)
+        return ratelimit_headers(Response(reply, status=status.HTTP_201_CREATED), plan.limit_states)
+
+    def _conversation_released(self, conversation_id: uuid.UUID) -> Any:
+        conversation = self.conversation(conversation_id)
+        release_db_connection()  # this request's thread holds no connection through the turn
+        return conversation
+
+    def _reply(self, conversation: Any, message_id: uuid.UUID, terminal: dict[str, Any]) -> dict[str, Any]:
         try:
-            message = selectors.message_get(conversation=conversation, message_id=plan.assistant_message_id)
+            return MessageSerializer(selectors.message_get(conversation=conversation, message_id=message_id)).data
         except NotFound:  # the log lost the turn's events and nothing was stored
             raise TurnFailed(terminal) from None
-        response = Response(MessageSerializer(message).data, status=status.HTTP_201_CREATED)
-        return ratelimit_headers(response, plan.limit_states)
 
 
 def ratelimit_headers(response: Any, states: tuple[LimitState, ...]) -> Any:
     """OpenAI-style `x-ratelimit-*` headers for the limits that applied."""
     for name, value in ratelimits.ratelimit_headers(states):
         response[name] = value
-    return response
-
-
-def event_stream_response(listener: sse.TurnListener) -> StreamingHttpResponse:
-    # An async iterator: under ASGI, Django streams it on the event loop, not in a thread.
-    response = StreamingHttpResponse(sse.event_stream(listener), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response
 
 

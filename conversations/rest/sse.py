@@ -18,10 +18,12 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.http import StreamingHttpResponse
 
 from conversations import engine, outages, services
+from conversations.gatekeepers import Caller
 from conversations.protocol import ErrorEvent, MessageCreate
-from conversations.services import Caller, TurnPlan
+from conversations.turns import TurnPlan
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +145,11 @@ async def event_stream(listener: TurnListener) -> AsyncIterator[bytes]:
     finally:
         # Also reached when the client disconnects and the server cancels this iterator.
         await asyncio.shield(listener.close())
+
+
+def event_stream_response(listener: TurnListener) -> StreamingHttpResponse:
+    # An async iterator: under ASGI, Django streams it on the event loop, not in a thread.
+    response = StreamingHttpResponse(event_stream(listener), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    return response

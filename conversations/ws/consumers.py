@@ -15,6 +15,7 @@ from django.conf import settings
 
 from conversations import engine
 from conversations.errors import ChatError, EndUserBlocked
+from conversations.gatekeepers import Caller
 from conversations.protocol import (
     DOMAIN_ERRORS,
     ConversationJoin,
@@ -29,7 +30,6 @@ from conversations.protocol import (
     parse_client_frame,
     text_client_msg_id,
 )
-from conversations.services import Caller
 from tenants.services import end_user_group
 
 from .sockets import socket_authenticate

@@ -10,8 +10,7 @@ from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.conf import settings
 
 from conversations.errors import EndUserBlocked
-from conversations.gatekeepers import end_user_admit
-from conversations.services import Caller
+from conversations.gatekeepers import Caller, end_user_admit
 from tenants.models import Membership
 from tenants.services import InvalidEndUserToken, end_user_token_authenticate, member_end_user
 
