@@ -6,3 +6,10 @@ from django.apps import AppConfig
 class BillingConfig(AppConfig):
     name = "billing"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # The composition root: the core records alerts, the task sends them; the core learns
+        # of the task here instead of importing it (billing.alerts must not import tasks).
+        from . import alerts, tasks
+
+        alerts.sender_register(tasks.cap_alerts_nudge)
