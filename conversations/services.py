@@ -27,12 +27,13 @@ from llm.tokens import count_message, count_text
 from moderation.rules import PolicySnapshot
 from moderation.services import policy_for
 from tenants.models import ApiKey, EndUser, Tenant
-from tenants.services import credential_default, end_user_hash
+from tenants.services import end_user_hash
 from tools.registry import tool_definitions
 
 from .context import Prompt, prompt_assemble
 from .errors import EndUserBlocked, GenerationBusy, InvalidInput, NotFound
 from .models import Assistant, Conversation, Message
+from .providers import provider_target
 from .summaries import summary_needed
 
 
@@ -81,19 +82,6 @@ def access_assistant(*, tenant_id: int, slug: str | None) -> Assistant:
         return queryset.get(slug=slug)
     except Assistant.DoesNotExist:
         raise NotFound("assistant") from None
-
-
-def provider_target(assistant: Assistant) -> ProviderTarget:
-    credential = assistant.credential or credential_default(tenant_id=assistant.tenant_id)
-    if credential is None or credential.tenant_id != assistant.tenant_id:
-        raise InvalidInput("this assistant has no provider credential configured")
-    return ProviderTarget(
-        credential_id=credential.pk,
-        base_url=credential.base_url,
-        api_key=credential.api_key,
-        organization=credential.organization,
-        version=credential.updated_at.timestamp(),
-    )
 
 
 # --- before the stream --------------------------------------------------------------------
