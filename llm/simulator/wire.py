@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from .asgi import Headers, Send, dumps, send_body, sleep_until, sse
 from .errors import StreamCut
 from .plan import ReplyPlan
 
-if TYPE_CHECKING:
-    from .app import Simulator
+
+class Simulator(Protocol):
+    """What a reply books into: the simulator's counters (app.Simulator, which imports this
+    module, so it is described here rather than imported)."""
+
+    stats: Any
 
 HANG_SECONDS = 3600.0
 SYSTEM_FINGERPRINT = "fp_parleysim"
