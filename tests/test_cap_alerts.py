@@ -176,3 +176,29 @@ def test_a_failed_send_releases_its_claim_for_the_next_run(owner_tenant, nudges,
 
     monkeypatch.undo()
     assert cap_alerts_notify() == 1
+
+
+@pytest.fixture
+def unreachable_broker():
+    """The real Celery app publishing to a broker nobody listens on (services mode: eager
+    mode never reaches a broker, the `broker_down` case stands for it there)."""
+    from config.celery import app
+
+    if app.conf.task_always_eager:
+        pytest.skip("embedded mode runs tasks in-process: test_alert_is_sent_by_the_next_beat_when_the_broker_is_down_at_commit covers it")
+    before = app.conf.broker_url, app.conf.broker_transport_options
+    app.pool.force_close_all()
+    app._pool = None
+    app.conf.broker_url = "redis://127.0.0.1:9/0"
+    yield
+    app.pool.force_close_all()
+    app._pool = None
+    app.conf.broker_url, app.conf.broker_transport_options = before
+
+
+def test_a_real_unreachable_broker_at_commit_loses_no_alert(owner_tenant, unreachable_broker):
+    _cap(owner_tenant)
+    _spend(owner_tenant, "0.6", "big")  # publishing the nudge fails after commit: logged, not raised
+    assert CapAlert.objects.get().sent_at is None and mail.outbox == []
+    assert cap_alerts_notify() == 1  # the next beat run
+    assert len(mail.outbox) == 1
