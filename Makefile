@@ -33,6 +33,7 @@ run: port-free
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # Services mode (DATABASE_URL set) needs SECRET_KEY and FIELD_ENCRYPTION_KEYS; when the caller
 # sets none, the suite runs with throwaway ones.

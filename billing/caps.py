@@ -10,14 +10,12 @@ row starting at zero.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 from cachetools import LRUCache
 from django.db import connection, transaction
@@ -25,7 +23,8 @@ from django.db.models import F, Q
 from django.db.models.signals import post_delete
 from django.utils import timezone as dj_timezone
 
-from .models import CapAlert, CapPeriod, Reservation, SpendingCap
+from .alerts import alerts_if_crossed, alerts_record
+from .models import CapPeriod, Reservation, SpendingCap
 
 LIFETIME_START = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -282,15 +281,6 @@ def _settle_one(*, reservation: Reservation, actual: Decimal) -> bool:
     return True
 
 
-def alerts_if_crossed(period_id: int, spent: Decimal, limit: Decimal, thresholds: Any) -> None:
-    """`alerts_record`, only when the booked period is at or past one of its thresholds (the
-    statement that booked it returned them): most bookings cross none and read nothing more."""
-    if isinstance(thresholds, str):  # Django's psycopg setup leaves jsonb undecoded
-        thresholds = json.loads(thresholds)
-    if limit > 0 and any(spent * 100 / limit >= threshold for threshold in thresholds or ()):
-        alerts_record(period_ids=[period_id])
-
-
 def cap_settle(*, reservation: Reservation, actual: Decimal) -> bool:
     """Release the hold and book the actual cost, once. Returns False when already settled.
     Best right after the UsageRecord is written; should the process die in between, the
@@ -312,39 +302,6 @@ def cap_settle(*, reservation: Reservation, actual: Decimal) -> bool:
             )
             alerts_record(period_ids=reservation.period_ids)
     return True
-
-
-def alerts_record(*, period_ids: Iterable[int]) -> list[CapAlert]:
-    """Record each threshold newly crossed; the unique constraint makes concurrent crossings
-    produce one alert. Notifications go out after commit."""
-    created = []
-    for period in CapPeriod.objects.filter(pk__in=list(period_ids)).select_related("cap"):
-        if period.limit_usd <= 0:
-            continue
-        percent = period.spent_usd * 100 / period.limit_usd
-        for threshold in period.cap.alert_thresholds or []:
-            if percent < threshold:
-                continue
-            alert, made = _alert_once(period=period, threshold=int(threshold))
-            if made:
-                created.append(alert)
-    if created:
-        from .tasks import cap_alerts_notify
-
-        ids = [alert.pk for alert in created]
-        transaction.on_commit(lambda: cap_alerts_notify.delay(ids))
-    return created
-
-
-def _alert_once(*, period: CapPeriod, threshold: int) -> tuple[CapAlert, bool]:
-    with transaction.atomic():
-        return CapAlert.objects.get_or_create(
-            cap_id=period.cap_id,
-            subject=period.subject,
-            period_start=period.period_start,
-            threshold=threshold,
-            defaults={"tenant_id": period.tenant_id, "spent_usd": period.spent_usd},
-        )
 
 
 def reservations_expire(*, older_than: timedelta) -> int:

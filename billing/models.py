@@ -182,6 +182,9 @@ class CapAlert(models.Model):
     threshold = models.PositiveSmallIntegerField()
     spent_usd = models.DecimalField(**MONEY)
     created_at = models.DateTimeField(auto_now_add=True)
+    # The outbox (billing/alerts.py): claimed by one sender, then sent; unsent rows are retried.
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
 
     objects = TenantManager()
 
@@ -191,6 +194,7 @@ class CapAlert(models.Model):
                 fields=["cap", "subject", "period_start", "threshold"], name="cap_alert_once"
             )
         ]
+        indexes = [models.Index(fields=["id"], condition=models.Q(sent_at__isnull=True), name="cap_alert_unsent")]
         ordering = ["-created_at"]
 
     def __str__(self) -> str:

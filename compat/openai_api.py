@@ -227,6 +227,17 @@ async def settlements_finished() -> None:
         await asyncio.wait(set(_settling))
 
 
+async def leases_release() -> None:
+    """Shutdown, after every call settled: give this process's cap leases back."""
+    await leases().release_all(db_after)
+
+
+shutdown.drainable_register(
+    shutdown.Drainable(running=calls_running, interrupt=calls_interrupt, settled=settlements_finished)
+)
+shutdown.drained_register(leases_release)
+
+
 class CompletionCall:
     """One call upstream and its one UsageRecord, however the call ends."""
 

@@ -185,6 +185,8 @@ CELERY_TASK_TIME_LIMIT = 180
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULE = {
     "expire-stale-reservations": {"task": "billing.tasks.reservations_expire_stale", "schedule": 300.0},
+    # The cap alert outbox: sends what a missed nudge (broker down at commit) left unsent.
+    "send-cap-alerts": {"task": "billing.tasks.cap_alerts_notify", "schedule": 60.0},
     "recover-stale-generations": {
         "task": "conversations.tasks.generations_recover_stale",
         "schedule": env.float("GENERATION_SWEEP_SECONDS", default=30.0),
@@ -357,6 +359,9 @@ SIMULATOR_TPS = env.float("SIMULATOR_TPS", default=40)
 
 # A held reservation older than this belongs to a crashed process: beat settles it.
 RESERVATION_TTL_SECONDS = env.int("RESERVATION_TTL_SECONDS", default=1800)
+# A cap alert claimed longer ago than this belongs to a sender that died: the next run resends.
+# Longer than the send task's hard time limit (90 s), so a live sender's claim is never taken.
+CAP_ALERT_CLAIM_SECONDS = env.int("CAP_ALERT_CLAIM_SECONDS", default=300)
 # Margin on the reserved prompt cost: our tiktoken count vs the provider's.
 RESERVATION_PROMPT_MARGIN = env.float("RESERVATION_PROMPT_MARGIN", default=0.05)
 # Spending-cap leases on /v1 (billing/leases.py): each web process holds at most this much USD

@@ -34,7 +34,7 @@ from tenants.services import InvalidApiKey, api_key_hash_matches, end_user_get_o
 
 from .errors import ChatError, EndUserBlocked, NotFound  # noqa: F401  (EndUserBlocked: re-exported for /v1)
 from .models import Assistant
-from .services import provider_target
+from .providers import provider_target
 
 
 class ModelNotAvailable(ChatError):

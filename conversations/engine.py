@@ -45,6 +45,9 @@ def generations_interrupt() -> None:
         generation.interrupt()
 
 
+shutdown.drainable_register(shutdown.Drainable(running=generations_running, interrupt=generations_interrupt))
+
+
 async def publish(plan: TurnPlan, event: Event) -> str:
     """Append to the conversation's log; returns the event's offset. Never waits for readers."""
     return await eventlog.event_log().append(eventlog.log_key(plan.group), event.as_dict())

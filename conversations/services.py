@@ -11,38 +11,18 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from llm.gateway import ProviderTarget
-from tenants.services import credential_default
-
-from .errors import InvalidInput
 from .gatekeepers import Caller, access_assistant, access_conversation, end_user_admit  # noqa: F401  (re-exported)
-from .models import Assistant, Conversation
-
-if TYPE_CHECKING:
-    from .turns import TurnPlan
+from .models import Conversation
 
 
 def group_name(*, tenant_id: int, conversation_id: uuid.UUID | str) -> str:
     return f"t{tenant_id}.c{conversation_id}"
-
-
-def provider_target(assistant: Assistant) -> ProviderTarget:
-    credential = assistant.credential or credential_default(tenant_id=assistant.tenant_id)
-    if credential is None or credential.tenant_id != assistant.tenant_id:
-        raise InvalidInput("this assistant has no provider credential configured")
-    return ProviderTarget(
-        credential_id=credential.pk,
-        base_url=credential.base_url,
-        api_key=credential.api_key,
-        organization=credential.organization,
-        version=credential.updated_at.timestamp(),
-    )
 
 
 # --- the generation claim -----------------------------------------------------------------
@@ -91,9 +71,9 @@ def conversation_generation(*, caller: Caller, conversation_id: Any) -> tuple[Co
     return conversation, _control_channel(conversation)
 
 
-def generation_running(*, plan: TurnPlan) -> bool:
-    """Whether the turn's generation still holds its conversation's claim."""
-    return Conversation.objects.filter(pk=plan.conversation_id, generation_id=plan.assistant_message_id).exists()
+def generation_running(*, conversation_id: uuid.UUID, generation_id: uuid.UUID) -> bool:
+    """Whether the generation still holds its conversation's claim."""
+    return Conversation.objects.filter(pk=conversation_id, generation_id=generation_id).exists()
 
 
 def stale_generations(*, conversation_id: uuid.UUID | None = None) -> list[tuple[int, uuid.UUID, uuid.UUID]]:

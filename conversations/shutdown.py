@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 
@@ -37,25 +40,46 @@ def turn_admit() -> None:
         raise ShuttingDown(retry_after=settings.SHUTDOWN_RETRY_AFTER_SECONDS)
 
 
+@dataclass(frozen=True)
+class Drainable:
+    """Work of one kind a process runs (generations, `/v1` calls): what is running, how to
+    interrupt it, and what to await once it stopped (bookkeeping it left in flight)."""
+
+    running: Callable[[], set[asyncio.Task[Any]]]
+    interrupt: Callable[[], None]
+    settled: Callable[[], Awaitable[None]] | None = None
+
+
+# Users register here (this module imports none of them): a module never imported has no work.
+_drainables: list[Drainable] = []
+_finally: list[Callable[[], Awaitable[Any]]] = []
+
+
+def drainable_register(drainable: Drainable) -> None:
+    _drainables.append(drainable)
+
+
+def drained_register(callback: Callable[[], Awaitable[Any]]) -> None:
+    """Run after every drainable settled (e.g. giving back this process's cap leases)."""
+    _finally.append(callback)
+
+
 async def drain(*, grace: float) -> None:
     """Refuse new turns, let running work finish for `grace` seconds, interrupt the rest and
-    wait for it to be stored and billed, then give back this process's cap leases."""
-    # The surfaces import this module to refuse turns; they are only needed here.
-    from billing.leases import leases
-    from compat import openai_api
-
-    from . import engine
-
+    wait for it to be stored and billed, then run what registered for the end (cap leases)."""
     global _draining
     _draining = True
-    running = engine.generations_running() | openai_api.calls_running()
+    running: set[asyncio.Task[Any]] = set().union(*(d.running() for d in _drainables))
     logger.warning("shutting down: %d generations and /v1 calls get %.0f s to finish", len(running), grace)
     if running:
         _, pending = await asyncio.wait(running, timeout=grace)
         if pending:
             logger.warning("shutting down: interrupting %d still running", len(pending))
-            engine.generations_interrupt()
-            openai_api.calls_interrupt()
+            for drainable in _drainables:
+                drainable.interrupt()
             await asyncio.wait(pending, timeout=CHECKPOINT_SECONDS)
-    await openai_api.settlements_finished()
-    await leases().release_all(openai_api.db_after)
+    for drainable in _drainables:
+        if drainable.settled is not None:
+            await drainable.settled()
+    for callback in _finally:
+        await callback()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -30,7 +31,7 @@ from llm.tokens import count_messages, count_text
 
 from .context import REPLAYED_STATUSES
 from .models import Assistant, Conversation, Message
-from .services import provider_target
+from .providers import provider_target
 from .upstream import upstream_text
 
 logger = logging.getLogger(__name__)
@@ -221,9 +222,20 @@ def summary_store(*, job: SummaryJob, text: str) -> bool:
     )
 
 
-def summary_enqueue(*, tenant_id: int, conversation_id: uuid.UUID) -> None:
-    from .tasks import summarize_conversation
+# How a summary is enqueued: the task module registers it (ConversationsConfig.ready), since
+# the task calls into this module and this module must not import it back.
+_summary_task: Callable[[int, str], object] | None = None
 
-    transaction.on_commit(lambda: summarize_conversation.delay(tenant_id, str(conversation_id)))
+
+def summary_task_register(enqueue: Callable[[int, str], object]) -> None:
+    global _summary_task
+    _summary_task = enqueue
+
+
+def summary_enqueue(*, tenant_id: int, conversation_id: uuid.UUID) -> None:
+    enqueue = _summary_task
+    if enqueue is None:
+        raise RuntimeError("no summary task registered (ConversationsConfig.ready did not run)")
+    transaction.on_commit(lambda: enqueue(tenant_id, str(conversation_id)))
 
 

@@ -28,10 +28,10 @@ from .context import Prompt, prompt_assemble
 from .errors import GenerationBusy, InvalidInput
 from .gatekeepers import Caller, access_assistant, access_conversation, end_user_admit
 from .models import Assistant, Conversation, Message
+from .providers import provider_target
 from .services import (
     generation_claimed,
     group_name,
-    provider_target,
 )
 from .summaries import summary_needed
 

@@ -2,33 +2,21 @@
 
 The only module that imports the `openai` SDK. Callers hand in a `ProviderTarget` (plain data,
 already decrypted by the caller's service) and get typed stream events back, or an
-`UpstreamError` carrying one of the contract's error codes.
+`UpstreamError` carrying one of the contract's error codes. Timeouts, the client cache and
+the retry policy are `llm.transport`'s, shared with the byte relay.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
-import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx2
 import openai
-from django.conf import settings
 
-
-@dataclass(frozen=True)
-class ProviderTarget:
-    credential_id: int
-    base_url: str
-    api_key: str = field(repr=False)
-    organization: str = ""
-    version: float = 0.0  # the credential's updated_at: a changed key gets a new client
-
-    def __repr__(self) -> str:  # never print the key, even by accident
-        return f"ProviderTarget({self.credential_id}, {self.base_url})"
+from . import transport
+from .transport import ProviderTarget, UpstreamError
 
 
 @dataclass(frozen=True)
@@ -89,76 +77,28 @@ class Usage:
 StreamEvent = TextDelta | ToolCallDelta | Finish | Usage
 
 
-class UpstreamError(Exception):
-    """A failed upstream call, mapped to a contract error code."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str = "upstream_error",
-        status: int | None = None,
-        retry_after: float | None = None,
-        retryable: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.status = status
-        self.retry_after = retry_after
-        self.retryable = retryable
-
-
 # --- clients ------------------------------------------------------------------------------
 
-# Clients hold connection pools bound to the event loop that opened them, so the cache is per
-# loop (Daphne has one; tests and Celery's asyncio.run make others). Entries die with the loop.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, openai.AsyncOpenAI]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _timeout() -> httpx2.Timeout:
-    return httpx2.Timeout(
-        connect=settings.UPSTREAM_CONNECT_TIMEOUT,
-        read=settings.UPSTREAM_READ_TIMEOUT,
-        write=settings.UPSTREAM_CONNECT_TIMEOUT,
-        pool=settings.UPSTREAM_CONNECT_TIMEOUT,
+def _build_client(target: ProviderTarget) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        api_key=target.api_key or "missing",
+        organization=target.organization or None,
+        base_url=target.base_url,
+        timeout=transport.timeout(),
+        # Retries are ours (transport.with_retries, until the first token); the SDK's would
+        # retry invisibly and could not resume a half-read stream anyway.
+        max_retries=0,
     )
 
 
+_clients = transport.ClientCache(_build_client)
+
+
 def client_for(target: ProviderTarget) -> openai.AsyncOpenAI:
-    loop = asyncio.get_running_loop()
-    per_loop = _clients.setdefault(loop, {})
-    key = (target.credential_id, target.version, target.base_url)
-    client = per_loop.get(key)
-    if client is None:
-        for stale in [k for k in per_loop if k[0] == target.credential_id]:
-            per_loop.pop(stale)
-        client = openai.AsyncOpenAI(
-            api_key=target.api_key or "missing",
-            organization=target.organization or None,
-            base_url=target.base_url,
-            timeout=_timeout(),
-            # Retries are ours (until the first token, with the caller's backoff); the SDK's
-            # would retry invisibly and could not resume a half-read stream anyway.
-            max_retries=0,
-        )
-        per_loop[key] = client
-    return client
+    return _clients.get(target)
 
 
 # --- errors -------------------------------------------------------------------------------
-
-
-def _retry_after(response: Any) -> float | None:
-    if response is None:
-        return None
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 def map_error(error: BaseException) -> UpstreamError:
@@ -170,12 +110,11 @@ def map_error(error: BaseException) -> UpstreamError:
         return UpstreamError("the model provider timed out", code="upstream_timeout", retryable=True)
     if isinstance(error, openai.APIStatusError):
         status = error.status_code
-        retryable = status == 429 or status >= 500 or status == 408
         return UpstreamError(
             f"the model provider answered {status}",
             status=status,
-            retry_after=_retry_after(error.response),
-            retryable=retryable,
+            retry_after=transport.retry_after(error.response.headers if error.response is not None else None),
+            retryable=transport.is_retryable_status(status),
         )
     if isinstance(error, openai.APIConnectionError):
         return UpstreamError("could not reach the model provider", retryable=True)
@@ -241,21 +180,15 @@ async def stream_chat(target: ProviderTarget, request: ChatRequest) -> AsyncIter
     """Stream one chat completion. Retries 429, 5xx, timeouts and connection failures with
     backoff until the first token arrives; after that an error ends the stream."""
     client = client_for(target)
-    attempt = 0
-    while True:
+
+    async def attempt_once() -> tuple[Any, list[StreamEvent]]:
         try:
-            async with asyncio.timeout(settings.UPSTREAM_FIRST_TOKEN_TIMEOUT):
-                stream, first_events = await _open(client, request)
-            break
-        except Exception as raw:  # noqa: BLE001 — every failure is mapped below
-            error = map_error(raw)
-            if not error.retryable or attempt >= settings.UPSTREAM_MAX_RETRIES:
-                raise error from None
-            delay = error.retry_after
-            if delay is None:
-                delay = settings.UPSTREAM_RETRY_BASE_DELAY * (2**attempt) * (0.5 + random.random())
-            await asyncio.sleep(min(delay, settings.UPSTREAM_RETRY_MAX_DELAY))
-            attempt += 1
+            async with transport.first_token_deadline():
+                return await _open(client, request)
+        except Exception as raw:  # noqa: BLE001 — every failure is mapped
+            raise map_error(raw) from None
+
+    stream, first_events = await transport.with_retries(attempt_once)
 
     finished = False
     try:

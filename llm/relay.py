@@ -8,25 +8,24 @@ transforms, so whatever the caller sent (`tools`, `response_format`, future fiel
 provider as sent. Measured on this kind of machine, re-parsing and re-serialising every chunk
 through the SDK roughly doubles the time a proxy adds to the first token. What we give up is
 the SDK's own request building and error classes: the few headers are set here, and failures
-are mapped to `UpstreamError` below, with the same retry policy as the gateway (429, 5xx,
-timeouts and connection failures, before the first byte only).
+are mapped to `UpstreamError` below; timeouts, the client cache and the retry policy (429,
+5xx, timeouts and connection failures, before the first byte only) are `llm.transport`'s,
+the same as the gateway's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 import re
-import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
-from django.conf import settings
 
-from .gateway import ProviderTarget, UpstreamError, Usage
+from . import transport
+from .gateway import Usage
+from .transport import ProviderTarget, UpstreamError
 
 DONE_EVENT = b"data: [DONE]"
 # Earlier chunks carry `"usage":null` once include_usage is on; only a real object is parsed.
@@ -34,46 +33,22 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 # Echoed to the caller: their own request is what a provider's 4xx message talks about.
 CALLER_FAULT_STATUSES = frozenset({400, 404, 413, 422})
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx2.AsyncClient]] = (
-    weakref.WeakKeyDictionary()
-)
+def _build_client(target: ProviderTarget) -> httpx2.AsyncClient:
+    headers = {"Authorization": f"Bearer {target.api_key or 'missing'}", "Content-Type": "application/json"}
+    if target.organization:
+        headers["OpenAI-Organization"] = target.organization
+    return httpx2.AsyncClient(
+        base_url=target.base_url.rstrip("/") + "/",
+        headers=headers,
+        timeout=transport.timeout(),
+        limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100),
+    )
 
 
-def _client(target: ProviderTarget) -> httpx2.AsyncClient:
-    """One pooled client per credential version and event loop (pools are loop-bound)."""
-    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
-    key = (target.credential_id, target.version, target.base_url)
-    client = per_loop.get(key)
-    if client is None:
-        for stale in [k for k in per_loop if k[0] == target.credential_id]:
-            per_loop.pop(stale)
-        headers = {"Authorization": f"Bearer {target.api_key or 'missing'}", "Content-Type": "application/json"}
-        if target.organization:
-            headers["OpenAI-Organization"] = target.organization
-        client = httpx2.AsyncClient(
-            base_url=target.base_url.rstrip("/") + "/",
-            headers=headers,
-            timeout=httpx2.Timeout(
-                connect=settings.UPSTREAM_CONNECT_TIMEOUT,
-                read=settings.UPSTREAM_READ_TIMEOUT,
-                write=settings.UPSTREAM_CONNECT_TIMEOUT,
-                pool=settings.UPSTREAM_CONNECT_TIMEOUT,
-            ),
-            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100),
-        )
-        per_loop[key] = client
-    return client
+_clients = transport.ClientCache(_build_client)
 
 
 # --- errors -------------------------------------------------------------------------------
-
-
-def _retry_after(response: httpx2.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _provider_message(body: bytes) -> str:
@@ -86,7 +61,6 @@ def _provider_message(body: bytes) -> str:
 
 def status_error(response: httpx2.Response, body: bytes) -> UpstreamError:
     status = response.status_code
-    retryable = status in (408, 429) or status >= 500
     message = f"the model provider answered {status}"
     if status in CALLER_FAULT_STATUSES:
         detail = _provider_message(body)
@@ -94,8 +68,8 @@ def status_error(response: httpx2.Response, body: bytes) -> UpstreamError:
     return UpstreamError(
         message,
         status=status,
-        retry_after=_retry_after(response),
-        retryable=retryable,
+        retry_after=transport.retry_after(response.headers),
+        retryable=transport.is_retryable_status(status),
     )
 
 
@@ -115,13 +89,13 @@ def transport_error(error: BaseException) -> UpstreamError:
 async def _send(target: ProviderTarget, body: bytes, *, stream: bool) -> httpx2.Response:
     """One attempt: the response with its headers read (and, when not streaming, its body);
     raises UpstreamError for a non-2xx answer or a transport failure."""
-    client = _client(target)
+    client = _clients.get(target)
     request = client.build_request(
         "POST", "chat/completions", content=body, headers={"Accept-Encoding": "identity"} if stream else None
     )
     try:
         # Providers send the headers with the first token: this bounds the wait for it.
-        async with asyncio.timeout(settings.UPSTREAM_FIRST_TOKEN_TIMEOUT):
+        async with transport.first_token_deadline():
             response = await client.send(request, stream=True)
         if response.status_code >= 400 or not stream:
             try:
@@ -136,18 +110,7 @@ async def _send(target: ProviderTarget, body: bytes, *, stream: bool) -> httpx2.
 
 
 async def _with_retries(target: ProviderTarget, body: bytes, *, stream: bool) -> httpx2.Response:
-    attempt = 0
-    while True:
-        try:
-            return await _send(target, body, stream=stream)
-        except UpstreamError as error:
-            if not error.retryable or attempt >= settings.UPSTREAM_MAX_RETRIES:
-                raise
-            delay = error.retry_after
-            if delay is None:
-                delay = settings.UPSTREAM_RETRY_BASE_DELAY * (2**attempt) * (0.5 + random.random())
-            await asyncio.sleep(min(delay, settings.UPSTREAM_RETRY_MAX_DELAY))
-            attempt += 1
+    return await transport.with_retries(lambda: _send(target, body, stream=stream))
 
 
 @dataclass(frozen=True)

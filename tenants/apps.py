@@ -9,5 +9,10 @@ class TenantsConfig(AppConfig):
 
     def ready(self) -> None:
         from . import freshness
+        from .models import ApiKey, EndUser, ProviderCredential, Tenant
 
-        freshness.connect()
+        # Cached caller configuration reloads when these change (other apps register theirs).
+        freshness.watch(Tenant, tenant="pk", new_rows_change_nothing=True)
+        freshness.watch(ApiKey, new_rows_change_nothing=True)
+        freshness.watch(EndUser, new_rows_change_nothing=True)
+        freshness.watch(ProviderCredential)

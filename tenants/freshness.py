@@ -9,7 +9,8 @@ read in the same Redis round trip as the rate limits, so the check costs no extr
 reloads on any difference. Random numbers, not counters: a Redis that restarts empty cannot
 bring an old version back.
 
-Writes through the ORM are seen by signals (`connect`); the few queryset `.update()` calls on
+Writes through the ORM are seen by signals on the models each app registers in its
+`AppConfig.ready()` (`watch`); the few queryset `.update()` calls on
 these models call `config_changed` themselves. The version changes twice, at once and again
 after the commit: a reader that reloads in between reads the old rows under the first new
 version, and the second sends it back for the committed ones. Readers also reload after
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from django.core.cache import cache
 from django.db import transaction
+from django.db.models import Model
 from django.db.models.signals import post_delete, post_save
 
 logger = logging.getLogger(__name__)
@@ -77,38 +80,39 @@ def config_changed(tenant_id: int | None) -> None:
 
 # --- signals ------------------------------------------------------------------------------
 
-# model label → how to find the tenant of an instance (None: every tenant)
-_WATCHED: dict[str, str | None] = {
-    "tenants.Tenant": "pk",
-    "tenants.ApiKey": "tenant_id",
-    "tenants.EndUser": "tenant_id",
-    "tenants.ProviderCredential": "tenant_id",
-    "conversations.Assistant": "tenant_id",
-    "billing.SpendingCap": "tenant_id",
-    "moderation.ModerationPolicy": "tenant_id",
-    "billing.ModelPrice": None,
-}
+
+@dataclass(frozen=True)
+class _Watch:
+    tenant_attribute: str | None  # how to find the tenant of an instance (None: every tenant)
+    new_rows_change_nothing: bool
 
 
-# A new row of these is in no cache yet (caches hold rows they have read), so only its changes
-# and deletion matter; a new cap, assistant, credential or price changes what others resolve to.
-_NEW_ROWS_CHANGE_NOTHING = {"tenants.Tenant", "tenants.ApiKey", "tenants.EndUser"}
+# Each app registers its own models in its AppConfig.ready(), so this module names none of the
+# apps above it. By model label.
+_watched: dict[str, _Watch] = {}
+
+
+def watch(model: type[Model], *, tenant: str | None = "tenant_id", new_rows_change_nothing: bool = False) -> None:
+    """Saves and deletes of `model` change the configuration of the instance's tenant (found
+    by the attribute `tenant`; None: every tenant's). `new_rows_change_nothing`: a new row is in
+    no cache yet (caches hold rows they have read), so only its changes and deletion matter —
+    unlike a new cap, assistant, credential or price, which changes what others resolve to."""
+    label = model._meta.label
+    _watched[label] = _Watch(tenant, new_rows_change_nothing)
+    post_save.connect(_changed, sender=model, dispatch_uid=f"freshness-save-{label}")
+    post_delete.connect(_changed, sender=model, dispatch_uid=f"freshness-delete-{label}")
+
+
+def watched() -> dict[str, str | None]:
+    """Model label → tenant attribute, for every watched model (tests, docs)."""
+    return {label: watch.tenant_attribute for label, watch in _watched.items()}
 
 
 def _changed(sender: Any, instance: Any, **kwargs: Any) -> None:
-    label = sender._meta.label
-    if kwargs.get("created") and label in _NEW_ROWS_CHANGE_NOTHING:
+    watch = _watched[sender._meta.label]
+    if kwargs.get("created") and watch.new_rows_change_nothing:
         return
     if kwargs.get("update_fields") == frozenset({"last_used_at"}):
         return  # an API key's last-use stamp is not configuration
-    attribute = _WATCHED[label]
+    attribute = watch.tenant_attribute
     config_changed(None if attribute is None else getattr(instance, attribute))
-
-
-def connect() -> None:
-    from django.apps import apps
-
-    for label in _WATCHED:
-        model = apps.get_model(label)
-        post_save.connect(_changed, sender=model, dispatch_uid=f"freshness-save-{label}")
-        post_delete.connect(_changed, sender=model, dispatch_uid=f"freshness-delete-{label}")

@@ -8,14 +8,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.core import mail
 from django.db import connection
 from django.db.models import F, Sum
 
 from billing import caps
 from billing.caps import CapExceeded, Subject, cap_reserve, cap_settle, period_bounds
-from billing.models import CapAlert, CapPeriod, Reservation, SpendingCap, UsageRecord
-from billing.tasks import cap_alerts_notify
+from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord
 from conversations import answers, turns
 from conversations.gatekeepers import Caller
 from tests.conftest import adb
@@ -236,57 +234,6 @@ def test_period_bounds_are_utc_calendar_periods():
         datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
     )
     assert period_bounds("lifetime", now)[1] is None
-
-
-@pytest.fixture
-def enqueued(monkeypatch):
-    """Alert notifications enqueued (after commit), instead of sent to a broker."""
-    calls: list[list[int]] = []
-    monkeypatch.setattr(cap_alerts_notify, "delay", lambda ids: calls.append(ids))
-    return calls
-
-
-def test_one_alert_per_threshold_under_concurrent_crossings(tenant_factory, enqueued):
-    setup, _ = _setup(tenant_factory)
-    from tenants.services import owner_add
-
-    owner_add(tenant=setup.tenant, email="owner@example.com", password="pw-123-long")
-    cap = SpendingCap.objects.create(
-        tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("1"), alert_thresholds=[50, 80, 100]
-    )
-    subject = Subject(setup.tenant.pk)
-    reservations = [cap_reserve(subject=subject, amount=Decimal("0.05"), call_id=f"c{i}") for i in range(12)]
-    barrier = threading.Barrier(len(reservations))
-
-    def settle(reservation):
-        barrier.wait()
-        try:
-            cap_settle(reservation=reservation, actual=Decimal("0.05"))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=settle, args=(r,)) for r in reservations]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    alerts = list(CapAlert.objects.filter(cap=cap).values_list("threshold", flat=True))
-    assert sorted(alerts) == [50]  # 0.60 spent: 50% crossed once, by whichever thread got there
-    assert len(enqueued) == 1
-    assert cap_alerts_notify(enqueued[0]) == 1
-    assert len(mail.outbox) == 1 and "owner@example.com" in mail.outbox[0].to
-    assert "50%" in mail.outbox[0].subject
-
-
-def test_crossing_a_threshold_enqueues_the_notification_once(tenant_factory, enqueued):
-    setup, _ = _setup(tenant_factory)
-    SpendingCap.objects.create(tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("1"), alert_thresholds=[50])
-    reservation = cap_reserve(subject=Subject(setup.tenant.pk), amount=Decimal("0.6"), call_id="big")
-    cap_settle(reservation=reservation, actual=Decimal("0.6"))
-    again = cap_reserve(subject=Subject(setup.tenant.pk), amount=Decimal("0.1"), call_id="small")
-    cap_settle(reservation=again, actual=Decimal("0.1"))
-    assert enqueued == [list(CapAlert.objects.values_list("pk", flat=True))]
 
 
 def test_stale_reservations_are_settled_from_their_usage_record(tenant_factory):

@@ -14,7 +14,7 @@ from django.core.exceptions import ValidationError
 
 from billing.caps import Subject, cap_reserve, cap_settle
 from billing.models import CapPeriod, ModelPrice, Reservation, SpendingCap, UsageRecord
-from conversations.services import provider_target
+from conversations.providers import provider_target
 from llm.gateway import ProviderTarget, UpstreamError
 from llm.moderation import MODERATION_MODEL, provider_check
 from llm.tokens import count_text

@@ -494,3 +494,15 @@ async def test_an_unreadable_webhook_secret_fails_the_calls_not_the_turn(tenant_
 
     assert [o.ok for o in outcomes] == [False, True]
     assert outcomes[0].error == "tool 'lookup' is unavailable right now; try again later"
+
+
+def test_a_webhook_tool_may_not_take_a_builtin_name_even_one_registered_later(monkeypatch):
+    from tools.models import tool_name_validator
+
+    with pytest.raises(ValidationError, match="built-in tool's name"):
+        tool_name_validator("calculator")
+    tool_name_validator("my_lookup")
+    monkeypatch.setattr(registry, "BUILTINS", dict(BUILTINS))
+    builtin(name="my_lookup", description="", parameters={"type": "object"})(lambda: 1)
+    with pytest.raises(ValidationError, match="built-in tool's name"):
+        tool_name_validator("my_lookup")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Container
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -25,12 +26,21 @@ def empty_parameters() -> dict[str, Any]:
     return {"type": "object", "properties": {}}
 
 
-def tool_name_validator(value: str) -> None:
-    from .registry import BUILTINS
+# The built-ins' names, which a webhook tool may not take. The registry sits above this module
+# (it resolves WebhookTools), so it hands its names down (ToolsConfig.ready) instead of being
+# imported here.
+_builtin_names: Callable[[], Container[str]] = frozenset
 
+
+def builtin_names_source(names: Callable[[], Container[str]]) -> None:
+    global _builtin_names
+    _builtin_names = names
+
+
+def tool_name_validator(value: str) -> None:
     if not TOOL_NAME_RE.match(value or ""):
         raise ValidationError("Use 1 to 64 letters, digits, underscores or hyphens.")
-    if value in BUILTINS:
+    if value in _builtin_names():
         raise ValidationError(f"'{value}' is a built-in tool's name.")
 
 

@@ -96,7 +96,9 @@ class TurnListener:
         """Whether this turn's generation still holds the conversation (in any process).
         While the database is away that is unknown: keep waiting."""
         try:
-            return await database_sync_to_async(services.generation_running)(plan=self.plan)
+            return await database_sync_to_async(services.generation_running)(
+                conversation_id=self.plan.conversation_id, generation_id=self.plan.assistant_message_id
+            )
         except outages.UNAVAILABLE:
             return True
 
