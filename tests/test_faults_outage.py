@@ -124,16 +124,19 @@ async def test_redis_down_longer_than_the_retries_mid_stream(stack: Stack):
         while stack.sql(stored, [socket.message_id, sse.message_id]) != [(2,)]:
             assert time.monotonic() - down_at < OUTAGE_SECONDS, "an answer waited for Redis"
             await asyncio.sleep(0.2)
+        stored_after = time.monotonic() - down_at
         # /v1 does not need Redis once admitted: it ends as usual, billed before [DONE].
         lines = await asyncio.wait_for(v1, 15)
         assert lines[-1] == "[DONE]" and "error" not in json.loads(lines[-2]), lines[-3:]
         await assert_v1_unavailable(client)
         await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
         stack.redis.start()
+        back_at = time.monotonic()
 
         # The socket gets the rest of the answer and its end once Redis is back.
         terminal = await socket.until("message.completed", "error", timeout=20)
         assert terminal["type"] == "message.completed", terminal
+        completed_after = time.monotonic() - back_at
         # SSE ends too: with the answer, or (its log lost while no generation ran) an error.
         last = await sse.finished(timeout=20)
         assert last["type"] == "message.completed" or last["code"] == "upstream_error", last
@@ -147,6 +150,8 @@ async def test_redis_down_longer_than_the_retries_mid_stream(stack: Stack):
         assert_no_hold(stack)
     finally:
         await socket.close()
+    print(f"Redis down {OUTAGE_SECONDS:.0f}s: answers stored {stored_after:.1f}s into the outage; "
+          f"the socket's message.completed {completed_after:.1f}s after Redis was back")
 
 
 async def _next_turn(socket: SocketTurn) -> None:
