@@ -347,6 +347,9 @@ DEPENDENCY_RETRY_SECONDS = env.float("DEPENDENCY_RETRY_SECONDS", default=30.0)
 DEPENDENCY_RETRY_AFTER_SECONDS = env.float("DEPENDENCY_RETRY_AFTER_SECONDS", default=2.0)
 # Longer than DEPENDENCY_RETRY_SECONDS: a finished generation gets its whole budget to deliver.
 EVENT_LOG_STALL_SECONDS = env.float("EVENT_LOG_STALL_SECONDS", default=DEPENDENCY_RETRY_SECONDS + 5)
+# A finished generation's events that Redis could not take within DEPENDENCY_RETRY_SECONDS are
+# delivered from the background for up to this long (lost if the process stops first).
+EVENT_LOG_DELIVERY_SECONDS = env.float("EVENT_LOG_DELIVERY_SECONDS", default=600.0)
 # Wall-clock budget of one generation (every upstream call and tool round of a turn): past it
 # the answer ends `incomplete`, billed for what streamed. A live generation's claim
 # never looks abandoned: its heartbeat keeps it fresh.

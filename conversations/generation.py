@@ -172,8 +172,10 @@ class Generation:
             await self._abandon()
         finally:
             budget.cancel()
-            # Every reader gets a terminal event: what waited for the log goes out now.
-            await self.log.outbox.drain()
+            # Every reader gets a terminal event: what waited for the log goes out now, or,
+            # when Redis stays away past the retries, from the background once it is back.
+            if not await self.log.outbox.drain():
+                outages.deliver_later(self.log.outbox)
             await self.control.close(listener)
 
     async def _enqueue_summary(self) -> None:

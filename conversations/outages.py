@@ -4,7 +4,10 @@ an outage of seconds instead of losing an answer.
 Each surface maps `UNAVAILABLE` in its one error mapper (503 with Retry-After on REST and /v1,
 an `upstream_error` frame on a socket). A generation outlasts an outage: its events wait in an
 `EventOutbox` while the log is away, and its final store is retried (`outlast`) for up to
-DEPENDENCY_RETRY_SECONDS, so the answer is stored and billed once both are back.
+DEPENDENCY_RETRY_SECONDS, so the answer is stored and billed once both are back. What the log
+could not take by then is delivered in the background (`deliver_later`), so an outage longer
+than the retries holds up neither the generation nor the conversation, and still ends every
+socket's turn with its terminal event once Redis answers.
 """
 
 from __future__ import annotations
@@ -93,14 +96,34 @@ class EventOutbox:
             logger.warning("event log %s unavailable; %d events wait", self.key, len(self.pending))
             raise
 
-    async def drain(self) -> bool:
-        """Deliver what waits, retrying for up to DEPENDENCY_RETRY_SECONDS. False when the log
-        stayed away (those events are lost; the answer itself is stored)."""
+    async def drain(self, *, seconds: float | None = None) -> bool:
+        """Deliver what waits, retrying for up to `seconds` (DEPENDENCY_RETRY_SECONDS). False
+        when the log stayed away; the events still wait."""
         if not self.pending:
             return True
         try:
-            await outlast(self._flush, what=f"event log {self.key}")
+            await outlast(self._flush, what=f"event log {self.key}", seconds=seconds)
         except eventlog.LOG_ERRORS:
-            logger.error("event log %s: %d events could not be delivered", self.key, len(self.pending))
             return False
         return True
+
+
+# Outboxes of finished generations whose log stayed away, delivering in the background
+# (strong references: the event loop keeps only weak ones to its tasks).
+_late: set[asyncio.Task[None]] = set()
+
+
+def deliver_later(outbox: EventOutbox) -> None:
+    """Hand what a finished generation could not deliver to a background task that keeps
+    trying for EVENT_LOG_DELIVERY_SECONDS: the answer is stored and the conversation free, so
+    the generation ends, while a socket reading the log still gets the rest of the answer and
+    its terminal event whenever Redis answers again within that time."""
+    logger.warning("event log %s: %d events wait for Redis in the background", outbox.key, len(outbox.pending))
+    task = asyncio.create_task(_deliver(outbox), name=f"late delivery {outbox.key}")
+    _late.add(task)
+    task.add_done_callback(_late.discard)
+
+
+async def _deliver(outbox: EventOutbox) -> None:
+    if not await outbox.drain(seconds=settings.EVENT_LOG_DELIVERY_SECONDS):
+        logger.error("event log %s: %d events could not be delivered", outbox.key, len(outbox.pending))

@@ -11,6 +11,7 @@ next /v1 call) works without restarting Parley; /v1 answers 503 with Retry-After
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,8 +138,10 @@ print(json.dumps({{"api_key": tenant["api_key"], "token": json.loads(out.getvalu
 """
 
 
-@pytest.fixture(scope="module")
-def stack(simulator_server) -> Iterator[Stack]:
+@contextmanager
+def running_stack(simulator_server, **settings_env: str) -> Iterator[Stack]:
+    """Private Redis and PostgreSQL, and a Parley on them with `settings_env` added to its
+    environment (shorter outage timeouts, for one)."""
     workdir = tempfile.mkdtemp(prefix="parley-faults-")
     redis, postgres = PrivateRedis(workdir), PrivatePostgres(workdir)
     redis.start()
@@ -147,6 +151,7 @@ def stack(simulator_server) -> Iterator[Stack]:
         "DATABASE_URL": postgres.url, "REDIS_URL": redis.url,
         "SECRET_KEY": settings.SECRET_KEY, "FIELD_ENCRYPTION_KEYS": ",".join(settings.FIELD_ENCRYPTION_KEYS),
         "DEBUG": "false", "LOG_LEVEL": "WARNING", "DJANGO_SETTINGS_MODULE": "config.settings",
+        **settings_env,
     }
     made = subprocess.run(
         [sys.executable, "-c", SETUP.format(sim=simulator_server.base_url)],
@@ -168,11 +173,19 @@ def stack(simulator_server) -> Iterator[Stack]:
             parley.wait(15)
         except subprocess.TimeoutExpired:
             parley.kill()
-        redis.stop()
-        postgres.stop()
+        if redis.process is not None and redis.process.poll() is None:
+            redis.stop()
+        with contextlib.suppress(subprocess.CalledProcessError):  # a test may leave it stopped
+            postgres.stop()
         # Parley's log outlives the run, for a failure's post-mortem.
         shutil.copy(log, os.path.join(tempfile.gettempdir(), "parley-faults.log"))
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack(simulator_server) -> Iterator[Stack]:
+    with running_stack(simulator_server) as running:
+        yield running
 
 
 # --- clients ------------------------------------------------------------------------------

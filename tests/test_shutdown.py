@@ -48,18 +48,30 @@ def _nothing_held() -> None:
     call_command("reconcile_caps")  # exits 1 (SystemExit) on any drift between counters and ledger
 
 
+async def _draining(port: int, timeout: float = 15) -> None:
+    """Wait until the process has taken the signal (it refuses turns), however loaded the
+    machine is, rather than for a fixed time. Probed with a /v1 call that could never run:
+    no key, no body (400 or 401 while the process takes turns, 503 once it drains)."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client, asyncio.timeout(timeout):
+        while (await client.post("/v1/chat/completions", content=b"")).status_code != 503:
+            await asyncio.sleep(0.05)
+
+
 async def test_sigterm_refuses_new_turns_and_lets_the_running_answer_finish(tenant_factory, sim):
     setup = await adb(tenant_capped)(tenant_factory)
     token = await adb(setup.token)()
-    with web_processes(1, SHUTDOWN_GRACE_SECONDS="20") as [(port, process)]:
+    with web_processes(1, SHUTDOWN_GRACE_SECONDS="30") as [(port, process)]:
         async with websockets.connect(f"ws://127.0.0.1:{port}/ws/chat/?token={token}") as ws:
-            await ws.send(json.dumps({"type": "message.create", "content": "story [[sim:words=80 tps=20]]"}))
+            # ~8 s of answer: the refusals below must be seen while it still runs (the process
+            # exits once it ends), with room for a machine busy enough to slow each step.
+            await ws.send(json.dumps({"type": "message.create", "content": "story [[sim:words=160 tps=20]]"}))
             started = await events_until(ws, "delta")
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
+            await _draining(port)
             # New turns go elsewhere: on a socket, an error with retry_after ...
             await ws.send(json.dumps({"type": "message.create", "content": "another", "client_msg_id": "m2"}))
             rest = await events_until(ws, "error")
+            assert "message.completed" not in [e["type"] for e in rest], "the answer ended before the checks"
             assert (rest[-1]["code"], rest[-1]["client_msg_id"]) == ("rate_limited", "m2")
             assert rest[-1]["retry_after"] >= 1
             # ... on REST and /v1 a 503 with Retry-After.

@@ -4,6 +4,7 @@ conversation's event log to frames (a reader task per conversation, each frame w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from datetime import datetime
@@ -16,6 +17,7 @@ from django.conf import settings
 from conversations import engine
 from conversations.errors import ChatError, EndUserBlocked
 from conversations.gatekeepers import Caller
+from conversations.outages import UNAVAILABLE
 from conversations.protocol import (
     DOMAIN_ERRORS,
     ConversationJoin,
@@ -34,6 +36,10 @@ from tenants.services import end_user_group
 
 from .sockets import socket_authenticate
 
+# The close code for "a dependency is away; reconnect after retry_after": 4000 + HTTP's 503,
+# as 4401 is 4000 + 401 (Daphne allows only 1000 and 3000-4999, not RFC 6455's 1013).
+TRY_AGAIN_LATER = 4503
+
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     caller: Caller | None = None  # None: not (or no longer) authorized; frames are ignored
@@ -45,16 +51,28 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.groups_joined: set[str] = set()  # control messages only (a block)
         # conversation id -> the task forwarding its event log to this socket.
         self.readers: dict[uuid.UUID, asyncio.Task[None]] = {}
-        authenticated = await database_sync_to_async(socket_authenticate)(self.scope)
+        # Accepted first: every outcome, a refusal or an outage too, is told in a frame.
         await self.accept()
-        if authenticated is None:
-            return await self._refuse("invalid or expired credentials")
-        self.caller, self.expires_at = authenticated
-        # A block reaches every socket of the end user, in any web process, through this group.
-        group = end_user_group(tenant_id=self.caller.tenant_id, end_user_id=self.caller.end_user_id)
-        await self.channel_layer.group_add(group, self.channel_name)
+        try:
+            authenticated = await database_sync_to_async(socket_authenticate)(self.scope)
+            if authenticated is None:
+                return await self._refuse("invalid or expired credentials")
+            # A block reaches every socket of the end user, in any web process, through this group.
+            caller, expires_at = authenticated
+            group = end_user_group(tenant_id=caller.tenant_id, end_user_id=caller.end_user_id)
+            await self.channel_layer.group_add(group, self.channel_name)
+        except UNAVAILABLE as error:
+            return await self._unavailable(error)
+        self.caller, self.expires_at = caller, expires_at
         self.groups_joined.add(group)
         self._expire_later()
+
+    async def _unavailable(self, error: Exception) -> None:
+        """PostgreSQL or Redis is down while the socket opens: without them it can neither
+        authenticate nor be reached by a block. Say so (an error frame with retry_after) and
+        close with 4503, "try again later"; a reconnect after retry_after opens normally."""
+        await self.send_json(error_event_for(error).as_dict())
+        await self.close(code=TRY_AGAIN_LATER)
 
     def _expire_later(self) -> None:
         """Close the socket when its token expires; the client reconnects with a fresh one."""
@@ -85,7 +103,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         for reader in self.readers.values():
             reader.cancel()
         for group in self.groups_joined:
-            await self.channel_layer.group_discard(group, self.channel_name)
+            # Redis away: the membership expires with the group (channels_redis group_expiry).
+            with contextlib.suppress(*UNAVAILABLE):
+                await self.channel_layer.group_discard(group, self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
         if self.caller is None:
