@@ -61,7 +61,8 @@ class LeaseGrant:
 
 
 def lease_take(
-    *, subject: Subject, cap: SpendingCap, key: str, at_least: Decimal, most: Decimal, share: int
+    *, subject: Subject, cap: SpendingCap, key: str, at_least: Decimal, most: Decimal, share: int,
+    process_id: uuid.UUID | None = None,
 ) -> LeaseGrant | None:
     """Hold min(`most`, headroom / `share`) of the cap's current period as one Reservation,
     or nothing (None) when that is less than `at_least`. The conditional UPDATE makes it
@@ -82,7 +83,7 @@ def lease_take(
             return None  # a concurrent hold took the headroom meanwhile
         reservation = Reservation.objects.create(
             call_id=f"{LEASE_CALL_PREFIX}{uuid.uuid4()}", tenant_id=subject.tenant_id, amount_usd=amount,
-            period_ids=[period_id],
+            period_ids=[period_id], process_id=process_id,
         )
     return LeaseGrant(reservation_id=reservation.pk, period_id=period_id, amount=amount, period_end=end)
 
@@ -192,15 +193,19 @@ class Leases:
     locks: dict[Ident, asyncio.Lock] = field(default_factory=dict)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    async def draw(self, *, subject: Subject, caps: list[tuple[SpendingCap, str]], amount: Decimal, hop: Hop) -> Draw | None:
+    async def draw(
+        self, *, subject: Subject, caps: list[tuple[SpendingCap, str]], amount: Decimal, hop: Hop,
+        process_id: uuid.UUID | None = None,
+    ) -> Draw | None:
         """Admit `amount` against a lease of every cap, taking leases as needed; None when
-        some cap has too little headroom for a lease (the caller reserves exactly)."""
+        some cap has too little headroom for a lease (the caller reserves exactly). A lease
+        taken here carries `process_id` (billing/processes.py)."""
         if not leasable(caps) or settings.CAP_LEASE_SECONDS <= 0:
             return None
         now_wall = _wall_now()
         wanted = [((cap.pk, key, period_bounds(cap.period, now_wall)[0]), cap, key) for cap, key in caps]
         for ident, cap, key in wanted:
-            if not self._usable(ident, amount) and not await self._take(ident, subject, cap, key, amount, hop):
+            if not self._usable(ident, amount) and not await self._take(ident, subject, cap, key, amount, hop, process_id):
                 return None
         # No await from here on: the check and the deduction are one step on this loop.
         found = [self.by_ident.get(ident) for ident, _, _ in wanted]
@@ -217,7 +222,10 @@ class Leases:
         lease = self.by_ident.get(ident)
         return lease is not None and lease.usable(amount, time.monotonic())
 
-    async def _take(self, ident: Ident, subject: Subject, cap: SpendingCap, key: str, amount: Decimal, hop: Hop) -> bool:
+    async def _take(
+        self, ident: Ident, subject: Subject, cap: SpendingCap, key: str, amount: Decimal, hop: Hop,
+        process_id: uuid.UUID | None,
+    ) -> bool:
         lock = self.locks.setdefault(ident, asyncio.Lock())
         async with lock:
             if self._usable(ident, amount):
@@ -227,7 +235,7 @@ class Leases:
                 self._close(old, hop)
             grant = await hop(
                 lease_take, subject=subject, cap=cap, key=key, at_least=amount,
-                most=Decimal(str(settings.CAP_LEASE_MAX_USD)), share=settings.CAP_LEASE_SHARE,
+                most=Decimal(str(settings.CAP_LEASE_MAX_USD)), share=settings.CAP_LEASE_SHARE, process_id=process_id,
             )
             if grant is None:
                 return False

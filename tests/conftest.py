@@ -128,11 +128,13 @@ def _fresh_rate_limits():
     from billing.leases import leases_forget
     from billing.ratelimits import rate_limits_reset
     from conversations.access import access_caches_clear
+    from conversations.v1_liveness import liveness_forget
 
     rate_limits_reset()
     access_caches_clear()
     known_periods_clear()
     leases_forget()
+    liveness_forget()
 
 
 @pytest.fixture(autouse=True)
