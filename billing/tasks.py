@@ -12,6 +12,7 @@ from tenants.models import Membership
 
 from .caps import reservations_expire
 from .models import CapAlert
+from .processes import processes_recover
 
 TIME_LIMITS = {"soft_time_limit": 60, "time_limit": 90}
 
@@ -47,3 +48,10 @@ def cap_alerts_notify(alert_ids: list[int]) -> int:
 @shared_task(acks_late=True, **TIME_LIMITS)
 def reservations_expire_stale() -> int:
     return reservations_expire(older_than=timedelta(seconds=settings.RESERVATION_TTL_SECONDS))
+
+
+@shared_task(acks_late=True, **TIME_LIMITS)
+def processes_recover_stale() -> int:
+    """Beat: book the in-flight `/v1` calls of every web process that stopped beating (from
+    their last checkpoints), settle its reservations and return its leases."""
+    return processes_recover()
