@@ -17,9 +17,11 @@ Bounds:
   takes the exact per-call reservation — which, refused, first gives back this process's idle
   leases of those caps and tries once more, so budget parked here never refuses a call alone.
 - A process that exits gives its leases back (`leases_release_all_now`, at exit); one killed
-  outright leaves them held until the stale-reservation sweep (`RESERVATION_TTL_SECONDS`)
-  releases the remainder — at most `CAP_LEASE_MAX_USD` and 1/`CAP_LEASE_SHARE` of the headroom
-  per cap and process is parked meanwhile (the calls booked through it are already spent).
+  outright leaves them held until the process sweep (billing/processes.py: a lease carries its
+  process's id) books its calls in flight and releases the remainder, within
+  GENERATION_STALE_SECONDS and a sweep — at most `CAP_LEASE_MAX_USD` and 1/`CAP_LEASE_SHARE`
+  of the headroom per cap and process is parked meanwhile (the calls booked through it are
+  already spent).
 
 Leases live on one event loop (the web process's): no locks but one per cap period, held while
 a lease is being taken so concurrent calls share one.
@@ -333,7 +335,7 @@ def leases_forget() -> None:
 def leases_release_all_now() -> int:
     """Give back every lease of this process, synchronously: at exit, when the loop is gone and
     the streams drawing on them with it. A process killed outright leaves its leases to the
-    stale-reservation sweep."""
+    process sweep (billing/processes.py)."""
     released = 0
     for registry in list(_per_loop.values()):
         for lease in list(registry.held):

@@ -4,6 +4,7 @@ sweep happen once — never a second booking, whether the process was dead or on
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -223,3 +224,31 @@ def test_concurrent_sweepers_claim_a_dead_process_once(tenant_factory):
     assert sorted(results) == [False, False, False, True]
     assert UsageRecord.objects.count() == 1
     _ledger_agrees()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_beat_that_finds_its_process_swept_cuts_its_calls_and_registers_again(
+    tenant_factory, settings, monkeypatch
+):
+    """The process's side of a sweep it survived: its calls end at their next chunk (their
+    checkpoints were billed), its leases are forgotten, and its next hold is under a new id."""
+    from conversations import openai_api, v1_liveness
+    from tests.conftest import adb, wait_for
+    from tests.v1direct import closing_hop
+
+    monkeypatch.setattr(openai_api, "db_after", closing_hop)
+    settings.GENERATION_HEARTBEAT_SECONDS = 0.05
+    setup, subject = await adb(_setup)(tenant_factory)
+    process_id = await v1_liveness.process_id(closing_hop)
+    call = _streaming(await adb(_plan)(subject, process_id))
+    monkeypatch.setitem(openai_api._calls, asyncio.current_task(), call)
+    # Beats write its checkpoint…
+    checkpointed = WebProcess.objects.filter(pk=process_id, calls__0__call_id=call.plan.call_id)
+    await wait_for(checkpointed.aexists, timeout=5)
+    # …until the sweep takes the process (here: only the claim, its row deleted).
+    await WebProcess.objects.filter(pk=process_id).adelete()
+    async def cut() -> bool:
+        return call.interrupted is not None
+
+    await wait_for(cut, timeout=5)
+    assert await v1_liveness.process_id(closing_hop) != process_id
