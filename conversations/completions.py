@@ -424,8 +424,8 @@ def completion_settle(
     Two short transactions, not one: the cap's row is locked only while it is booked, and a
     process that dies between them leaves a held reservation that the stale-reservation sweep
     settles from this record. Idempotent on the plan's call id.
-    A call whose process was taken for dead (billing/processes.py) books nothing: the sweep
-    billed its last checkpoint and settled its holds; that record is returned."""
+    A call whose process was taken for dead (billing/processes.py) books nothing the sweep
+    booked or settled (`_swept_record`)."""
     leased = plan.draw.leases if plan.draw is not None else ()
     # A leased call's record and its booking commit together: the ledger and the counters it
     # is reconciled with never disagree, even for a moment (the row lock is taken last).
@@ -433,9 +433,9 @@ def completion_settle(
     # claims the row waits for it, or has claimed it already.
     with transaction.atomic() if leased or plan.process_id else contextlib.nullcontext():
         if plan.process_id is not None and not process_alive(plan.process_id):
-            return UsageRecord.objects.filter(call_id=plan.call_id).first() or UsageRecord(
-                call_id=plan.call_id, cost_usd=Decimal(0)
-            )
+            swept = _swept_record(plan)
+            if swept is not None:
+                return swept
         record = _record(plan=plan, usage=usage, content=content, outcome=outcome, latency_ms=latency_ms,
                          ttft_ms=ttft_ms)
         for lease in leased:
@@ -444,6 +444,22 @@ def completion_settle(
         cap_settle(reservation=plan.reservation, actual=record.cost_usd)
     api_key_touch_by_id(plan.api_key_id)
     return record
+
+
+def _swept_record(plan: CompletionPlan) -> UsageRecord | None:
+    """What stands for the call when the sweep took its process for dead: the record the sweep
+    booked from its checkpoint, or — its exact reservation settled (at zero: admitted after
+    the last beat) — an unsaved record of nothing, as booking it now would not match its
+    settled hold. None: the sweep never saw the call (admitted after it), which books as usual."""
+    record = UsageRecord.objects.filter(call_id=plan.call_id).first()
+    if record is not None:
+        return record
+    reservation = plan.reservation
+    if reservation is not None and reservation.period_ids and not Reservation.objects.filter(
+        pk=reservation.pk, status=Reservation.Status.HELD
+    ).exists():
+        return UsageRecord(call_id=plan.call_id, cost_usd=Decimal(0))
+    return None
 
 
 def _record(*, plan: CompletionPlan, usage: Usage | None, content: str, outcome: str, latency_ms: int, ttft_ms: int | None) -> UsageRecord:

@@ -8,9 +8,10 @@ tiktoken's count of what was relayed, counted on the database thread, incrementa
 
 Should a beat find the process's row gone — the sweep took it for dead after a stall longer
 than GENERATION_STALE_SECONDS — the sweep has billed the last checkpoint of its calls and
-settled or released everything it held: the process books none of it again. Its calls end at
-their next chunk (OpenAI's in-stream error), its leases are forgotten (not given back twice)
-and the next call registers the process afresh.
+settled or released everything it held: the process books none of it again. Those calls end at
+their next chunk (OpenAI's in-stream error), its leases are closed (releasing is idempotent)
+and the next call registers the process afresh. A call admitted after the sweep under the old
+id books as usual (`completion_settle`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from django.conf import settings
 
-from billing.leases import leases_forget
+from billing.leases import leases
 from billing.processes import process_beat, process_forget, process_register
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def liveness_forget() -> None:
 async def _beat() -> None:
     from .openai_api import calls_in_flight, db_after  # the endpoint imports us
 
+    checkpointed: list[Any] = []  # the calls of the last beat that was written: the sweep billed those
     while True:
         await asyncio.sleep(settings.GENERATION_HEARTBEAT_SECONDS)
         beating = _process_id
@@ -79,23 +81,27 @@ async def _beat() -> None:
         except Exception:  # a missed beat is retried; only GENERATION_STALE_SECONDS of them is a death
             logger.warning("/v1 liveness beat failed", exc_info=True)
             continue
-        if not alive and _process_id == beating:
-            _swept(beating, calls)
+        if alive:
+            checkpointed = calls
+        elif _process_id == beating:
+            await _swept(checkpointed, db_after)
+            checkpointed = []
 
 
 def _beat_write(*, process_id: uuid.UUID, calls: list[Any]) -> bool:
     return process_beat(process_id=process_id, calls=[call.checkpoint() for call in calls])
 
 
-def _swept(process_id: uuid.UUID, calls: list[Any]) -> None:
+async def _swept(checkpointed: list[Any], hop: Hop) -> None:
     global _process_id
     logger.error("this process was taken for dead (no beat for %ss): its /v1 calls were billed from their "
                  "checkpoints and its holds released; ending them and registering again",
                  settings.GENERATION_STALE_SECONDS)
     _process_id = None
-    leases_forget()
-    for call in calls:
+    for call in checkpointed:  # billed up to their checkpoints: they end now (a call admitted since books as usual)
         call.cut("this server stalled and its call was settled; send the request again")
+    # Its leases admit nothing more; given back (a no-op for those the sweep released).
+    await leases().release_all(hop)
 
 
 def _forget_at_exit() -> None:

@@ -112,6 +112,31 @@ def test_a_dead_process_is_swept_once_from_its_last_checkpoint(tenant_factory):
 
 
 @pytest.mark.django_db
+def test_calls_the_sweep_did_not_see_are_settled_consistently_by_a_process_that_lived(tenant_factory):
+    """A stalled process, swept: a call admitted after its last beat had its hold settled at
+    zero, so it books nothing now; one admitted after the sweep (under the old id, before the
+    process noticed) was never seen by the sweep and books as usual."""
+    setup, subject = _setup(tenant_factory)
+    process_id = process_register()
+    unseen = cap_hold(subject=subject, caps=caps_for(subject), amount=Decimal("0.5"), call_id="cmpl-unseen",
+                      process_id=process_id)
+    _stop_beating(process_id)
+    assert process_recover(process_id=process_id)
+    after = cap_hold(subject=subject, caps=caps_for(subject), amount=Decimal("0.5"), call_id="cmpl-after",
+                     process_id=process_id)
+    usage = Usage(prompt_tokens=12, completion_tokens=300, cached_tokens=0)
+
+    for reservation in (unseen, after):
+        plan = CompletionPlan(**{**_plan(subject, process_id, reservation=reservation).__dict__,
+                                 "call_id": reservation.call_id})
+        completion_settle(plan=plan, usage=usage, content="", outcome="ok", latency_ms=1, ttft_ms=1)
+
+    assert list(UsageRecord.objects.values_list("call_id", flat=True)) == ["cmpl-after"]
+    assert Reservation.objects.get(pk=after.pk).actual_usd == UsageRecord.objects.get().cost_usd > 0
+    _ledger_agrees()
+
+
+@pytest.mark.django_db
 def test_a_process_swept_while_alive_books_nothing_again(tenant_factory):
     """Slow, not dead: the sweep billed its checkpoint and returned its lease; the call's own
     settlement afterwards (with the provider's full usage) books nothing a second time."""
