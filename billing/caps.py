@@ -170,22 +170,29 @@ def cap_reserve(*, subject: Subject, amount: Decimal, call_id: str) -> Reservati
     return cap_hold(subject=subject, caps=caps_for(subject), amount=amount, call_id=call_id)
 
 
-def cap_hold(*, subject: Subject, caps: list[tuple[SpendingCap, str]], amount: Decimal, call_id: str) -> Reservation:
+def cap_hold(
+    *, subject: Subject, caps: list[tuple[SpendingCap, str]], amount: Decimal, call_id: str,
+    process_id: uuid.UUID | None = None,
+) -> Reservation:
     """`cap_reserve` with the applicable caps already known (a caller that caches them).
     With no cap to hold against, nothing is written: the reservation returned holds nothing
     and settling it is free. Otherwise one conditional UPDATE per cap period, in id order, and
-    the Reservation row, in one transaction."""
+    the Reservation row, in one transaction. `process_id`: the web process (`/v1`) the hold is
+    for, whose death settles it (billing/processes.py)."""
     if not caps:
         return Reservation(call_id=call_id, tenant_id=subject.tenant_id, amount_usd=amount, period_ids=[])
     now = dj_timezone.now()
-    return _hold(subject=subject, periods=cap_periods(subject, caps, now), amount=amount, call_id=call_id)
+    return _hold(
+        subject=subject, periods=cap_periods(subject, caps, now), amount=amount, call_id=call_id, process_id=process_id
+    )
 
 
 def _hold(
-    *, subject: Subject, periods: list[tuple[SpendingCap, int, datetime | None]], amount: Decimal, call_id: str
+    *, subject: Subject, periods: list[tuple[SpendingCap, int, datetime | None]], amount: Decimal, call_id: str,
+    process_id: uuid.UUID | None,
 ) -> Reservation:
     if connection.vendor == "postgresql" and len(periods) == 1:
-        return _hold_one(subject=subject, period=periods[0], amount=amount, call_id=call_id)
+        return _hold_one(subject=subject, period=periods[0], amount=amount, call_id=call_id, process_id=process_id)
     table = CapPeriod._meta.db_table
     hold = (
         f"UPDATE {table} SET reserved_usd = reserved_usd + %s "
@@ -200,7 +207,7 @@ def _hold(
                     _refuse(cap, period_id, end)
         return Reservation.objects.create(
             call_id=call_id, tenant_id=subject.tenant_id, amount_usd=amount,
-            period_ids=[period_id for _, period_id, _ in periods],
+            period_ids=[period_id for _, period_id, _ in periods], process_id=process_id,
         )
 
 
@@ -213,25 +220,28 @@ WITH held AS (
     WHERE id = %(period_id)s AND limit_usd >= spent_usd + reserved_usd + %(amount)s
     RETURNING id
 )
-INSERT INTO {reservation} (id, call_id, tenant_id, amount_usd, period_ids, status, created_at)
-SELECT %(id)s, %(call_id)s, %(tenant_id)s, %(amount)s, %(period_ids)s::jsonb, %(status)s, now() FROM held
+INSERT INTO {reservation} (id, call_id, tenant_id, amount_usd, period_ids, status, created_at, process_id)
+SELECT %(id)s, %(call_id)s, %(tenant_id)s, %(amount)s, %(period_ids)s::jsonb, %(status)s, now(), %(process_id)s
+FROM held
 RETURNING created_at
 """
 
 
 def _hold_one(
-    *, subject: Subject, period: tuple[SpendingCap, int, datetime | None], amount: Decimal, call_id: str
+    *, subject: Subject, period: tuple[SpendingCap, int, datetime | None], amount: Decimal, call_id: str,
+    process_id: uuid.UUID | None,
 ) -> Reservation:
     cap, period_id, end = period
     reservation = Reservation(
         id=uuid.uuid4(), call_id=call_id, tenant_id=subject.tenant_id, amount_usd=amount, period_ids=[period_id],
-        status=Reservation.Status.HELD,
+        status=Reservation.Status.HELD, process_id=process_id,
     )
     sql = _HOLD_ONE.format(period=CapPeriod._meta.db_table, reservation=Reservation._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(sql, {
             "amount": amount, "period_id": period_id, "id": reservation.id, "call_id": call_id,
             "tenant_id": subject.tenant_id, "period_ids": f"[{period_id}]", "status": reservation.status,
+            "process_id": process_id,
         })
         row = cursor.fetchone()
     if row is None:

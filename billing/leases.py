@@ -17,9 +17,11 @@ Bounds:
   takes the exact per-call reservation — which, refused, first gives back this process's idle
   leases of those caps and tries once more, so budget parked here never refuses a call alone.
 - A process that exits gives its leases back (`leases_release_all_now`, at exit); one killed
-  outright leaves them held until the stale-reservation sweep (`RESERVATION_TTL_SECONDS`)
-  releases the remainder — at most `CAP_LEASE_MAX_USD` and 1/`CAP_LEASE_SHARE` of the headroom
-  per cap and process is parked meanwhile (the calls booked through it are already spent).
+  outright leaves them held until the process sweep (billing/processes.py: a lease carries its
+  process's id) books its calls in flight and releases the remainder, within
+  GENERATION_STALE_SECONDS and a sweep — at most `CAP_LEASE_MAX_USD` and 1/`CAP_LEASE_SHARE`
+  of the headroom per cap and process is parked meanwhile (the calls booked through it are
+  already spent).
 
 Leases live on one event loop (the web process's): no locks but one per cap period, held while
 a lease is being taken so concurrent calls share one.
@@ -61,7 +63,8 @@ class LeaseGrant:
 
 
 def lease_take(
-    *, subject: Subject, cap: SpendingCap, key: str, at_least: Decimal, most: Decimal, share: int
+    *, subject: Subject, cap: SpendingCap, key: str, at_least: Decimal, most: Decimal, share: int,
+    process_id: uuid.UUID | None = None,
 ) -> LeaseGrant | None:
     """Hold min(`most`, headroom / `share`) of the cap's current period as one Reservation,
     or nothing (None) when that is less than `at_least`. The conditional UPDATE makes it
@@ -82,7 +85,7 @@ def lease_take(
             return None  # a concurrent hold took the headroom meanwhile
         reservation = Reservation.objects.create(
             call_id=f"{LEASE_CALL_PREFIX}{uuid.uuid4()}", tenant_id=subject.tenant_id, amount_usd=amount,
-            period_ids=[period_id],
+            period_ids=[period_id], process_id=process_id,
         )
     return LeaseGrant(reservation_id=reservation.pk, period_id=period_id, amount=amount, period_end=end)
 
@@ -192,15 +195,19 @@ class Leases:
     locks: dict[Ident, asyncio.Lock] = field(default_factory=dict)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    async def draw(self, *, subject: Subject, caps: list[tuple[SpendingCap, str]], amount: Decimal, hop: Hop) -> Draw | None:
+    async def draw(
+        self, *, subject: Subject, caps: list[tuple[SpendingCap, str]], amount: Decimal, hop: Hop,
+        process_id: uuid.UUID | None = None,
+    ) -> Draw | None:
         """Admit `amount` against a lease of every cap, taking leases as needed; None when
-        some cap has too little headroom for a lease (the caller reserves exactly)."""
+        some cap has too little headroom for a lease (the caller reserves exactly). A lease
+        taken here carries `process_id` (billing/processes.py)."""
         if not leasable(caps) or settings.CAP_LEASE_SECONDS <= 0:
             return None
         now_wall = _wall_now()
         wanted = [((cap.pk, key, period_bounds(cap.period, now_wall)[0]), cap, key) for cap, key in caps]
         for ident, cap, key in wanted:
-            if not self._usable(ident, amount) and not await self._take(ident, subject, cap, key, amount, hop):
+            if not self._usable(ident, amount) and not await self._take(ident, subject, cap, key, amount, hop, process_id):
                 return None
         # No await from here on: the check and the deduction are one step on this loop.
         found = [self.by_ident.get(ident) for ident, _, _ in wanted]
@@ -217,7 +224,10 @@ class Leases:
         lease = self.by_ident.get(ident)
         return lease is not None and lease.usable(amount, time.monotonic())
 
-    async def _take(self, ident: Ident, subject: Subject, cap: SpendingCap, key: str, amount: Decimal, hop: Hop) -> bool:
+    async def _take(
+        self, ident: Ident, subject: Subject, cap: SpendingCap, key: str, amount: Decimal, hop: Hop,
+        process_id: uuid.UUID | None,
+    ) -> bool:
         lock = self.locks.setdefault(ident, asyncio.Lock())
         async with lock:
             if self._usable(ident, amount):
@@ -227,7 +237,7 @@ class Leases:
                 self._close(old, hop)
             grant = await hop(
                 lease_take, subject=subject, cap=cap, key=key, at_least=amount,
-                most=Decimal(str(settings.CAP_LEASE_MAX_USD)), share=settings.CAP_LEASE_SHARE,
+                most=Decimal(str(settings.CAP_LEASE_MAX_USD)), share=settings.CAP_LEASE_SHARE, process_id=process_id,
             )
             if grant is None:
                 return False
@@ -325,7 +335,7 @@ def leases_forget() -> None:
 def leases_release_all_now() -> int:
     """Give back every lease of this process, synchronously: at exit, when the loop is gone and
     the streams drawing on them with it. A process killed outright leaves its leases to the
-    stale-reservation sweep."""
+    process sweep (billing/processes.py)."""
     released = 0
     for registry in list(_per_loop.values()):
         for lease in list(registry.held):

@@ -49,6 +49,9 @@ class UsageRecord(models.Model):
         OK = "ok"
         ERROR = "error"
         CANCELLED = "cancelled"
+        # Booked by the sweep from the last checkpoint of a call whose web process died: a lower
+        # bound of what streamed (billing/processes.py).
+        INTERRUPTED = "interrupted"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     call_id = models.CharField(max_length=64, unique=True)
@@ -165,11 +168,36 @@ class Reservation(models.Model):
     actual_usd = models.DecimalField(**MONEY, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     settled_at = models.DateTimeField(null=True, blank=True)
+    # The web process (WebProcess id) whose `/v1` call or cap lease this holds for: should it
+    # die, the process sweep settles it at once instead of RESERVATION_TTL_SECONDS later. A
+    # plain id: the hold outlives the process's record.
+    process_id = models.UUIDField(null=True, blank=True, db_index=True)
 
     objects = TenantManager()
 
     class Meta:
         indexes = [models.Index(fields=["status", "created_at"])]
+
+
+class WebProcess(models.Model):
+    """A web process serving `/v1` while it beats: the checkpoints of its calls in flight.
+
+    One row per process, written once per GENERATION_HEARTBEAT_SECONDS (never per chunk). A row
+    whose beat is older than GENERATION_STALE_SECONDS belongs to a process that died: the sweep
+    (billing/processes.py) deletes it — the claim: one sweeper wins — and books each call's last
+    checkpoint, settles the process's exact reservations and returns its leases."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField(auto_now_add=True)
+    beat_at = models.DateTimeField(db_index=True)
+    # [{call_id, tenant_id, api_key_id, end_user_id, model, price, prompt_tokens,
+    #   completion_tokens, reservation_id, leases: [[reservation_id, period_id]]}]
+    calls = models.JSONField(default=list, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid} (beat {self.beat_at:%H:%M:%S})"
 
 
 class CapAlert(models.Model):

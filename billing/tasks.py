@@ -9,6 +9,7 @@ from django.conf import settings
 
 from .alerts import alerts_send
 from .caps import reservations_expire
+from .processes import processes_recover
 
 TIME_LIMITS = {"soft_time_limit": 60, "time_limit": 90}
 
@@ -29,3 +30,10 @@ def cap_alerts_nudge() -> None:
     """After a commit that recorded alerts: have a worker send them now rather than at the next
     beat (registered with billing.alerts in BillingConfig.ready)."""
     cap_alerts_notify.delay()
+
+
+@shared_task(acks_late=True, **TIME_LIMITS)
+def processes_recover_stale() -> int:
+    """Beat: book the in-flight `/v1` calls of every web process that stopped beating (from
+    their last checkpoints), settle its reservations and return its leases."""
+    return processes_recover()

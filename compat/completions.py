@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import uuid
 from collections import deque
@@ -25,7 +26,9 @@ from django.db import transaction
 from billing.caps import CapExceeded, Subject, cap_hold, cap_settle
 from billing.leases import Draw, lease_book, leases
 from billing.models import ModelPrice, Reservation, UsageRecord
+from billing.processes import process_alive
 from billing.services import Price, UsageInput, usage_record
+from compat import v1_liveness
 from conversations.access import (
     EndUserAccess,
     EndUserBlocked,
@@ -127,6 +130,7 @@ class CompletionPlan:
     forward_usage: bool  # the caller asked for stream_options.include_usage
     reservation: Reservation | None = None  # an exact hold, or
     draw: Draw | None = None  # what the call took from this process's leases
+    process_id: uuid.UUID | None = None  # the web process whose death settles those (v1_liveness)
     limits: tuple[ratelimits.LimitState, ...] = ()  # after this call was counted: for headers
     moderation: PolicySnapshot | None = None  # the tenant's content policy, for the answer
 
@@ -194,7 +198,11 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     amount = worst_case_cost(
         price=price, prompt_tokens=prompt_tokens, max_tokens=output_bound(request, default_max_tokens=default_max_tokens)
     )
-    reservation, draw = await _hold(subject=subject, caps=caps, amount=amount, call_id=call_id, hop=hop)
+    # A hold carries this process's id: should it die, the process sweep settles the hold.
+    process_id = await v1_liveness.process_id(hop) if caps else None
+    reservation, draw = await _hold(
+        subject=subject, caps=caps, amount=amount, call_id=call_id, hop=hop, process_id=process_id
+    )
     try:
         stream = bool(request.get("stream"))
         return CompletionPlan(
@@ -215,6 +223,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
             forward_usage=stream and bool((request.get("stream_options") or {}).get("include_usage")),
             reservation=reservation,
             draw=draw,
+            process_id=process_id,
             limits=acquired.states,
             moderation=access.moderation,
         )
@@ -356,22 +365,25 @@ async def _caller(
 
 
 async def _hold(
-    *, subject: Subject, caps: list, amount: Decimal, call_id: str, hop: Hop
+    *, subject: Subject, caps: list, amount: Decimal, call_id: str, hop: Hop,
+    process_id: uuid.UUID | None = None,
 ) -> tuple[Reservation | None, Draw | None]:
     """The worst case held against every cap: from this process's leases when they cover it
     (no database round trip), else reserved for this call alone. Raises CapExceeded."""
     if not caps:
         return cap_hold(subject=subject, caps=caps, amount=amount, call_id=call_id), None
-    draw = await leases().draw(subject=subject, caps=caps, amount=amount, hop=hop)
+    draw = await leases().draw(subject=subject, caps=caps, amount=amount, hop=hop, process_id=process_id)
     if draw is not None:
         return None, draw
+    hold = functools.partial(hop, cap_hold, subject=subject, caps=caps, amount=amount, call_id=call_id,
+                             process_id=process_id)
     try:
-        return await hop(cap_hold, subject=subject, caps=caps, amount=amount, call_id=call_id), None
+        return await hold(), None
     except CapExceeded:
         # Budget parked in this process's idle leases must not be what refuses the call.
         if not await leases().release_idle(caps, hop):
             raise
-        return await hop(cap_hold, subject=subject, caps=caps, amount=amount, call_id=call_id), None
+        return await hold(), None
 
 
 def _admissible(access: KeyAccess, *, end_user: EndUserAccess, price: Price | None, model: str) -> Price:
@@ -411,11 +423,19 @@ def completion_settle(
     none (a broken stream, a client that left), then settle the call's reservation to its cost.
     Two short transactions, not one: the cap's row is locked only while it is booked, and a
     process that dies between them leaves a held reservation that the stale-reservation sweep
-    settles from this record. Idempotent on the plan's call id."""
+    settles from this record. Idempotent on the plan's call id.
+    A call whose process was taken for dead (billing/processes.py) books nothing the sweep
+    booked or settled (`_swept_record`)."""
     leased = plan.draw.leases if plan.draw is not None else ()
     # A leased call's record and its booking commit together: the ledger and the counters it
     # is reconciled with never disagree, even for a moment (the row lock is taken last).
-    with transaction.atomic() if leased else contextlib.nullcontext():
+    # A held call's record is written while its process's row is share-locked: the sweep that
+    # claims the row waits for it, or has claimed it already.
+    with transaction.atomic() if leased or plan.process_id else contextlib.nullcontext():
+        if plan.process_id is not None and not process_alive(plan.process_id):
+            swept = _swept_record(plan)
+            if swept is not None:
+                return swept
         record = _record(plan=plan, usage=usage, content=content, outcome=outcome, latency_ms=latency_ms,
                          ttft_ms=ttft_ms)
         for lease in leased:
@@ -424,6 +444,22 @@ def completion_settle(
         cap_settle(reservation=plan.reservation, actual=record.cost_usd)
     api_key_touch_by_id(plan.api_key_id)
     return record
+
+
+def _swept_record(plan: CompletionPlan) -> UsageRecord | None:
+    """What stands for the call when the sweep took its process for dead: the record the sweep
+    booked from its checkpoint, or — its exact reservation settled (at zero: admitted after
+    the last beat) — an unsaved record of nothing, as booking it now would not match its
+    settled hold. None: the sweep never saw the call (admitted after it), which books as usual."""
+    record = UsageRecord.objects.filter(call_id=plan.call_id).first()
+    if record is not None:
+        return record
+    reservation = plan.reservation
+    if reservation is not None and reservation.period_ids and not Reservation.objects.filter(
+        pk=reservation.pk, status=Reservation.Status.HELD
+    ).exists():
+        return UsageRecord(call_id=plan.call_id, cost_usd=Decimal(0))
+    return None
 
 
 def _record(*, plan: CompletionPlan, usage: Usage | None, content: str, outcome: str, latency_ms: int, ttft_ms: int | None) -> UsageRecord:

@@ -36,9 +36,11 @@ from conversations.errors import ModerationBlocked, ShuttingDown
 from conversations.protocol import DOMAIN_ERRORS, error_event_for
 from llm import relay
 from llm.gateway import UpstreamError
+from llm.tokens import count_text
 from tenants.ratelimits import ratelimit_headers
 from tenants.services import InvalidApiKey
 
+from . import v1_liveness
 from .completions import (
     CompletionPlan,
     EndUserBlocked,
@@ -212,11 +214,15 @@ def calls_running() -> set[asyncio.Task[Any]]:
     return set(_calls)
 
 
+def calls_in_flight() -> list[CompletionCall]:
+    return list(_calls.values())
+
+
 def calls_interrupt() -> None:
     """Shutdown: a stream ends at its next chunk (billed for what streamed, then OpenAI's
     in-stream error); a call not streaming yet is cancelled (its hold goes back)."""
     for task, call in list(_calls.items()):
-        call.interrupted = True
+        call.cut("this server is shutting down; the answer was cut")
         if call.stream is None:
             task.cancel()
 
@@ -236,6 +242,8 @@ shutdown.drainable_register(
     shutdown.Drainable(running=calls_running, interrupt=calls_interrupt, settled=settlements_finished)
 )
 shutdown.drained_register(leases_release)
+# db_after looked up at each beat (a test may replace it)
+v1_liveness.endpoint_register(calls=calls_in_flight, hop=lambda fn, /, **kwargs: db_after(fn, **kwargs))
 
 
 class CompletionCall:
@@ -247,7 +255,40 @@ class CompletionCall:
         self.first_byte_at: float | None = None
         self.settled = False
         self.stream: relay.StreamRelay | None = None
-        self.interrupted = False  # the process is shutting down
+        self.interrupted: str | None = None  # why the stream ends at its next chunk (shutdown…)
+        # What the liveness beat has counted of the stream (on its database thread).
+        self._counted_events = 0
+        self._counted_text: list[str] = []
+        self._counted_tokens = 0
+
+    def cut(self, reason: str) -> None:
+        self.interrupted = reason
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What billing this call needs should the process die now (v1_liveness, on a database
+        thread): the provider's usage when it arrived, else tiktoken's count of what was
+        relayed so far — counted from the events new since the last beat."""
+        plan, stream = self.plan, self.stream
+        usage = stream.usage if stream is not None else None
+        if usage is None and stream is not None:
+            events = stream.events[self._counted_events:]  # only appended to, on the loop
+            self._counted_events += len(events)
+            text = [_event_text(event) for event in events]
+            if any(text):
+                self._counted_text += text
+                self._counted_tokens = count_text("".join(self._counted_text), plan.model)
+        price = plan.price
+        return {
+            "call_id": plan.call_id, "tenant_id": plan.tenant_id, "api_key_id": plan.api_key_id,
+            "end_user_id": str(plan.end_user_id), "model": plan.model,
+            "price": [str(price.input), str(price.cached_input), str(price.output)],
+            "prompt_tokens": usage.prompt_tokens if usage else plan.prompt_tokens,
+            "completion_tokens": usage.completion_tokens if usage else self._counted_tokens,
+            "cached_tokens": usage.cached_tokens if usage else 0, "usage": usage is not None,
+            "reservation_id": str(plan.reservation.pk) if plan.reservation is not None and plan.reservation.period_ids
+            else None,
+            "leases": [[str(lease.reservation_id), lease.period_id] for lease in plan.draw.leases] if plan.draw else [],
+        }
 
     async def settle(self, *, usage: Any, content: str, outcome: str) -> None:
         if self.settled:
@@ -333,7 +374,7 @@ class CompletionCall:
                     if chunk:
                         yield chunk
                     if self.interrupted:
-                        raise UpstreamError("this server is shutting down; the answer was cut", code="service_unavailable")
+                        raise UpstreamError(self.interrupted, code="service_unavailable")
             except UpstreamError as error:
                 outcome = UsageRecord.Outcome.ERROR
                 failure: UpstreamError | None = error
@@ -374,6 +415,16 @@ class CompletionCall:
     @staticmethod
     def _content(stream: relay.StreamRelay) -> str:
         return "" if stream.usage is not None else stream.streamed_content()
+
+
+def _event_text(event: bytes) -> str:
+    """The text one relayed event carries (content and tool-call arguments), as billed."""
+    parts: list[str] = []
+    for delta in relay.event_deltas(event):
+        parts.append(str(delta.get("content") or ""))
+        for call in delta.get("tool_calls") or ():
+            parts.append(str((call.get("function") or {}).get("arguments") or ""))
+    return "".join(parts)
 
 
 def _cost_of(task: asyncio.Future[Any]) -> Decimal | None:

@@ -191,6 +191,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "conversations.tasks.generations_recover_stale",
         "schedule": env.float("GENERATION_SWEEP_SECONDS", default=30.0),
     },
+    # The /v1 side of a dead web process: its calls in flight, reservations and leases.
+    "recover-stale-web-processes": {
+        "task": "billing.tasks.processes_recover_stale",
+        "schedule": env.float("GENERATION_SWEEP_SECONDS", default=30.0),
+    },
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -310,7 +315,8 @@ MAX_MESSAGE_CHARS = env.int("MAX_MESSAGE_CHARS", default=32_000)
 # A generating process refreshes its claim's heartbeat this often; a claim whose heartbeat is
 # older than GENERATION_STALE_SECONDS belongs to a process that died. The sweep (beat, every
 # GENERATION_SWEEP_SECONDS; and a check on join and on turn submit) then stores what streamed
-# as incomplete, bills it, frees the conversation and tells the joined sockets.
+# as incomplete, bills it, frees the conversation and tells the joined sockets. The same two
+# settings time a web process's /v1 liveness beat and its sweep (billing/processes.py).
 GENERATION_HEARTBEAT_SECONDS = env.float("GENERATION_HEARTBEAT_SECONDS", default=5.0)
 GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=60)
 

@@ -126,6 +126,7 @@ def _fresh_rate_limits():
     """Rate-limit counters live in Redis or process memory, outside the test database."""
     from billing.caps import known_periods_clear
     from billing.leases import leases_forget
+    from compat.v1_liveness import liveness_forget
     from conversations.access import access_caches_clear
     from tenants.ratelimits import rate_limits_reset
 
@@ -133,6 +134,7 @@ def _fresh_rate_limits():
     access_caches_clear()
     known_periods_clear()
     leases_forget()
+    liveness_forget()
 
 
 @pytest.fixture(autouse=True)

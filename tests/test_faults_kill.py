@@ -1,4 +1,5 @@
-"""SIGKILL of a web process mid-stream: no answer, token or hold is lost with it.
+"""SIGKILL of a web process mid-stream: no answer, token or hold is lost with it (sockets and
+`/v1`: for `/v1`, the process's liveness record and the process sweep, billing/processes.py).
 
 Two real web processes share PostgreSQL and Redis; the one generating is killed outright.
 Its generation's heartbeat stops; the sweep (beat here, or a join or a turn) stores what
@@ -10,16 +11,21 @@ share the test's PostgreSQL and Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
+import httpx2
+import openai
 import pytest
 import websockets
 from django.conf import settings
 from django.core.management import call_command
 
 from billing.models import CapPeriod, Reservation, UsageRecord
+from billing.tasks import processes_recover_stale
 from conversations.models import Conversation, Message
 from conversations.tasks import generations_recover_stale
+from llm.tokens import count_text
 from tests.conftest import adb
 from tests.webprocs import events_until, tenant_capped, web_processes
 
@@ -89,4 +95,65 @@ async def test_sigkill_mid_stream_socket_answer_is_stored_billed_and_freed(tenan
     records = [r async for r in UsageRecord.objects.filter(message_id=answer.pk)]
     assert len(records) == 1 and records[0].completion_tokens > 0
     assert (await Conversation.objects.aget(pk=conversation_id)).generation_id is None
+    await adb(_nothing_held)()
+
+
+# --- /v1: the official SDK's stream, its process killed ------------------------------------
+
+
+async def _v1_stream_until_killed(port: int, api_key: str, model: str, process, *, chunks: int) -> str:
+    """Stream a long answer with the official SDK; SIGKILL the process after `chunks` chunks
+    (several liveness beats in) and read what still arrives. The text the client got."""
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=20)
+    received, seen = [], 0
+    stream = await client.chat.completions.create(
+        model=model, stream=True, messages=[{"role": "user", "content": "story [[sim:words=400 tps=20]]"}]
+    )
+    with contextlib.suppress(openai.APIError, httpx2.HTTPError):
+        async for chunk in stream:
+            received += [choice.delta.content or "" for choice in chunk.choices]
+            seen += 1
+            if seen == chunks:
+                assert await adb(_held_by_a_process)()  # what the process held carries its id
+                process.kill()
+    process.wait(10)
+    await client.close()
+    return "".join(received)
+
+
+def _held_by_a_process() -> bool:
+    return Reservation.objects.filter(status="held", process_id__isnull=False).exists()
+
+
+@pytest.mark.parametrize("leased", [False, True], ids=["exact-reservation", "cap-leases"])
+async def test_sigkill_mid_v1_stream_bills_what_streamed_once_and_releases_every_hold(
+    tenant_factory, sim, settings, leased
+):
+    settings.GENERATION_STALE_SECONDS = STALE_SECONDS  # this process plays beat
+    setup = await adb(tenant_capped)(tenant_factory)
+    model = setup.assistant.model
+    env = {**FAST_HEARTBEATS, "CAP_LEASE_SECONDS": "30" if leased else "0"}
+    with web_processes(1, **env) as [(port, process)]:
+        if leased:  # a call the lease booked before the process died
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=setup.api_key, max_retries=0)
+            await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi [[sim:words=5]]"}])
+            await client.close()
+        received = await _v1_stream_until_killed(port, setup.api_key, model, process, chunks=40)
+
+    assert await adb(_held_by_a_process)()  # the kill left them held…
+    await asyncio.sleep(STALE_SECONDS + 0.5)
+    assert await adb(processes_recover_stale)() == 1  # …for one sweep
+    assert await adb(processes_recover_stale)() == 0
+
+    [killed] = [r async for r in UsageRecord.objects.filter(outcome="interrupted")]
+    assert 0 < killed.completion_tokens <= count_text(received, model)
+    assert killed.call_id.startswith("cmpl-") and killed.estimated
+    assert await UsageRecord.objects.acount() == (2 if leased else 1)
+    if leased:
+        assert killed.lease_ids and await Reservation.objects.filter(call_id__startswith="lease-").aexists()
+    else:
+        reservation = await Reservation.objects.aget(call_id=killed.call_id)
+        assert (reservation.status, reservation.actual_usd) == ("settled", killed.cost_usd)
+    spent = sum([r.cost_usd async for r in UsageRecord.objects.all()])
+    assert (await CapPeriod.objects.aget()).spent_usd == spent
     await adb(_nothing_held)()

@@ -416,7 +416,8 @@ async def test_a_warm_call_touches_no_database_before_the_provider(tenant_factor
     assert await _admit_names(setup, hop, hops) == ["access_load"]
     assert await _admit_names(setup, hop, hops) == []
     await adb(SpendingCap.objects.create)(tenant=setup.tenant, scope="tenant", period="month", limit_usd=Decimal("5"))
-    assert await _admit_names(setup, hop, hops) == ["access_load", "lease_take"]  # the version changed: reloaded
+    # The version changed: reloaded; the process registers its liveness once, before its first hold.
+    assert await _admit_names(setup, hop, hops) == ["access_load", "process_register", "lease_take"]
     assert await _admit_names(setup, hop, hops) == []
 
 
