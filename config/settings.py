@@ -122,27 +122,9 @@ TEMPLATES = [
 
 if SERVICES_MODE:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}
-    # A pool of PostgreSQL connections per process (psycopg_pool, Django's "pool" option):
-    # every async ORM hop and every request borrows one and gives it back, instead of opening
-    # a connection per hop (CONN_MAX_AGE=0: a handshake each, the largest single cost of a
-    # socket turn at 1,000 streams) or keeping one per thread (CONN_MAX_AGE>0, which Django
-    # advises against under ASGI: request threads come and go). DB_POOL_MAX_SIZE bounds the
-    # connections a process opens (the async hops share one thread; /v1 keeps one per each of
-    # its DB_THREADS threads); a borrow waits up to DB_POOL_TIMEOUT for a free one, then fails
-    # like a refused connection (503 while PostgreSQL is away). DB_POOL_MAX_SIZE=0: no pool,
-    # connections as CONN_MAX_AGE says.
-    DB_POOL_MAX_SIZE = env.int("DB_POOL_MAX_SIZE", default=20)
-    if DB_POOL_MAX_SIZE > 0:
-        DATABASES["default"]["CONN_MAX_AGE"] = 0  # Django's pool requires it
-        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-            "min_size": min(env.int("DB_POOL_MIN_SIZE", default=2), DB_POOL_MAX_SIZE),
-            "max_size": DB_POOL_MAX_SIZE,
-            "timeout": env.float("DB_POOL_TIMEOUT", default=5.0),
-        }
-    else:
-        DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
-    # A connection that died with a PostgreSQL restart is found and replaced before a request
-    # uses it, instead of failing that request (pooled: checked as it is borrowed).
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
+    # A persistent connection that died with a PostgreSQL restart is found and replaced
+    # before a request uses it, instead of failing that request.
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 else:
     DATABASES = {
