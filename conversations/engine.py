@@ -21,13 +21,13 @@ from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
 from billing.caps import CapExceeded, Subject
 from billing.models import UsageRecord
 from billing.services import money_str, usage_billed
+from config.db import database_sync_to_async
 from llm import gateway
 from llm.gateway import ChatRequest, Finish, TextDelta, ToolCallDelta, UpstreamError, Usage
 from llm.tokens import count_messages
