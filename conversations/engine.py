@@ -18,8 +18,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+
+from config.db import database_sync_to_async
 
 from . import eventlog, fanout, gatekeepers, recovery, services, shutdown, turns
 from .control import control_send_cancel

@@ -16,12 +16,12 @@ from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from channels.db import database_sync_to_async
 from django.conf import settings
 
 from billing.caps import CapExceeded, Subject
 from billing.models import Reservation, UsageRecord
 from billing.services import money_str, usage_billed
+from config.db import database_sync_to_async
 from llm.gateway import ChatRequest, UpstreamError
 from llm.tokens import count_messages
 from moderation.gate import OutputGate

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -27,6 +26,7 @@ from django.utils import timezone
 from billing.caps import cap_settle
 from billing.models import Reservation, UsageRecord
 from billing.services import price_for
+from config.db import database_sync_to_async
 
 from . import answers, eventlog, services, turns
 from .control import INTERRUPTED

@@ -44,7 +44,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from channels.db import database_sync_to_async
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
@@ -52,6 +51,7 @@ from django.utils import timezone
 from billing.caps import CapExceeded, Subject, cap_reserve, cap_settle
 from billing.models import ModelPrice, Reservation, UsageRecord
 from billing.services import Price, PriceMissing, UsageInput, price_for, provider_refused, usage_record
+from config.db import database_sync_to_async
 from llm.gateway import ProviderTarget, UpstreamError
 from llm.moderation import MODERATION_MODEL, provider_check
 from llm.tokens import count_text

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http import StreamingHttpResponse
 
+from config.db import database_sync_to_async
 from conversations import engine, outages, services
 from conversations.gatekeepers import Caller
 from conversations.protocol import ErrorEvent, MessageCreate

@@ -10,10 +10,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
+from config.db import connection_ready, database_sync_to_async
 from conversations import engine
 from conversations.errors import ChatError, EndUserBlocked
 from conversations.gatekeepers import Caller
@@ -135,7 +135,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             command = parse_client_frame(content)
         except InvalidFrame as error:
             return await self._send_error(error_event_for(error, **extra))
-        await aclose_old_connections()
+        await connection_ready()
         try:
             await self._dispatch(command)
         except EndUserBlocked as error:  # blocked since the socket opened
