@@ -31,12 +31,13 @@ from django.db import connection
 from billing.leases import leases
 from billing.models import UsageRecord
 from billing.services import usage_billed
-from conversations import outages, shutdown
+from conversations import shutdown
 from conversations.errors import ModerationBlocked, ShuttingDown
 from conversations.protocol import DOMAIN_ERRORS, error_event_for
 from llm import relay
 from llm.gateway import UpstreamError
 from llm.tokens import count_text
+from streaming import outages
 from tenants.ratelimits import ratelimit_headers
 from tenants.services import InvalidApiKey
 

@@ -13,9 +13,9 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from conversations import outages
 from conversations.errors import EndUserBlocked, ShuttingDown, TurnFailed
 from conversations.protocol import DOMAIN_ERRORS, error_event_for
+from streaming import outages
 from tenants.authentication import ApiKeyAuthentication
 from tenants.models import ApiKey
 

@@ -327,10 +327,10 @@ GENERATION_STALE_SECONDS = env.int("GENERATION_STALE_SECONDS", default=60)
 SHUTDOWN_GRACE_SECONDS = env.float("SHUTDOWN_GRACE_SECONDS", default=25.0)
 SHUTDOWN_RETRY_AFTER_SECONDS = env.float("SHUTDOWN_RETRY_AFTER_SECONDS", default=1.0)
 
-# The event log (conversations/eventlog.py): a Redis Stream per conversation in services mode.
+# The event log (streaming/eventlog.py): a Redis Stream per conversation in services mode.
 # Capped at about EVENT_LOG_MAXLEN events (more than the longest answer's deltas), gone
 # EVENT_LOG_TTL_SECONDS after its last event. Readers do not hold connections: one dispatcher
-# per event loop (conversations/fanout.py) reads every log the process follows with one XREAD
+# per event loop (streaming/fanout.py) reads every log the process follows with one XREAD
 # BLOCK of EVENT_LOG_BLOCK_MS (short: a log first followed meanwhile joins at the next read),
 # up to EVENT_FANOUT_COUNT events per log per read, and hands them to each reader's buffer of
 # EVENT_FANOUT_BUFFER events (a reader further behind reads the gap from the log itself).
@@ -343,7 +343,7 @@ EVENT_LOG_BLOCK_MS = env.int("EVENT_LOG_BLOCK_MS", default=100)
 EVENT_LOG_MAX_CONNECTIONS = env.int("EVENT_LOG_MAX_CONNECTIONS", default=100)
 EVENT_FANOUT_COUNT = env.int("EVENT_FANOUT_COUNT", default=200)
 EVENT_FANOUT_BUFFER = env.int("EVENT_FANOUT_BUFFER", default=1000)
-# Dependencies that come and go (conversations/outages.py, config/redis_options.py): while
+# Dependencies that come and go (streaming/outages.py, config/redis_options.py): while
 # PostgreSQL or Redis is away, REST and /v1 answer 503 with Retry-After
 # DEPENDENCY_RETRY_AFTER_SECONDS and sockets get an `upstream_error` frame; a generation keeps
 # its events (they go to the log once Redis is back) and retries storing its answer for up to

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from channels.layers import get_channel_layer
 
 from config.db import database_sync_to_async
+from streaming import eventlog, fanout
 
-from . import eventlog, fanout, gatekeepers, recovery, services, shutdown, turns
+from . import gatekeepers, recovery, services, shutdown, turns
 from .control import control_send_cancel
 from .gatekeepers import Caller
 from .generation import Generation

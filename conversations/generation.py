@@ -26,10 +26,12 @@ from llm.gateway import ChatRequest, UpstreamError
 from llm.tokens import count_messages
 from moderation.gate import OutputGate
 from moderation.services import ModerationContext, moderate
+from streaming import eventlog, outages
 from tools.calls import ToolContext
 from tools.execution import tool_calls_execute
+from tools.rounds import arguments_object, wire_tool_calls
 
-from . import answers, eventlog, outages, recovery, services, summaries
+from . import answers, recovery, services, summaries
 from .answers import ToolRoundRecord, TurnOutcome, TurnResult
 from .control import CANCELLED, Control
 from .models import Message
@@ -45,7 +47,6 @@ from .protocol import (
     ToolResult,
     error_event_for,
 )
-from .tool_rounds import arguments_object, wire_tool_calls
 from .turns import TurnPlan
 from .upstream import RoundOutput, upstream_round
 

@@ -17,11 +17,11 @@ from django.conf import settings
 from billing.caps import CapExceeded
 from billing.services import PriceMissing, money_str
 from llm.gateway import UpstreamError
+from streaming.eventlog import OFFSET_PATTERN
+from streaming.outages import UNAVAILABLE, UNAVAILABLE_MESSAGE, retry_after
 from tenants.ratelimits import RateLimited
 
 from .errors import ChatError
-from .eventlog import OFFSET_PATTERN
-from .outages import UNAVAILABLE, UNAVAILABLE_MESSAGE, retry_after
 
 ERROR_CODES = frozenset(
     {

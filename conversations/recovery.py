@@ -27,8 +27,9 @@ from billing.caps import cap_settle
 from billing.models import Reservation, UsageRecord
 from billing.services import price_for
 from config.db import database_sync_to_async
+from streaming import eventlog
 
-from . import answers, eventlog, services, turns
+from . import answers, services, turns
 from .control import INTERRUPTED
 from .models import Conversation, Message
 from .protocol import ConversationState, ErrorEvent

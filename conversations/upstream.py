@@ -14,9 +14,9 @@ from typing import Any
 
 from llm import gateway
 from llm.gateway import ChatRequest, Finish, ProviderTarget, TextDelta, ToolCallDelta, Usage
+from tools.rounds import ToolCallAssembler
 
 from .control import Control
-from .tool_rounds import ToolCallAssembler
 
 # Takes one streamed piece of text; False when the rest of the answer is not wanted.
 Deliver = Callable[[str], Awaitable[bool]]

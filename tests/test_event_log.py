@@ -9,7 +9,7 @@ import uuid
 import pytest
 from django.conf import settings
 
-from conversations.eventlog import START, MemoryEventLog, RedisEventLog, offset_key, read_all
+from streaming.eventlog import START, MemoryEventLog, RedisEventLog, offset_key, read_all
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.skipif(
     not settings.REDIS_URL, reason="the Redis Stream backend runs in services mode (CI)"

@@ -9,8 +9,8 @@ import uuid
 import pytest
 from django.conf import settings
 
-from conversations.eventlog import START, MemoryEventLog, RedisEventLog
-from conversations.fanout import Fanout
+from streaming.eventlog import START, MemoryEventLog, RedisEventLog
+from streaming.fanout import Fanout
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.skipif(
     not settings.REDIS_URL, reason="the Redis Stream backend runs in services mode (CI)"

@@ -11,11 +11,12 @@ import pytest
 from django.utils import timezone
 
 from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord
-from conversations import engine, eventlog, recovery, services, turns
+from conversations import engine, recovery, services, turns
 from conversations.gatekeepers import Caller
 from conversations.models import Conversation, Message
 from conversations.protocol import Delta, MessageStarted
 from llm.tokens import count_text
+from streaming import eventlog
 from tests.conftest import adb
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -11,7 +11,7 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("config", "compat", "conversations", "moderation", "tools", "billing", "llm", "tenants", "simulator")
+PACKAGES = ("config", "compat", "conversations", "moderation", "tools", "billing", "llm", "streaming", "tenants", "simulator")
 
 
 def _lint_imports() -> subprocess.CompletedProcess:

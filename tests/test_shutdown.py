@@ -19,8 +19,9 @@ from django.conf import settings
 from django.core.management import call_command
 
 from billing.models import CapPeriod, Reservation, UsageRecord
-from conversations import eventlog, services
+from conversations import services
 from conversations.models import Conversation, Message
+from streaming import eventlog
 from tests.conftest import adb
 from tests.webprocs import events_until, tenant_capped, web_processes
 

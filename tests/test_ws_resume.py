@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from conversations.eventlog import offset_key
 from conversations.models import Message
+from streaming.eventlog import offset_key
 from tests.conftest import adb, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -20,10 +20,11 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from config.db import database_sync_to_async
-from conversations import engine, outages, services
+from conversations import engine, services
 from conversations.gatekeepers import Caller
 from conversations.protocol import ErrorEvent, MessageCreate
 from conversations.turns import TurnPlan
+from streaming import outages
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from config.db import connection_ready, database_sync_to_async
 from conversations import engine
 from conversations.errors import ChatError, EndUserBlocked
 from conversations.gatekeepers import Caller
-from conversations.outages import UNAVAILABLE
 from conversations.protocol import (
     DOMAIN_ERRORS,
     ConversationJoin,
@@ -32,6 +31,7 @@ from conversations.protocol import (
     parse_client_frame,
     text_client_msg_id,
 )
+from streaming.outages import UNAVAILABLE
 from tenants.services import end_user_group
 
 from .sockets import socket_authenticate
