@@ -19,7 +19,7 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from billing.caps import CapExceeded, Subject
+from billing.caps import CapExceeded
 from billing.models import Reservation, UsageRecord
 from billing.services import money_str, usage_billed
 from llm.gateway import ChatRequest, UpstreamError
@@ -126,8 +126,7 @@ class Generation:
     def __init__(self, *, plan: TurnPlan, control_channel: str) -> None:
         self.plan = plan
         self.control = Control(control_channel, name=str(plan.assistant_message_id))
-        caller = plan.caller
-        self.subject = Subject(caller.tenant_id, caller.end_user_id, caller.api_key_id)
+        self.subject = plan.caller
         self.gate = OutputGate(
             policy=plan.moderation, target=plan.target, subject=self.subject,
             context=ModerationContext(plan.conversation_id, plan.assistant_message_id),
