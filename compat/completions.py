@@ -53,7 +53,7 @@ from tenants.authentication import api_key_from_authorization, api_key_touch_by_
 from tenants.freshness import versions_parse, versions_read, versions_stored_keys
 from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
 
-__all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the access cache
+__all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the admission cache
 
 MAX_USER_CHARS = 200
 

@@ -141,8 +141,9 @@ def _turn_admission(
 def _limits_acquire(*, caller: Caller, admission: _Admission, **read: Any) -> tuple[_Admission, tuple]:
     """Every rate limit (requests and the prompt's tokens) at once, all or nothing, and the
     tenant's configuration versions, in one Redis round trip. A turn whose configuration
-    changed since it was cached is admitted again on fresh rows (its limits stay counted, as
-    on `/v1`). Raises RateLimited, and what `_turn_admission` raises."""
+    changed since it was cached is admitted again on fresh rows, and judged again on the
+    limits those rows set (`_limits_rejudge`). Raises RateLimited, and what `_turn_admission`
+    raises."""
     config = admission.config
     checks = ratelimits.checks_for(caller, config.limits, tokens=admission.prompt.tokens + config.assistant.max_tokens)
     acquired = ratelimits.rate_limits_acquire_reading(checks, also_read=versions_stored_keys(caller.tenant_id))
@@ -191,8 +192,8 @@ def turn_prepare(
 ) -> TurnPlan:
     """Admit the turn, then in one short transaction: commit the user's message, reserve the
     prompt's worst-case cost against every cap, claim the conversation's generation slot. A
-    refusal rolls all of it back. Raises NotFound, EndUserBlocked, InvalidInput, GenerationBusy, PriceMissing,
-    RateLimited, CapExceeded.
+    refusal rolls all of it back. Raises NotFound, EndUserBlocked, InvalidInput, GenerationBusy,
+    PriceMissing, RateLimited, CapExceeded.
 
     Admission reads the conversation and assembles the prompt with no lock held, the caller's
     configuration coming from the process cache (`admission`), then counts every rate limit
