@@ -1,6 +1,6 @@
 """What Parley's OpenAI-compatible endpoint adds to a streamed completion, measured end to end.
 
-    .venv/bin/python bench/proxy_overhead.py [--requests 200] [--concurrency 1,10,50]
+    .venv/bin/python bench/proxy_overhead.py [--requests 200] [--concurrency 1,10,50] [--baseline DIR]
 
 Starts the simulator (`manage.py run_simulator`, TTFT 100 ms, paced chunks) and one Daphne
 process serving Parley, creates a tenant whose provider is the simulator, then sends the same
@@ -11,6 +11,10 @@ any Python proxy under Daphne pays here. It prints the time to first token and t
 (p50, p95) of each, what each adds, and the serving process's CPU time per request (utime +
 stime from /proc, over its own blocks). The tenant has a monthly cap (so every call is reserved
 and settled), rate limits (counted, set high enough not to refuse) and accounting.
+
+`--baseline DIR` (a checkout of another commit, e.g. `git worktree add /tmp/base COMMIT`) serves
+the same `/v1` from that code too, on the same database and Redis, in the same alternating
+blocks, and prints this checkout against it as a ratio: a regression shows in one run.
 
 Every server runs with TCP_NODELAY, as OpenAI's and any tuned server do, and as Parley's own
 `python -m config.daphne` (what `make run` starts) does: stock Daphne (Twisted) and a uvicorn
@@ -162,6 +166,8 @@ class Result:
     proxied: Series
     bare_cpu_ms: float
     cpu_ms: float
+    baseline: Series | None = None  # the same endpoint served by the baseline checkout
+    baseline_cpu_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -172,11 +178,13 @@ class Target:
 
 
 async def measure(*, direct: Target, bare: Target, parley: Target, concurrency: int, requests: int,
-                  blocks: int = 4) -> Result:
-    """Blocks of direct, bare-relay and Parley requests in turn, so drift hits all three alike."""
-    series = {name: Series() for name in ("direct", "bare", "parley")}
-    cpu = {"bare": 0.0, "parley": 0.0}
+                  blocks: int = 4, baseline: Target | None = None) -> Result:
+    """Blocks of direct, bare-relay, baseline and Parley requests in turn, so drift hits all alike."""
     targets = {"direct": direct, "bare": bare, "parley": parley}
+    if baseline is not None:
+        targets = {"direct": direct, "bare": bare, "baseline": baseline, "parley": parley}
+    series = {name: Series() for name in targets}
+    cpu = dict.fromkeys(targets, 0.0)
     # Warm every path (connections, first queries, tokenizer, caches) before measuring.
     for target in targets.values():
         await run_block(target.url, target.key, count=concurrency * 2, concurrency=concurrency, series=Series())
@@ -187,10 +195,13 @@ async def measure(*, direct: Target, bare: Target, parley: Target, concurrency: 
             await run_block(target.url, target.key, count=per_block, concurrency=concurrency, series=series[name])
             if target.pid:
                 cpu[name] += cpu_seconds(target.pid) - before
+    def cpu_ms(name: str) -> float:
+        return cpu[name] * 1000 / max(1, len(series[name].samples))
+
     return Result(
         concurrency, series["direct"], series["bare"], series["parley"],
-        bare_cpu_ms=cpu["bare"] * 1000 / max(1, len(series["bare"].samples)),
-        cpu_ms=cpu["parley"] * 1000 / max(1, len(series["parley"].samples)),
+        bare_cpu_ms=cpu_ms("bare"), cpu_ms=cpu_ms("parley"),
+        baseline=series.get("baseline"), baseline_cpu_ms=cpu_ms("baseline") if baseline else 0.0,
     )
 
 
@@ -213,6 +224,25 @@ def report(results: list[Result], mode: str) -> None:
         print(f"{r.concurrency:>3} {'':>5} | {'CPU/req':<11} | {'':>8} {r.bare_cpu_ms:>8.2f} {r.cpu_ms:>8.2f} | "
               f"ms of the serving process{error_note}")
         print("-" * len(header))
+    if any(r.baseline is not None for r in results):
+        _report_baseline(results)
+
+
+def _report_baseline(results: list[Result]) -> None:
+    """The same endpoint served by the baseline checkout, measured in the same blocks."""
+    print("\nthis checkout vs the baseline, same run: ratio = this / baseline (times in ms).\n")
+    header = (f"{'c':>3} | {'metric':<11} | {'baseline':>8} {'this':>8} | {'base+':>7} {'this+':>7} | {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        assert r.baseline is not None
+        for label, attribute, q in (("TTFT p50", "ttft", 0.5), ("TTFT p95", "ttft", 0.95),
+                                     ("total p50", "total", 0.5), ("total p95", "total", 0.95)):
+            d, b, p = (s.pct(attribute, q) for s in (r.direct, r.baseline, r.proxied))
+            print(f"{r.concurrency:>3} | {label:<11} | {b:>8.1f} {p:>8.1f} | {b - d:>+7.1f} {p - d:>+7.1f} | {p / b:>6.3f}")
+        print(f"{r.concurrency:>3} | {'CPU/req':<11} | {r.baseline_cpu_ms:>8.2f} {r.cpu_ms:>8.2f} | {'':>7} {'':>7} | "
+              f"{r.cpu_ms / r.baseline_cpu_ms if r.baseline_cpu_ms else float('nan'):>6.3f}")
+        print("-" * len(header))
 
 
 def main() -> None:
@@ -221,6 +251,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,10,50")
     parser.add_argument("--tokens-per-second", type=float, default=200.0, help="upstream chunk pacing")
     parser.add_argument("--stock-daphne", action="store_true", help="Daphne without TCP_NODELAY")
+    parser.add_argument("--baseline", help="a checkout of another commit: its /v1 measured in the same run")
     parser.add_argument("--serve-simulator", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-daphne", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
@@ -269,6 +300,16 @@ def main() -> None:
         processes.append(bare)
         wait_listening(web_port, lambda: daphne.poll() is None, timeout=30)
         wait_listening(bare_port, lambda: bare.poll() is None, timeout=30)
+        baseline = None
+        if args.baseline:  # the same database and Redis, the baseline's code
+            base_port = free_port()
+            old = subprocess.Popen(
+                [PYTHON, "-m", "config.daphne", "-b", "127.0.0.1", "-p", str(base_port), "config.asgi:application"],
+                cwd=Path(args.baseline).resolve(), env=env, stdout=subprocess.DEVNULL,
+            )
+            processes.append(old)
+            wait_listening(base_port, lambda: old.poll() is None, timeout=30)
+            baseline = Target(f"http://127.0.0.1:{base_port}/v1/chat/completions", tenant["api_key"], old.pid)
 
         results = []
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
@@ -277,7 +318,7 @@ def main() -> None:
                 direct=Target(f"{sim_base}/chat/completions", "sk-bench"),
                 bare=Target(f"http://127.0.0.1:{bare_port}/", "sk-bench", bare.pid),
                 parley=Target(f"http://127.0.0.1:{web_port}/v1/chat/completions", tenant["api_key"], daphne.pid),
-                concurrency=concurrency, requests=args.requests,
+                concurrency=concurrency, requests=args.requests, baseline=baseline,
             )))
         report(results, mode + (", stock Daphne (Nagle on)" if args.stock_daphne else ", Daphne with TCP_NODELAY"))
     finally:

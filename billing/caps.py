@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -22,6 +21,8 @@ from django.db import connection, transaction
 from django.db.models import F, Q
 from django.db.models.signals import post_delete
 from django.utils import timezone as dj_timezone
+
+from tenants.callers import Caller
 
 from .alerts import alerts_if_crossed, alerts_record
 from .models import CapPeriod, Reservation, SpendingCap
@@ -68,13 +69,8 @@ def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None
     return LIFETIME_START, None
 
 
-@dataclass(frozen=True)
-class Subject:
-    """Who a call is for: the caps of the tenant, this end user and this key apply."""
-
-    tenant_id: int
-    end_user_id: uuid.UUID | None = None
-    api_key_id: int | None = None
+# Who a call is for: the caps of the tenant, this end user and this key apply.
+Subject = Caller
 
 
 def caps_applicable(caps: Iterable[SpendingCap], subject: Subject) -> list[tuple[SpendingCap, str]]:

@@ -3,7 +3,7 @@
 Nothing of the conversation is stored: the caller's messages are the prompt, and the only
 write is the UsageRecord of the call. Everything before the upstream call is
 `completion_admit`, on the event loop: the caller's configuration from the process cache
-(`access`), the rate limits and the configuration versions in one Redis round trip, and — when
+(`conversations.admission`), the rate limits and the configuration versions in one Redis round trip, and — when
 a cap applies — the reservation, the one database hop before the first token. Everything after
 the call is `completion_settle`, on a database thread, after the stream.
 """
@@ -29,10 +29,10 @@ from billing.models import ModelPrice, Reservation, UsageRecord
 from billing.processes import process_alive
 from billing.services import Price, UsageInput, usage_record
 from compat import v1_liveness
-from conversations.access import (
+from conversations.admission import (
     EndUserAccess,
     EndUserBlocked,
-    KeyAccess,
+    KeyConfig,
     ModelNotAvailable,
     access_load,
     cached_end_user,
@@ -56,7 +56,7 @@ from tenants.authentication import api_key_from_authorization, api_key_touch_by_
 from tenants.freshness import versions_parse, versions_read, versions_stored_keys
 from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
 
-__all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the access cache
+__all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the admission cache
 
 MAX_USER_CHARS = 200
 
@@ -180,7 +180,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
 
     # One Redis round trip: every rate limit, and the versions the cached configuration needs.
     tokens = prompt_tokens + output_bound(request, default_max_tokens=default_max_tokens)
-    checks = ratelimits.checks_for(access.limits(end_user.id), tokens=tokens)
+    checks = ratelimits.checks_for(access.caller(end_user.id), access.limits, tokens=tokens)
     acquired = await ratelimits.rate_limits_acquire_async(checks, also_read=versions_stored_keys(access.tenant_id))
     # Embedded mode reads nothing from Redis: its versions are in this process's memory.
     versions = versions_parse(acquired.read) if acquired.read else versions_read(access.tenant_id)
@@ -192,8 +192,8 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     target, default_max_tokens = access.defaults()
 
     call_id = f"cmpl-{uuid.uuid4()}"
-    caps = access.caps_for(end_user.id)
-    subject = Subject(access.tenant_id, end_user.id, access.key_id)
+    subject = access.caller(end_user.id)
+    caps = access.tenant.caps_for(subject)
     await _input_check(access.moderation, request["messages"], target=target, subject=subject)
     amount = worst_case_cost(
         price=price, prompt_tokens=prompt_tokens, max_tokens=output_bound(request, default_max_tokens=default_max_tokens)
@@ -349,7 +349,7 @@ def _delta_text(event: bytes) -> str:
 
 async def _caller(
     *, prefix: str, token: str, external_id: str, model: str, hop: Hop
-) -> tuple[KeyAccess, EndUserAccess, Price | None]:
+) -> tuple[KeyConfig, EndUserAccess, Price | None]:
     """The key (authenticated), end user and price from this process's cache, loading what it
     lacks. Raises InvalidApiKey before anything about the end user is read or written."""
     access = cached_key(prefix)
@@ -386,7 +386,7 @@ async def _hold(
         return await hold(), None
 
 
-def _admissible(access: KeyAccess, *, end_user: EndUserAccess, price: Price | None, model: str) -> Price:
+def _admissible(access: KeyConfig, *, end_user: EndUserAccess, price: Price | None, model: str) -> Price:
     access.model_check(model)
     if price is None:
         raise ModelNotAvailable(model)

@@ -110,6 +110,8 @@ def _recent(
         window.offer(newest)
         if window.full:
             return window.messages(), window.used, True
+    if conversation._state.adding:  # a turn starting a conversation: it has no history yet
+        return window.messages(), window.used, False
     before: int | None = None
     batch = FIRST_BATCH
     base = (

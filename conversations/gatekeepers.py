@@ -4,26 +4,16 @@ blocked end user is refused on every surface."""
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ValidationError
 
+from tenants.callers import Caller
 from tenants.models import EndUser
 
 from .errors import EndUserBlocked, NotFound
 from .models import Assistant, Conversation
 from .selectors import conversation_list
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is talking: always a tenant and one of its end users; an API key when REST."""
-
-    tenant_id: int
-    end_user_id: uuid.UUID
-    api_key_id: int | None = None
 
 
 def end_user_admit(end_user: EndUser) -> EndUser:

@@ -18,7 +18,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from billing.caps import CapExceeded, Subject
+from billing.caps import CapExceeded
 from billing.models import Reservation, UsageRecord
 from billing.services import money_str, usage_billed
 from config.db import database_sync_to_async
@@ -127,8 +127,7 @@ class Generation:
     def __init__(self, *, plan: TurnPlan, control_channel: str) -> None:
         self.plan = plan
         self.control = Control(control_channel, name=str(plan.assistant_message_id))
-        caller = plan.caller
-        self.subject = Subject(caller.tenant_id, caller.end_user_id, caller.api_key_id)
+        self.subject = plan.caller
         self.gate = OutputGate(
             policy=plan.moderation, target=plan.target, subject=self.subject,
             context=ModerationContext(plan.conversation_id, plan.assistant_message_id),

@@ -4,7 +4,7 @@ the worst case held against the caps, the conversation's generation slot claimed
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -12,23 +12,23 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from billing.caps import Subject, cap_reserve
+from billing.caps import cap_hold
 from billing.models import Reservation
-from billing.services import Price, price_for
+from billing.services import Price
 from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message
 from moderation.rules import PolicySnapshot
-from moderation.services import policy_for
 from tenants import ratelimits
-from tenants.models import ApiKey, EndUser, Tenant
+from tenants.callers import Caller
+from tenants.freshness import versions_parse, versions_read, versions_stored_keys
 from tenants.services import end_user_hash
 from tools.registry import tool_definitions
 
+from .admission import TurnConfig, turn_config
 from .context import Prompt, prompt_assemble
 from .errors import GenerationBusy, InvalidInput
-from .gatekeepers import Caller, access_assistant, access_conversation, end_user_admit
+from .gatekeepers import access_conversation
 from .models import Assistant, Conversation, Message
-from .providers import provider_target
 from .services import (
     generation_claimed,
     group_name,
@@ -91,12 +91,14 @@ class _Admission:
     """What a turn is admitted on, read with no lock held: the rate limits count its prompt."""
 
     conversation: Conversation | None  # None: the turn starts a conversation
-    assistant: Assistant
-    price: Price
-    target: ProviderTarget
+    config: TurnConfig  # the caller's configuration, assistant and price (cached)
     tools: list[dict[str, Any]]
     user_message: Message  # not stored yet
     prompt: Prompt  # the user's message included
+
+    @property
+    def assistant(self) -> Assistant:
+        return self.config.assistant
 
     def prompt_current(self, conversation: Conversation) -> bool:
         """Whether the prompt read before the lock is still the conversation's (nothing was
@@ -107,19 +109,21 @@ class _Admission:
         )
 
 
-def _turn_admission(*, caller: Caller, content: str, conversation_id, assistant_slug, now) -> _Admission:
-    """Everything a turn's admission needs, read outside any transaction. Raises NotFound,
-    GenerationBusy, PriceMissing, InvalidInput."""
+def _turn_admission(
+    *, caller: Caller, content: str, conversation_id, assistant_slug, now, reload: bool = False
+) -> _Admission:
+    """Everything a turn's admission needs, read outside any transaction: the conversation and
+    its prompt from the database, the configuration from this process's cache (`admission`).
+    Raises NotFound, EndUserBlocked, GenerationBusy, PriceMissing, InvalidInput."""
     conversation = None
     if conversation_id is not None:
-        conversation = access_conversation(caller=caller, conversation_id=conversation_id)
+        conversation = access_conversation(caller=caller, conversation_id=conversation_id)  # checks the end user
         if generation_claimed(conversation, now):
             raise GenerationBusy()
-        assistant = conversation.assistant
+        config = turn_config(caller=caller, assistant_id=conversation.assistant_id, end_user_check=False, reload=reload)
     else:
-        end_user_admit(EndUser.objects.only("is_blocked").get(pk=caller.end_user_id, tenant_id=caller.tenant_id))
-        assistant = access_assistant(tenant_id=caller.tenant_id, slug=assistant_slug)
-    price = price_for(assistant.model)
+        config = turn_config(caller=caller, assistant_slug=assistant_slug, reload=reload)
+    assistant, price = config.assistant, config.price
     user_tokens = count_message({"role": "user", "content": content}, assistant.model)
     if user_tokens + assistant.max_tokens >= price.context_window:
         raise InvalidInput("the message does not fit the model's context window")
@@ -131,10 +135,38 @@ def _turn_admission(*, caller: Caller, content: str, conversation_id, assistant_
         conversation=conversation or Conversation(tenant_id=caller.tenant_id, assistant=assistant),
         assistant=assistant, context_window=price.context_window, tools=tools, newest=user_message,
     )
-    return _Admission(
-        conversation=conversation, assistant=assistant, price=price, target=provider_target(assistant),
-        tools=tools, user_message=user_message, prompt=prompt,
-    )
+    return _Admission(conversation=conversation, config=config, tools=tools, user_message=user_message, prompt=prompt)
+
+
+def _limits_acquire(*, caller: Caller, admission: _Admission, **read: Any) -> tuple[_Admission, tuple]:
+    """Every rate limit (requests and the prompt's tokens) at once, all or nothing, and the
+    tenant's configuration versions, in one Redis round trip. A turn whose configuration
+    changed since it was cached is admitted again on fresh rows, and judged again on the
+    limits those rows set (`_limits_rejudge`). Raises RateLimited, and what `_turn_admission`
+    raises."""
+    config = admission.config
+    checks = ratelimits.checks_for(caller, config.limits, tokens=admission.prompt.tokens + config.assistant.max_tokens)
+    acquired = ratelimits.rate_limits_acquire_reading(checks, also_read=versions_stored_keys(caller.tenant_id))
+    # Embedded mode reads nothing from Redis: its versions are in this process's memory.
+    versions = versions_parse(acquired.read) if acquired.read else versions_read(caller.tenant_id)
+    if versions != config.tenant.versions:
+        admission = _turn_admission(caller=caller, reload=True, **read)
+        _limits_rejudge(caller=caller, admission=admission, counted=checks)
+    return admission, acquired.states
+
+
+def _limits_rejudge(*, caller: Caller, admission: _Admission, counted: list[ratelimits.Check]) -> None:
+    """A limit the fresh configuration adds is counted now; one it changes is checked with
+    nothing more counted (this turn is in its window already). Raises RateLimited."""
+    tokens = admission.prompt.tokens + admission.assistant.max_tokens
+    names = {check.name for check in counted}
+    changed = [
+        check if check.name not in names else replace(check, cost=0)
+        for check in ratelimits.checks_for(caller, admission.config.limits, tokens=tokens)
+        if check not in counted
+    ]
+    if changed:
+        ratelimits.rate_limits_acquire(changed)
 
 
 def _open_conversation(*, caller: Caller, admission: _Admission, content: str) -> tuple[Conversation, bool]:
@@ -160,23 +192,22 @@ def turn_prepare(
 ) -> TurnPlan:
     """Admit the turn, then in one short transaction: commit the user's message, reserve the
     prompt's worst-case cost against every cap, claim the conversation's generation slot. A
-    refusal rolls all of it back. Raises NotFound, InvalidInput, GenerationBusy, PriceMissing,
-    RateLimited, CapExceeded.
+    refusal rolls all of it back. Raises NotFound, EndUserBlocked, InvalidInput, GenerationBusy,
+    PriceMissing, RateLimited, CapExceeded.
 
-    Admission reads the conversation and assembles the prompt with no lock held, then counts
-    every rate limit (requests and the prompt's tokens) at once, all or nothing, in one Redis
-    round trip (`ratelimits.rate_limit_hit`: the script `/v1` runs): no Redis trip
-    happens while the conversation's row is locked, and a turn one limit refuses counts
-    against none."""
+    Admission reads the conversation and assembles the prompt with no lock held, the caller's
+    configuration coming from the process cache (`admission`), then counts every rate limit
+    (requests and the prompt's tokens) at once, all or nothing, reading the configuration
+    versions in the same Redis round trip (`_limits_acquire`: the script and pipeline `/v1`
+    runs): no Redis trip happens while the conversation's row is locked, and a turn one
+    limit refuses counts against none."""
     now = timezone.now()
     assistant_message_id = uuid.uuid4()
-    admission = _turn_admission(
-        caller=caller, content=content, conversation_id=conversation_id, assistant_slug=assistant_slug, now=now
+    read = {"content": content, "conversation_id": conversation_id, "assistant_slug": assistant_slug, "now": now}
+    admission, limit_states = _limits_acquire(
+        caller=caller, admission=_turn_admission(caller=caller, **read), **read
     )
-    assistant, price = admission.assistant, admission.price
-    limit_states = ratelimits.rate_limit_hit(
-        caller=rate_limits_for(caller), tokens=admission.prompt.tokens + assistant.max_tokens
-    )
+    assistant, price = admission.assistant, admission.config.price
     with transaction.atomic():
         conversation, created = _open_conversation(caller=caller, admission=admission, content=content)
         if generation_claimed(conversation, now):
@@ -192,8 +223,8 @@ def turn_prepare(
                 conversation=conversation, assistant=assistant, context_window=price.context_window,
                 tools=admission.tools,
             )
-        reservation = cap_reserve(
-            subject=Subject(caller.tenant_id, caller.end_user_id, caller.api_key_id),
+        reservation = cap_hold(
+            subject=caller, caps=admission.config.caps,
             amount=worst_case_cost(price=price, prompt_tokens=prompt.tokens, max_tokens=assistant.max_tokens),
             call_id=upstream_call_id(assistant_message_id, 0),
         )
@@ -228,13 +259,13 @@ def turn_prepare(
         price=price,
         prompt=prompt,
         request=request,
-        target=admission.target,
+        target=admission.config.target,
         reservation=reservation,
         summary_due=summary_needed(
             assistant=assistant, history_tokens=prompt.history_tokens, truncated=prompt.truncated,
             turns=(user_message.seq + 1) // 2, price=price,
         ),
-        moderation=policy_for(tenant_id=caller.tenant_id),
+        moderation=admission.config.tenant.moderation,
         user_content=content,
         limit_states=limit_states,
         tool_names=tuple(assistant.tools or ()) if tools else (),
@@ -259,20 +290,3 @@ def worst_case_cost(*, price: Price, prompt_tokens: int, max_tokens: int) -> Dec
     token, with a margin for the provider counting the prompt a little differently."""
     margin = 1 + settings.RESERVATION_PROMPT_MARGIN
     return price.cost(prompt_tokens=int(prompt_tokens * margin) + 16, completion_tokens=max_tokens)
-
-
-def rate_limits_for(caller: Caller) -> ratelimits.Caller:
-    tenant = Tenant.objects.only("end_user_rpm", "tenant_rpm", "tenant_tpm").get(pk=caller.tenant_id)
-    key_rpm = None
-    if caller.api_key_id is not None:
-        key_rpm = ApiKey.objects.filter(pk=caller.api_key_id).values_list("rpm", flat=True).first()
-    return ratelimits.Caller(
-        tenant_id=caller.tenant_id,
-        end_user_rpm=tenant.end_user_rpm,
-        tenant_rpm=tenant.tenant_rpm,
-        tenant_tpm=tenant.tenant_tpm,
-        end_user_id=caller.end_user_id,
-        api_key_id=caller.api_key_id,
-        api_key_rpm=key_rpm,
-    )
-

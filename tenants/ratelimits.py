@@ -10,8 +10,8 @@ script, `ACQUIRE_ALL`: `limits`' own sliding-window counter (its keys, its arith
 `get_window_stats` reads what we counted) checking every limit before counting any, in one
 round trip. `rate_limits_acquire_async` runs it from the event loop with other reads in the
 same pipeline (the configuration versions of `tenants.freshness`) for `/v1`;
-`rate_limit_hit` runs it from a database thread for socket and REST turns, before the turn
-locks its conversation.
+`rate_limits_acquire_reading` does the same from a database thread for socket and REST
+turns, before the turn locks its conversation.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import threading
 import time
-import uuid
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,6 +30,8 @@ from limits import RateLimitItemPerMinute
 from limits.storage import RedisStorage, Storage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 from redis.exceptions import NoScriptError
+
+from .callers import Caller
 
 
 class RateLimited(Exception):
@@ -64,13 +65,12 @@ class LimitState:
 
 
 @dataclass(frozen=True)
-class Caller:
-    tenant_id: int
+class Limits:
+    """A caller's limits a minute, as its tenant and key configure them (cached configuration)."""
+
     end_user_rpm: int
     tenant_rpm: int
     tenant_tpm: int
-    end_user_id: uuid.UUID | None = None
-    api_key_id: int | None = None
     api_key_rpm: int | None = None
 
 
@@ -92,16 +92,16 @@ class Check:
         return min(self.cost, self.limit)  # a cost over the limit could never be admitted
 
 
-def checks_for(caller: Caller, *, requests: bool = True, tokens: int = 0) -> list[Check]:
+def checks_for(caller: Caller, limits: Limits, *, requests: bool = True, tokens: int = 0) -> list[Check]:
     checks = []
     if requests:
-        checks.append(Check("requests per tenant", caller.tenant_rpm, ("t", str(caller.tenant_id), "rpm"), 1))
+        checks.append(Check("requests per tenant", limits.tenant_rpm, ("t", str(caller.tenant_id), "rpm"), 1))
         if caller.end_user_id is not None:
-            checks.append(Check("requests per end user", caller.end_user_rpm, ("u", str(caller.end_user_id)), 1))
-        if caller.api_key_id is not None and caller.api_key_rpm:
-            checks.append(Check("requests per API key", caller.api_key_rpm, ("k", str(caller.api_key_id)), 1))
+            checks.append(Check("requests per end user", limits.end_user_rpm, ("u", str(caller.end_user_id)), 1))
+        if caller.api_key_id is not None and limits.api_key_rpm:
+            checks.append(Check("requests per API key", limits.api_key_rpm, ("k", str(caller.api_key_id)), 1))
     if tokens:
-        checks.append(Check("tokens per tenant", caller.tenant_tpm, ("t", str(caller.tenant_id), "tpm"), tokens))
+        checks.append(Check("tokens per tenant", limits.tenant_tpm, ("t", str(caller.tenant_id), "tpm"), tokens))
     return checks
 
 
@@ -227,6 +227,30 @@ def rate_limits_acquire(checks: list[Check]) -> tuple[LimitState, ...]:
     return _outcome(checks, _acquire_all_script()(keys, arguments))
 
 
+def rate_limits_acquire_reading(checks: list[Check], *, also_read: tuple[str, ...]) -> Acquired:
+    """`rate_limits_acquire_async` from a database thread (socket and REST turns): every
+    limit and the string keys `also_read`, in one Redis round trip (one pipeline)."""
+    storage = limits_storage()
+    if not isinstance(storage, RedisStorage):
+        return Acquired(states=_acquire_in_memory(checks) if checks else (), read=())
+    keys, arguments = _script_arguments(storage, checks)
+
+    def round_trip() -> list[Any]:
+        with storage.get_connection().pipeline(transaction=False) as pipe:
+            pipe.mget(also_read)
+            if checks:
+                pipe.evalsha(ACQUIRE_ALL_SHA, len(keys), *keys, *arguments)
+            return pipe.execute()
+
+    try:
+        results = round_trip()
+    except NoScriptError:  # the script is not in this Redis's cache (first use, a restart)
+        storage.get_connection().script_load(ACQUIRE_ALL)
+        results = round_trip()
+    read = tuple(value.decode() if isinstance(value, bytes) else (value or "") for value in results[0])
+    return Acquired(states=_outcome(checks, results[-1]) if checks else (), read=read)
+
+
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
 
@@ -277,11 +301,11 @@ async def rate_limits_acquire_async(checks: list[Check], *, also_read: tuple[str
     return Acquired(states=_outcome(checks, results[-1]) if checks else (), read=read)
 
 
-def rate_limit_hit(*, caller: Caller, tokens: int = 0) -> tuple[LimitState, ...]:
+def rate_limit_hit(*, caller: Caller, limits: Limits, tokens: int = 0) -> tuple[LimitState, ...]:
     """Count one request against every request limit that applies and `tokens` against the
     tenant's token limit — all or nothing, in one Redis round trip. Raises RateLimited with the
     first limit that is full; returns each limit's state after counting (for headers)."""
-    return rate_limits_acquire(checks_for(caller, tokens=tokens))
+    return rate_limits_acquire(checks_for(caller, limits, tokens=tokens))
 
 
 def ratelimit_headers(states: tuple[LimitState, ...] | list[LimitState]) -> list[tuple[str, str]]:

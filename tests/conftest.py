@@ -127,11 +127,11 @@ def _fresh_rate_limits():
     from billing.caps import known_periods_clear
     from billing.leases import leases_forget
     from compat.v1_liveness import liveness_forget
-    from conversations.access import access_caches_clear
+    from conversations.admission import admission_caches_clear
     from tenants.ratelimits import rate_limits_reset
 
     rate_limits_reset()
-    access_caches_clear()
+    admission_caches_clear()
     known_periods_clear()
     leases_forget()
     liveness_forget()

@@ -336,13 +336,13 @@ def test_a_turn_sends_what_was_stored_while_it_was_being_admitted(tenant_factory
     setup = tenant_factory()
     conversation = _conversation(setup)
     _add(conversation, "user", "first question")
-    counted = turns.rate_limits_for
+    counted = turns.ratelimits.rate_limits_acquire_reading
 
-    def an_answer_lands(caller):
+    def an_answer_lands(checks, **kwargs):
         _add(Conversation.objects.get(pk=conversation.pk), "assistant", "the answer that landed meanwhile")
-        return counted(caller)
+        return counted(checks, **kwargs)
 
-    monkeypatch.setattr(turns, "rate_limits_for", an_answer_lands)
+    monkeypatch.setattr(turns.ratelimits, "rate_limits_acquire_reading", an_answer_lands)
     plan = turns.turn_prepare(
         caller=Caller(tenant_id=setup.tenant.pk, end_user_id=conversation.end_user_id), content="second question",
         conversation_id=conversation.pk, assistant_slug=None, client_msg_id=None, control_channel="c",

@@ -555,7 +555,7 @@ def test_the_tenants_content_policy_applies_to_the_endpoint(parley, tenant_facto
 
 
 def test_naming_endless_unknown_models_does_not_grow_the_cache_without_bound(tenant_factory):
-    from conversations import access
+    from conversations import admission as access
 
     setup = tenant_factory()
     loaded = access.access_load(prefix=setup.api_key.split("_")[1], token=setup.api_key, external_id="api", model=MODEL)

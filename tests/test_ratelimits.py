@@ -7,19 +7,48 @@ import os
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 
 from conversations.models import Message
-from tenants.ratelimits import Caller, Check, RateLimited, rate_limit_hit
+from tenants import ratelimits
+from tenants.callers import Caller
+from tenants.ratelimits import Check, Limits, RateLimited
 from tests.conftest import adb
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _caller(**overrides) -> Caller:
+@dataclass(frozen=True)
+class Limited:
+    """A caller with its limits, as these tests vary them together."""
+
+    tenant_id: int
+    end_user_rpm: int
+    tenant_rpm: int
+    tenant_tpm: int
+    end_user_id: uuid.UUID | None = None
+    api_key_id: int | None = None
+    api_key_rpm: int | None = None
+
+    def parts(self) -> tuple[Caller, Limits]:
+        return (Caller(self.tenant_id, self.end_user_id, self.api_key_id),
+                Limits(self.end_user_rpm, self.tenant_rpm, self.tenant_tpm, self.api_key_rpm))
+
+
+def rate_limit_hit(*, caller: Limited, tokens: int = 0):
+    who, limits = caller.parts()
+    return ratelimits.rate_limit_hit(caller=who, limits=limits, tokens=tokens)
+
+
+def checks_for(caller: Limited, **kwargs) -> list[Check]:
+    return ratelimits.checks_for(*caller.parts(), **kwargs)
+
+
+def _caller(**overrides) -> Limited:
     fields = {
         "tenant_id": 10_000 + uuid.uuid4().int % 1_000_000,
         "end_user_rpm": 5,
@@ -27,7 +56,7 @@ def _caller(**overrides) -> Caller:
         "tenant_tpm": 1000,
         "end_user_id": uuid.uuid4(),
     }
-    return Caller(**{**fields, **overrides})
+    return Limited(**{**fields, **overrides})
 
 
 def test_end_user_limit_refuses_with_retry_after():
@@ -44,12 +73,12 @@ def test_end_users_are_limited_separately_and_the_tenant_as_a_whole():
     base = _caller(end_user_rpm=2, tenant_rpm=5)
     for _ in range(2):
         rate_limit_hit(caller=base)
-    other = Caller(**{**base.__dict__, "end_user_id": uuid.uuid4()})
+    other = Limited(**{**base.__dict__, "end_user_id": uuid.uuid4()})
     rate_limit_hit(caller=other)  # a different end user still has room
-    third = Caller(**{**base.__dict__, "end_user_id": uuid.uuid4()})
+    third = Limited(**{**base.__dict__, "end_user_id": uuid.uuid4()})
     rate_limit_hit(caller=third)
     rate_limit_hit(caller=third)
-    fourth = Caller(**{**base.__dict__, "end_user_id": uuid.uuid4()})
+    fourth = Limited(**{**base.__dict__, "end_user_id": uuid.uuid4()})
     with pytest.raises(RateLimited) as refused:
         rate_limit_hit(caller=fourth)
     assert refused.value.name == "requests per tenant"
@@ -91,12 +120,15 @@ import json, os, sys, uuid
 import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django.setup()
-from tenants.ratelimits import Caller, RateLimited, rate_limit_hit
-caller = Caller(**json.loads(sys.argv[1]))
+from tenants.callers import Caller
+from tenants.ratelimits import Limits, RateLimited, rate_limit_hit
+spec = json.loads(sys.argv[1])
+caller = Caller(spec["tenant_id"], uuid.UUID(spec["end_user_id"]))
+limits = Limits(spec["end_user_rpm"], spec["tenant_rpm"], spec["tenant_tpm"])
 admitted = 0
 for _ in range(int(sys.argv[2])):
     try:
-        rate_limit_hit(caller=caller)
+        rate_limit_hit(caller=caller, limits=limits)
         admitted += 1
     except RateLimited:
         pass
@@ -127,7 +159,7 @@ def test_limit_holds_across_processes_sharing_redis():
 
 
 def test_a_refused_request_counts_against_no_limit():
-    from tenants.ratelimits import _limiter, checks_for
+    from tenants.ratelimits import _limiter
 
     caller = _caller(end_user_rpm=1, tenant_rpm=100)
     rate_limit_hit(caller=caller)
@@ -142,7 +174,7 @@ def test_a_refused_request_counts_against_no_limit():
 async def test_the_event_loop_path_counts_the_counters_the_library_reads():
     """`rate_limits_acquire_async` (the /v1 path, one Redis script) and `rate_limit_hit` (the
     socket and REST paths, through `limits`) share one set of counters."""
-    from tenants.ratelimits import _limiter, checks_for, rate_limits_acquire_async
+    from tenants.ratelimits import _limiter, rate_limits_acquire_async
 
     caller = _caller(end_user_rpm=3, tenant_rpm=100, tenant_tpm=1000)
     await rate_limits_acquire_async(checks_for(caller, tokens=400))
@@ -163,7 +195,7 @@ async def test_the_event_loop_path_counts_the_counters_the_library_reads():
 async def test_the_event_loop_path_reads_other_keys_in_the_same_round_trip():
     import redis
 
-    from tenants.ratelimits import checks_for, rate_limits_acquire_async
+    from tenants.ratelimits import rate_limits_acquire_async
 
     redis.Redis.from_url(settings.REDIS_URL).set("parley-test:version", "v42")
     acquired = await rate_limits_acquire_async(checks_for(_caller()), also_read=("parley-test:version", "parley-test:none"))
@@ -174,7 +206,7 @@ async def test_the_event_loop_path_reads_other_keys_in_the_same_round_trip():
 async def test_the_event_loop_path_loads_its_script_into_a_redis_that_forgot_it():
     import redis
 
-    from tenants.ratelimits import checks_for, rate_limits_acquire_async
+    from tenants.ratelimits import rate_limits_acquire_async
 
     redis.Redis.from_url(settings.REDIS_URL).script_flush()  # as after a Redis restart
     acquired = await rate_limits_acquire_async(checks_for(_caller(end_user_rpm=5)), also_read=("parley-test:none",))
@@ -185,24 +217,24 @@ async def test_the_event_loop_path_loads_its_script_into_a_redis_that_forgot_it(
 
 
 def _chat_limits(setup, external_id: str = "user-1", api_key: bool = False):
-    from conversations.gatekeepers import Caller as ChatCaller
-    from conversations.turns import rate_limits_for
+    from conversations.admission import turn_config
     from tenants.models import ApiKey
 
     key_id = ApiKey.objects.get(tenant=setup.tenant).pk if api_key else None
-    return rate_limits_for(ChatCaller(tenant_id=setup.tenant.pk, end_user_id=setup.end_user(external_id).id, api_key_id=key_id))
+    caller = Caller(tenant_id=setup.tenant.pk, end_user_id=setup.end_user(external_id).id, api_key_id=key_id)
+    return Limited(**{**caller.__dict__, **turn_config(caller=caller).limits.__dict__})
 
 
 def _remaining(limits) -> dict[str, int]:
     """What each of a caller's limits has left, read through the library (no counting)."""
-    from tenants.ratelimits import _limiter, checks_for
+    from tenants.ratelimits import _limiter
 
     return {c.name: _limiter().get_window_stats(c.item, *c.identifiers).remaining for c in checks_for(limits, tokens=1)}
 
 
 def _use_up(limits, name: str, *, leave: int = 0) -> None:
     """Use up one of a caller's limits from outside the turn, leaving `leave`."""
-    from tenants.ratelimits import checks_for, rate_limits_acquire
+    from tenants.ratelimits import rate_limits_acquire
 
     [check] = [c for c in checks_for(limits, tokens=1) if c.name == name]
     amount = _remaining(limits)[name] - leave
