@@ -82,7 +82,7 @@ async def _beat(hop: Hop) -> None:
         if beating is None:
             continue
         db_after = _hop or hop
-        calls = [call for call in _calls() if call.plan.process_id in (beating, None)]
+        calls = [call for call in _calls() if call.plan.hold.process_id in (beating, None)]
         try:
             alive = await db_after(_beat_write, process_id=beating, calls=calls)
         except Exception:  # a missed beat is retried; only GENERATION_STALE_SECONDS of them is a death
