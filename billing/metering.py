@@ -235,6 +235,18 @@ def call_returned(hold: Hold, *, actual: Decimal | None, hop: Hop) -> None:
         leases().settled(hold.draw, actual=actual, hop=hop)
 
 
+def holds_close_tenant(tenant_id: int, *, hop: Hop) -> None:
+    """The tenant's configuration changed (a cap edited, deleted…): this process's leases of
+    its caps admit no more calls, and are given back once their calls are booked."""
+    leases().close_tenant(tenant_id, hop)
+
+
+async def holds_release_all(*, hop: Hop) -> None:
+    """Shutdown, or the process was taken for dead: give back every lease of this event loop
+    (the ones calls still draw on go back once those are booked)."""
+    await leases().release_all(hop)
+
+
 def call_rehold(
     *, call_id: str, subject: Subject, model: str, price: Price, prompt_tokens: int
 ) -> Hold:

@@ -10,8 +10,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
-from billing.leases import leases
-from billing.metering import call_release_async, call_returned
+from billing.metering import call_release_async, call_returned, holds_release_all
 from billing.models import UsageRecord
 from conversations import outages, shutdown
 from conversations.errors import ModerationBlocked
@@ -57,7 +56,7 @@ async def settlements_finished() -> None:
 
 async def leases_release() -> None:
     """Shutdown, after every call settled: give this process's cap leases back."""
-    await leases().release_all(db_after)
+    await holds_release_all(hop=db_after)
 
 
 shutdown.drainable_register(

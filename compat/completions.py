@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from billing.caps import Subject
-from billing.leases import leases
-from billing.metering import CallFacts, Hold, call_book, call_hold_async, call_release_async
+from billing.metering import CallFacts, Hold, call_book, call_hold_async, call_release_async, holds_close_tenant
 from billing.models import ModelPrice, UsageRecord
 from billing.services import Price
 from compat import v1_liveness
@@ -135,7 +134,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     # Embedded mode reads nothing from Redis: its versions are in this process's memory.
     versions = versions_parse(acquired.read) if acquired.read else versions_read(access.tenant_id)
     if versions != access.versions:  # changed since cached: judge the call again on fresh rows
-        leases().close_tenant(access.tenant_id, hop)
+        holds_close_tenant(access.tenant_id, hop=hop)
         loaded = await hop(access_load, prefix=prefix, token=token, external_id=external_id, model=model)
         access, end_user = loaded.access, loaded.end_user
         price = _admissible(access, end_user=end_user, price=loaded.price, model=model)

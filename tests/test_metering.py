@@ -35,7 +35,7 @@ MODEL = "gpt-4o-mini"
 # Functions that hold, settle or book money, by name: only billing/ calls them.
 MONEY_CALLS = frozenset({
     "cap_reserve", "cap_hold", "cap_settle", "lease_take", "lease_book", "lease_release", "usage_record",
-    "reservations_expire",
+    "reservations_expire", "release_idle", "close_tenant", "release_all",
 })
 # Writes through a model's manager that only billing/ makes.
 LEDGER_WRITES = frozenset({"create", "bulk_create", "get_or_create", "update_or_create", "update", "delete"})
@@ -73,7 +73,8 @@ def test_the_scan_catches_each_way_of_booking_money(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text(
         "from billing.caps import cap_settle\n"
-        "from billing import leases\n"
+        "from billing.leases import leases\n"
+        "leases().release_idle(caps, hop)\n"
         "cap_settle(reservation=r, actual=0)\n"
         "leases.lease_book(reservation_id=1, period_id=1, actual=0)\n"
         "Reservation.objects.filter(status='held')\n"
@@ -82,7 +83,7 @@ def test_the_scan_catches_each_way_of_booking_money(tmp_path):
     )
     found = sorted(line.split(" ", 1)[1] for line in _violations(sample))
     assert found == [
-        "imports cap_settle", "touches Reservation.objects", "uses .lease_book", "uses cap_settle",
+        "imports cap_settle", "touches Reservation.objects", "uses .lease_book", "uses .release_idle", "uses cap_settle",
         "writes UsageRecord.objects.create",
     ]
 
