@@ -9,8 +9,6 @@ from uuid import UUID
 
 from django.db import IntegrityError, transaction
 
-from llm.gateway import UpstreamError, Usage
-
 from .models import ModelPrice, UsageRecord
 
 MILLION = Decimal(1_000_000)
@@ -109,25 +107,6 @@ def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
             return UsageRecord.objects.create(call_id=usage.call_id, **fields)
     except IntegrityError:
         return UsageRecord.objects.get(call_id=usage.call_id)
-
-
-NOTHING_BILLED = Usage(prompt_tokens=0, completion_tokens=0, cached_tokens=0)
-
-
-def provider_refused(error: BaseException | None, *, streamed: bool) -> bool:
-    """The provider answered the request with an error status (a 4xx, or a 5xx of its own)
-    before anything streamed: it refused the request and billed nothing."""
-    return not streamed and isinstance(error, UpstreamError) and error.status is not None
-
-
-def usage_billed(*, usage: Usage | None, error: BaseException | None, streamed: bool) -> Usage | None:
-    """What a finished or failed upstream call is billed for — the one rule of every surface
-    (sockets, REST, /v1, summaries, moderation): the provider's usage when it sent one;
-    nothing when it refused the request; otherwise None — the caller counts the prompt it sent
-    and what streamed (a timeout, a cut stream, a client that left)."""
-    if usage is not None:
-        return usage
-    return NOTHING_BILLED if provider_refused(error, streamed=streamed) else None
 
 
 def money_str(amount: Decimal) -> str:

@@ -4,30 +4,24 @@ Nothing of the conversation is stored: the caller's messages are the prompt, and
 write is the UsageRecord of the call. Everything before the upstream call is
 `completion_admit`, on the event loop: the caller's configuration from the process cache
 (`conversations.admission`), the rate limits and the configuration versions in one Redis round trip, and — when
-a cap applies — the reservation, the one database hop before the first token. Everything after
-the call is `completion_settle`, on a database thread, after the stream.
+a cap applies — the hold (billing.metering: a draw on this process's leases, or the one
+database hop before the first token). Everything after the call is `completion_settle`, on a
+database thread, after the stream: `call_book`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import json
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
-from django.db import transaction
-
-from billing.caps import CapExceeded, Subject, cap_hold, cap_settle
-from billing.leases import Draw, lease_book, leases
-from billing.models import ModelPrice, Reservation, UsageRecord
-from billing.processes import process_alive
-from billing.services import Price, UsageInput, usage_record
+from billing.caps import Subject
+from billing.metering import CallFacts, Hold, call_book, call_hold_async, call_release_async, holds_close_tenant
+from billing.models import ModelPrice, UsageRecord
+from billing.services import Price
 from compat import v1_liveness
 from conversations.admission import (
     EndUserAccess,
@@ -41,13 +35,11 @@ from conversations.admission import (
     end_user_load,
     price_load,
 )
-from conversations.errors import InvalidInput, ModerationBlocked
+from conversations.errors import ModerationBlocked
 from conversations.lifecycle import DEFAULT_END_USER
-from conversations.protocol import InvalidFrame, json_parse
-from conversations.turns import worst_case_cost
 from llm import relay
 from llm.gateway import ProviderTarget, Usage
-from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt, count_text
+from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt
 from moderation.gate import OutputGate
 from moderation.rules import PolicySnapshot
 from moderation.services import ModerationContext, moderate
@@ -56,83 +48,52 @@ from tenants.authentication import api_key_from_authorization, api_key_touch_by_
 from tenants.freshness import versions_parse, versions_read, versions_stored_keys
 from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
 
+from .requests import InvalidRequest, output_bound, upstream_body, user_text
+
 __all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the admission cache
-
-MAX_USER_CHARS = 200
-
-
-class InvalidRequest(InvalidInput):
-    """A malformed request body; `param` names the offending field, as OpenAI does."""
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-# --- the request --------------------------------------------------------------------------
-
-
-# The largest output a request may ask for (an Assistant's own bound); past it a worst case
-# is no longer a price (10**30 tokens overflowed the cost's Decimal: a 500).
-MAX_OUTPUT_TOKENS = 2**31 - 1
-# OpenAI's own bound on `n`; the hold is the output bound times n, so n needs one too.
-MAX_CHOICES = 128
-
-
-def _positive_int(body: dict[str, Any], name: str, *, most: int = MAX_OUTPUT_TOKENS) -> None:
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
-        raise InvalidRequest(f"'{name}' must be an integer from 1 to {most}", param=name)
-
-
-def completion_request_parse(raw: bytes) -> dict[str, Any]:
-    """The request body, checked only as far as we rely on it; the provider checks the rest
-    (roles, tools, response_format…) and its 400 reaches the caller. Raises InvalidRequest."""
-    try:
-        body = json_parse(raw)
-    except InvalidFrame as error:
-        raise InvalidRequest(f"the request body is not usable: {error}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise InvalidRequest("'model' is required", param="model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise InvalidRequest("'messages' must be a non-empty array of message objects", param="messages")
-    if not isinstance(body.get("stream", False), bool):
-        raise InvalidRequest("'stream' must be a boolean", param="stream")
-    if not isinstance(body.get("stream_options") or {}, dict):
-        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
-    _positive_int(body, "max_tokens")
-    _positive_int(body, "max_completion_tokens")
-    _positive_int(body, "n", most=MAX_CHOICES)
-    user = body.get("user")
-    if user is not None and (not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS):
-        raise InvalidRequest(f"'user' must be a non-empty string of at most {MAX_USER_CHARS} characters", param="user")
-    return body
-
-
 # --- before the call ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class CompletionPlan:
-    call_id: str
-    tenant_id: int
-    api_key_id: int
-    end_user_id: uuid.UUID
-    model: str
-    price: Price
+    hold: Hold  # the call's id, caller, model, price, prompt count and what it holds on the caps
     target: ProviderTarget
     upstream_body: bytes
-    prompt_tokens: int  # our count of the prompt: what is billed when the provider sends no usage
     stream: bool
     forward_usage: bool  # the caller asked for stream_options.include_usage
-    reservation: Reservation | None = None  # an exact hold, or
-    draw: Draw | None = None  # what the call took from this process's leases
-    process_id: uuid.UUID | None = None  # the web process whose death settles those (v1_liveness)
     limits: tuple[ratelimits.LimitState, ...] = ()  # after this call was counted: for headers
     moderation: PolicySnapshot | None = None  # the tenant's content policy, for the answer
+
+    @property
+    def call_id(self) -> str:
+        return self.hold.call_id
+
+    @property
+    def tenant_id(self) -> int:
+        return self.hold.subject.tenant_id
+
+    @property
+    def api_key_id(self) -> int:
+        assert self.hold.subject.api_key_id is not None
+        return self.hold.subject.api_key_id
+
+    @property
+    def end_user_id(self) -> uuid.UUID:
+        assert self.hold.subject.end_user_id is not None
+        return self.hold.subject.end_user_id
+
+    @property
+    def model(self) -> str:
+        return self.hold.model
+
+    @property
+    def price(self) -> Price:
+        return self.hold.price
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Our count of the prompt: what is billed when the provider sends no usage."""
+        return self.hold.prompt_tokens
 
     @property
     def output_checked(self) -> bool:
@@ -142,18 +103,6 @@ class CompletionPlan:
     def sentence_checked(self) -> bool:
         """A stream's answer is checked sentence by sentence, each held back until it passes."""
         return self.output_checked and bool(self.moderation and self.moderation.stream_check_sentences)
-
-
-def upstream_body(request: dict[str, Any], *, user_hash: str, default_max_tokens: int) -> bytes:
-    """The caller's request with what we always send: a hashed `user`, a `max_tokens`, and,
-    when streaming, `stream_options.include_usage` (usage is how the call is billed)."""
-    body = dict(request)
-    body["user"] = user_hash
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = default_max_tokens
-    if body.get("stream"):
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 Hop = Callable[..., Awaitable[Any]]  # runs a synchronous database function off the event loop
@@ -185,7 +134,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     # Embedded mode reads nothing from Redis: its versions are in this process's memory.
     versions = versions_parse(acquired.read) if acquired.read else versions_read(access.tenant_id)
     if versions != access.versions:  # changed since cached: judge the call again on fresh rows
-        leases().close_tenant(access.tenant_id, hop)
+        holds_close_tenant(access.tenant_id, hop=hop)
         loaded = await hop(access_load, prefix=prefix, token=token, external_id=external_id, model=model)
         access, end_user = loaded.access, loaded.end_user
         price = _admissible(access, end_user=end_user, price=loaded.price, model=model)
@@ -195,74 +144,31 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     subject = access.caller(end_user.id)
     caps = access.tenant.caps_for(subject)
     await _input_check(access.moderation, request["messages"], target=target, subject=subject)
-    amount = worst_case_cost(
-        price=price, prompt_tokens=prompt_tokens, max_tokens=output_bound(request, default_max_tokens=default_max_tokens)
-    )
     # A hold carries this process's id: should it die, the process sweep settles the hold.
     process_id = await v1_liveness.process_id(hop) if caps else None
-    reservation, draw = await _hold(
-        subject=subject, caps=caps, amount=amount, call_id=call_id, hop=hop, process_id=process_id
+    hold = await call_hold_async(
+        subject=subject, caps=caps, price=price, model=model, prompt_tokens=prompt_tokens,
+        max_tokens=output_bound(request, default_max_tokens=default_max_tokens), call_id=call_id, hop=hop,
+        process_id=process_id,
     )
     try:
         stream = bool(request.get("stream"))
         return CompletionPlan(
-            call_id=call_id,
-            tenant_id=access.tenant_id,
-            api_key_id=access.key_id,
-            end_user_id=end_user.id,
-            model=model,
-            price=price,
+            hold=hold,
             target=target,
             upstream_body=upstream_body(
                 request,
                 user_hash=end_user_hash(tenant_id=access.tenant_id, end_user_id=end_user.id),
                 default_max_tokens=default_max_tokens,
             ),
-            prompt_tokens=prompt_tokens,
             stream=stream,
             forward_usage=stream and bool((request.get("stream_options") or {}).get("include_usage")),
-            reservation=reservation,
-            draw=draw,
-            process_id=process_id,
             limits=acquired.states,
             moderation=access.moderation,
         )
     except BaseException:
-        await asyncio.shield(hold_release(reservation=reservation, draw=draw, hop=hop))
+        await asyncio.shield(call_release_async(hold, hop=hop))
         raise
-
-
-def output_bound(request: dict[str, Any], *, default_max_tokens: int) -> int:
-    """The most output the provider may produce and bill: the larger of `max_tokens` and
-    `max_completion_tokens` (a provider honours either), the default when neither is given,
-    for each of the `n` answers asked for."""
-    given = [request.get(name) for name in ("max_tokens", "max_completion_tokens")]
-    largest = max((value for value in given if value is not None), default=default_max_tokens)
-    return largest * (request.get("n") or 1)
-
-
-async def hold_release(*, reservation: Reservation | None, draw: Draw | None, hop: Hop) -> None:
-    """Give a hold back untouched: the call it was for never reached the provider (nothing
-    was generated and nothing is recorded)."""
-    if draw is not None:
-        leases().settled(draw, actual=Decimal(0), hop=hop)
-    if reservation is not None:
-        await hop(cap_settle, reservation=reservation, actual=Decimal(0))
-
-
-def user_text(messages: list[dict[str, Any]]) -> str:
-    """What the caller's end user wrote: the text of every `user` message (strings and text
-    parts), for the tenant's input policy. System and assistant turns are the integrator's."""
-    parts: list[str] = []
-    for message in messages:
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts += [str(part.get("text") or "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-    return "\n".join(parts)
 
 
 async def _input_check(policy: PolicySnapshot | None, messages: list[dict[str, Any]], *, target: ProviderTarget,
@@ -364,28 +270,6 @@ async def _caller(
     return access, end_user, price
 
 
-async def _hold(
-    *, subject: Subject, caps: list, amount: Decimal, call_id: str, hop: Hop,
-    process_id: uuid.UUID | None = None,
-) -> tuple[Reservation | None, Draw | None]:
-    """The worst case held against every cap: from this process's leases when they cover it
-    (no database round trip), else reserved for this call alone. Raises CapExceeded."""
-    if not caps:
-        return cap_hold(subject=subject, caps=caps, amount=amount, call_id=call_id), None
-    draw = await leases().draw(subject=subject, caps=caps, amount=amount, hop=hop, process_id=process_id)
-    if draw is not None:
-        return None, draw
-    hold = functools.partial(hop, cap_hold, subject=subject, caps=caps, amount=amount, call_id=call_id,
-                             process_id=process_id)
-    try:
-        return await hold(), None
-    except CapExceeded:
-        # Budget parked in this process's idle leases must not be what refuses the call.
-        if not await leases().release_idle(caps, hop):
-            raise
-        return await hold(), None
-
-
 def _admissible(access: KeyConfig, *, end_user: EndUserAccess, price: Price | None, model: str) -> Price:
     access.model_check(model)
     if price is None:
@@ -411,77 +295,19 @@ async def _prompt_tokens(request: dict[str, Any], model: str) -> int:
 
 
 def completion_settle(
-    *,
-    plan: CompletionPlan,
-    usage: Usage | None,
-    content: str,
-    outcome: str,
-    latency_ms: int,
-    ttft_ms: int | None,
+    *, plan: CompletionPlan, usage: Usage | None, content: str, outcome: str, latency_ms: int, ttft_ms: int | None,
+    error: BaseException | None = None,
 ) -> UsageRecord:
-    """Write the call's one UsageRecord: the provider's usage, or our own count when it sent
-    none (a broken stream, a client that left), then settle the call's reservation to its cost.
-    Two short transactions, not one: the cap's row is locked only while it is booked, and a
-    process that dies between them leaves a held reservation that the stale-reservation sweep
-    settles from this record. Idempotent on the plan's call id.
-    A call whose process was taken for dead (billing/processes.py) books nothing the sweep
-    booked or settled (`_swept_record`)."""
-    leased = plan.draw.leases if plan.draw is not None else ()
-    # A leased call's record and its booking commit together: the ledger and the counters it
-    # is reconciled with never disagree, even for a moment (the row lock is taken last).
-    # A held call's record is written while its process's row is share-locked: the sweep that
-    # claims the row waits for it, or has claimed it already.
-    with transaction.atomic() if leased or plan.process_id else contextlib.nullcontext():
-        if plan.process_id is not None and not process_alive(plan.process_id):
-            swept = _swept_record(plan)
-            if swept is not None:
-                return swept
-        record = _record(plan=plan, usage=usage, content=content, outcome=outcome, latency_ms=latency_ms,
-                         ttft_ms=ttft_ms)
-        for lease in leased:
-            lease_book(reservation_id=lease.reservation_id, period_id=lease.period_id, actual=record.cost_usd)
-    if plan.reservation is not None:
-        cap_settle(reservation=plan.reservation, actual=record.cost_usd)
+    """Book the call (billing.metering: its one UsageRecord, from the provider's usage or our
+    count of what was relayed; $0 when the provider refused it) and note the key's use.
+    Idempotent on the plan's call id; a call whose process was taken for dead books nothing
+    the sweep booked."""
+    record = call_book(
+        hold=plan.hold, usage=usage, error=error, content=content,
+        facts=CallFacts(kind=UsageRecord.Kind.COMPLETION, outcome=outcome, latency_ms=latency_ms, ttft_ms=ttft_ms),
+    )
     api_key_touch_by_id(plan.api_key_id)
     return record
-
-
-def _swept_record(plan: CompletionPlan) -> UsageRecord | None:
-    """What stands for the call when the sweep took its process for dead: the record the sweep
-    booked from its checkpoint, or — its exact reservation settled (at zero: admitted after
-    the last beat) — an unsaved record of nothing, as booking it now would not match its
-    settled hold. None: the sweep never saw the call (admitted after it), which books as usual."""
-    record = UsageRecord.objects.filter(call_id=plan.call_id).first()
-    if record is not None:
-        return record
-    reservation = plan.reservation
-    if reservation is not None and reservation.period_ids and not Reservation.objects.filter(
-        pk=reservation.pk, status=Reservation.Status.HELD
-    ).exists():
-        return UsageRecord(call_id=plan.call_id, cost_usd=Decimal(0))
-    return None
-
-
-def _record(*, plan: CompletionPlan, usage: Usage | None, content: str, outcome: str, latency_ms: int, ttft_ms: int | None) -> UsageRecord:
-    return usage_record(
-        usage=UsageInput(
-            call_id=plan.call_id,
-            tenant_id=plan.tenant_id,
-            model=plan.model,
-            prompt_tokens=usage.prompt_tokens if usage else plan.prompt_tokens,
-            completion_tokens=usage.completion_tokens if usage else count_text(content, plan.model),
-            cached_tokens=usage.cached_tokens if usage else 0,
-            estimated=usage is None,
-            kind=UsageRecord.Kind.COMPLETION,
-            outcome=outcome,
-            end_user_id=plan.end_user_id,
-            api_key_id=plan.api_key_id,
-            latency_ms=latency_ms,
-            ttft_ms=ttft_ms,
-            lease_ids=tuple(str(lease.reservation_id) for lease in plan.draw.leases) if plan.draw else (),
-        ),
-        price=plan.price,
-    )
 
 
 # --- models -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 
 from django.conf import settings
 
-from billing.leases import leases
+from billing.metering import holds_release_all
 from billing.processes import process_beat, process_forget, process_register
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ async def _beat(hop: Hop) -> None:
         if beating is None:
             continue
         db_after = _hop or hop
-        calls = [call for call in _calls() if call.plan.process_id in (beating, None)]
+        calls = [call for call in _calls() if call.plan.hold.process_id in (beating, None)]
         try:
             alive = await db_after(_beat_write, process_id=beating, calls=calls)
         except Exception:  # a missed beat is retried; only GENERATION_STALE_SECONDS of them is a death
@@ -108,7 +108,7 @@ async def _swept(checkpointed: list[Any], hop: Hop) -> None:
     for call in checkpointed:  # billed up to their checkpoints: they end now (a call admitted since books as usual)
         call.cut("this server stalled and its call was settled; send the request again")
     # Its leases admit nothing more; given back (a no-op for those the sweep released).
-    await leases().release_all(hop)
+    await holds_release_all(hop=hop)
 
 
 def _forget_at_exit() -> None:

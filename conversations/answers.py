@@ -1,5 +1,5 @@
 """Answer storage: the short transactions after a generation's upstream calls (the answer or
-a tool round stored, each call's one UsageRecord written and its reservation settled)."""
+a tool round stored, each call booked through billing.metering)."""
 
 from __future__ import annotations
 
@@ -10,35 +10,37 @@ from typing import Any
 
 from django.db import transaction
 
-from billing.caps import Subject, cap_reserve, cap_settle
-from billing.models import Reservation, UsageRecord
-from billing.services import UsageInput, usage_record
-from llm.tokens import count_message, count_text
+from billing.caps import Subject
+from billing.metering import CallFacts, Hold, call_book, call_hold, call_release
+from billing.models import UsageRecord
+from llm.gateway import Usage
+from llm.tokens import count_message
 
 from .models import Conversation, Message
 from .services import generation_release
-from .turns import CallOwner, TurnPlan, upstream_call_id, worst_case_cost
+from .turns import CallOwner, TurnPlan, upstream_call_id
 
 # --- after the stream ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TurnOutcome:
-    """What the last upstream call of a turn produced; token counts are None when the provider
-    sent no usage. Turns with tool rounds pass the round's reservation and next free seq."""
+    """What the last upstream call of a turn produced: the provider's usage (None when it sent
+    none) and how the call failed, if it did. Turns with tool rounds pass the round's hold and
+    next free seq."""
 
     called_upstream: bool
     content: str
     status: str  # Message.Status
     finish_reason: str
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cached_tokens: int
+    usage: Usage | None
     latency_ms: int
     ttft_ms: int | None
     usage_outcome: str = UsageRecord.Outcome.OK
+    error: BaseException | None = None  # the call's failure: a provider refusal books $0
+    streamed: bool = False  # anything arrived before it failed
     round_number: int = 0
-    reservation: Reservation | None = None
+    hold: Hold | None = None
     seq: int | None = None
     prompt_estimate: int | None = None  # our count of this call's prompt, when usage is missing
 
@@ -51,52 +53,32 @@ class TurnResult:
     cost_usd: Decimal
 
 
-def _bill_call(
-    *, plan: CallOwner, outcome: TurnOutcome, message_id: uuid.UUID, content: str, reservation: Reservation
-) -> UsageRecord:
-    """One UsageRecord for one upstream call, settled against its reservation."""
-    estimated = outcome.prompt_tokens is None
-    prompt_estimate = outcome.prompt_estimate if outcome.prompt_estimate is not None else plan.prompt_tokens
-    record = usage_record(
-        usage=UsageInput(
-            call_id=upstream_call_id(plan.assistant_message_id, outcome.round_number),
-            tenant_id=plan.caller.tenant_id,
-            model=plan.model,
-            prompt_tokens=prompt_estimate if outcome.prompt_tokens is None else outcome.prompt_tokens,
-            completion_tokens=(
-                count_text(content, plan.model) if outcome.completion_tokens is None else outcome.completion_tokens
-            ),
-            cached_tokens=outcome.cached_tokens,
-            estimated=estimated,
-            kind=UsageRecord.Kind.CHAT,
-            outcome=outcome.usage_outcome,
-            end_user_id=plan.caller.end_user_id,
-            api_key_id=plan.caller.api_key_id,
-            conversation_id=plan.conversation_id,
-            message_id=message_id,
-            latency_ms=outcome.latency_ms,
-            ttft_ms=outcome.ttft_ms,
+def _bill_call(*, plan: CallOwner, outcome: TurnOutcome, message_id: uuid.UUID, content: str, hold: Hold) -> UsageRecord:
+    """One upstream call booked: its UsageRecord, and its hold settled."""
+    return call_book(
+        hold=hold, usage=outcome.usage, error=outcome.error, streamed=outcome.streamed, content=content,
+        prompt_tokens=outcome.prompt_estimate if outcome.prompt_estimate is not None else plan.prompt_tokens,
+        facts=CallFacts(
+            kind=UsageRecord.Kind.CHAT, outcome=outcome.usage_outcome, conversation_id=plan.conversation_id,
+            message_id=message_id, latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms,
         ),
-        price=plan.price,
     )
-    cap_settle(reservation=reservation, actual=record.cost_usd)
-    return record
 
 
 def turn_finish(*, plan: TurnPlan, outcome: TurnOutcome) -> TurnResult:
     """Store the answer (complete or incomplete), bill the last call, release the conversation."""
     return answer_store(plan=plan.owner, outcome=replace(
         outcome,
-        reservation=outcome.reservation or plan.reservation,
+        hold=outcome.hold or plan.hold,
         seq=outcome.seq if outcome.seq is not None else plan.user_seq + 1,
     ))
 
 
 def answer_store(*, plan: CallOwner, outcome: TurnOutcome) -> TurnResult:
     """The one way an answer is stored: by its generation, or by the sweep when that died.
-    `outcome` carries the answer's seq and the last call's reservation."""
-    reservation, seq = outcome.reservation, outcome.seq
-    assert reservation is not None and seq is not None
+    `outcome` carries the answer's seq and the last call's hold."""
+    hold, seq = outcome.hold, outcome.seq
+    assert hold is not None and seq is not None
     with transaction.atomic():
         Message.objects.create(
             id=plan.assistant_message_id,
@@ -111,12 +93,11 @@ def answer_store(*, plan: CallOwner, outcome: TurnOutcome) -> TurnResult:
             finish_reason=outcome.finish_reason,
         )
         if not outcome.called_upstream:
-            cap_settle(reservation=reservation, actual=Decimal(0))
+            call_release(hold)
             generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id, last_seq=seq)
             return TurnResult(prompt_tokens=0, completion_tokens=0, cached_tokens=0, cost_usd=Decimal(0))
         record = _bill_call(
-            plan=plan, outcome=outcome, message_id=plan.assistant_message_id, content=outcome.content,
-            reservation=reservation,
+            plan=plan, outcome=outcome, message_id=plan.assistant_message_id, content=outcome.content, hold=hold,
         )
         generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id, last_seq=seq)
     return TurnResult(
@@ -175,7 +156,7 @@ def tool_round_commit(*, plan: TurnPlan, record: ToolRoundRecord) -> ToolRoundSt
         Conversation.objects.filter(pk=plan.conversation_id).update(last_seq=next_seq - 1)
         usage = _bill_call(
             plan=plan.owner, outcome=outcome, message_id=call_message_id, content=outcome.content,
-            reservation=outcome.reservation or plan.reservation,
+            hold=outcome.hold or plan.hold,
         )
     return ToolRoundStored(
         messages=[call_message, *result_messages],
@@ -192,16 +173,15 @@ def turn_input_blocked(*, plan: TurnPlan) -> None:
     marked for review, and never sent upstream; nothing was spent."""
     with transaction.atomic():
         Message.objects.filter(pk=plan.user_message_id).update(status=Message.Status.BLOCKED)
-        cap_settle(reservation=plan.reservation, actual=Decimal(0))
+        call_release(plan.hold)
         generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id)
 
 
-def round_reserve(*, plan: TurnPlan, round_number: int, prompt_tokens: int) -> Reservation:
-    """Reserve the worst case of a turn's next upstream call. Raises CapExceeded."""
+def round_reserve(*, plan: TurnPlan, round_number: int, prompt_tokens: int) -> Hold:
+    """Hold the worst case of a turn's next upstream call. Raises CapExceeded."""
     with transaction.atomic():
-        return cap_reserve(
+        return call_hold(
             subject=Subject(plan.caller.tenant_id, plan.caller.end_user_id, plan.caller.api_key_id),
-            amount=worst_case_cost(price=plan.price, prompt_tokens=prompt_tokens, max_tokens=plan.request.max_tokens),
+            price=plan.price, model=plan.model, prompt_tokens=prompt_tokens, max_tokens=plan.request.max_tokens,
             call_id=upstream_call_id(plan.assistant_message_id, round_number),
         )
-

@@ -19,8 +19,9 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from billing.caps import CapExceeded
-from billing.models import Reservation, UsageRecord
-from billing.services import money_str, usage_billed
+from billing.metering import Hold
+from billing.models import UsageRecord
+from billing.services import money_str
 from config.db import database_sync_to_async
 from llm.gateway import ChatRequest, UpstreamError
 from llm.tokens import count_messages
@@ -64,7 +65,7 @@ class TurnRound:
     """The current upstream call of a turn (one per tool round) and what it streamed."""
 
     number: int
-    reservation: Reservation
+    hold: Hold
     prompt_tokens: int  # our count of its prompt
     seq: int  # where its answer is stored
     called: bool = False
@@ -133,7 +134,7 @@ class Generation:
             context=ModerationContext(plan.conversation_id, plan.assistant_message_id),
         )
         self.round = TurnRound(
-            number=0, reservation=plan.reservation, prompt_tokens=plan.prompt.tokens, seq=plan.user_seq + 1,
+            number=0, hold=plan.hold, prompt_tokens=plan.prompt.tokens, seq=plan.user_seq + 1,
         )
         self.log = AnswerLog(plan)
         self.spent = Spent()
@@ -314,11 +315,11 @@ class Generation:
         # The new round starts before its reservation: a refused one is a round never called,
         # stored empty at its seq and billed nothing.
         self.round = TurnRound(
-            number=self.round.number + 1, reservation=self.round.reservation,
+            number=self.round.number + 1, hold=self.round.hold,
             prompt_tokens=self.round.prompt_tokens + appended_tokens, seq=next_seq,
         )
         # Every upstream call of the loop draws on the caps; a refusal ends the turn here.
-        self.round.reservation = await database_sync_to_async(answers.round_reserve)(
+        self.round.hold = await database_sync_to_async(answers.round_reserve)(
             plan=plan, round_number=self.round.number, prompt_tokens=self.round.prompt_tokens
         )
         await self._round_record(self.round.number, self.round.prompt_tokens)
@@ -326,7 +327,6 @@ class Generation:
     def _outcome(self, error: UpstreamError | CapExceeded | None) -> TurnOutcome:
         now, turn_round = time.monotonic(), self.round
         complete = error is None and not self.stop_reason
-        usage = usage_billed(usage=turn_round.output.usage, error=error, streamed=bool(turn_round.parts))
         if complete:
             finish_reason, outcome = turn_round.output.finish_reason, UsageRecord.Outcome.OK
         elif error is None and self.stop_reason == TOOL_ROUNDS_EXHAUSTED:
@@ -340,14 +340,14 @@ class Generation:
             content="".join(turn_round.parts),
             status=Message.Status.COMPLETE if complete else Message.Status.INCOMPLETE,
             finish_reason=finish_reason,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-            cached_tokens=usage.cached_tokens if usage else 0,
+            usage=turn_round.output.usage,
+            error=error,
+            streamed=bool(turn_round.parts),
             latency_ms=int((now - self.started) * 1000),
             ttft_ms=int((self.log.first_token_at - self.started) * 1000) if self.log.first_token_at else None,
             usage_outcome=outcome,
             round_number=turn_round.number,
-            reservation=turn_round.reservation,
+            hold=turn_round.hold,
             seq=turn_round.seq,
             prompt_estimate=turn_round.prompt_tokens,
         )

@@ -16,15 +16,15 @@ import logging
 import uuid
 import weakref
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from billing.caps import cap_settle
-from billing.models import Reservation, UsageRecord
+from billing.caps import Subject
+from billing.metering import call_rehold, calls_release
+from billing.models import UsageRecord
 from billing.services import price_for
 from config.db import database_sync_to_async
 from streaming import eventlog
@@ -185,9 +185,9 @@ def generation_checkpoint(*, conversation_id: uuid.UUID, generation_id: uuid.UUI
         if conversation is None:
             return False  # it is alive after all, or another sweeper got there first
         model = partial.model or conversation.assistant.model
+        caller = services.Caller(conversation.tenant_id, conversation.end_user_id, partial.api_key_id)
         owner = turns.CallOwner(
-            caller=services.Caller(conversation.tenant_id, conversation.end_user_id, partial.api_key_id),
-            conversation_id=conversation_id, assistant_message_id=generation_id, model=model,
+            caller=caller, conversation_id=conversation_id, assistant_message_id=generation_id, model=model,
             price=price_for(model), prompt_tokens=partial.prompt_tokens or 0,
         )
         started = conversation.generation_started_at or now
@@ -195,18 +195,16 @@ def generation_checkpoint(*, conversation_id: uuid.UUID, generation_id: uuid.UUI
             # Tokens the provider streamed were charged; a round that streamed nothing is
             # settled at zero, as the stale-reservation sweep would.
             called_upstream=bool(partial.content), content=partial.content, status=Message.Status.INCOMPLETE,
-            finish_reason=INTERRUPTED, prompt_tokens=None, completion_tokens=None, cached_tokens=0,
+            finish_reason=INTERRUPTED, usage=None, streamed=bool(partial.content),
             latency_ms=int((now - started).total_seconds() * 1000), ttft_ms=None,
             usage_outcome=UsageRecord.Outcome.ERROR, round_number=partial.round_number,
-            reservation=_reservation(turns.upstream_call_id(generation_id, partial.round_number)),
+            hold=call_rehold(
+                call_id=turns.upstream_call_id(generation_id, partial.round_number), model=model, price=owner.price,
+                subject=Subject(caller.tenant_id, caller.end_user_id, caller.api_key_id),
+                prompt_tokens=owner.prompt_tokens,
+            ),
             seq=conversation.last_seq + 1, prompt_estimate=partial.prompt_tokens,
         ))
         # A next round reserved just before the process died never made its call.
-        for held in Reservation.objects.filter(call_id__startswith=f"msg-{generation_id}", status=Reservation.Status.HELD):
-            cap_settle(reservation=held, actual=Decimal(0))
+        calls_release(call_id_prefix=f"msg-{generation_id}")
     return True
-
-
-def _reservation(call_id: str) -> Reservation:
-    # None stored (it held nothing): an unsaved one, which settling treats as nothing to do.
-    return Reservation.objects.filter(call_id=call_id).first() or Reservation(call_id=call_id, period_ids=[])

@@ -23,9 +23,10 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from billing.caps import Subject, cap_reserve, cap_settle
-from billing.models import Reservation, UsageRecord
-from billing.services import Price, UsageInput, price_for, usage_billed, usage_record
+from billing.caps import Subject
+from billing.metering import CallFacts, Hold, call_book, call_hold
+from billing.models import UsageRecord
+from billing.services import Price, price_for
 from llm.gateway import ChatRequest, ProviderTarget, Usage
 from llm.tokens import count_messages, count_text
 
@@ -160,23 +161,12 @@ def summary_plan(*, tenant_id: int, conversation_id: uuid.UUID) -> SummaryJob | 
     )
 
 
-def _bill(*, job: SummaryJob, reservation: Reservation, text: str, usage: Usage | None, outcome: str) -> Decimal:
-    record = usage_record(
-        usage=UsageInput(
-            call_id=reservation.call_id,
-            tenant_id=job.tenant_id,
-            model=job.request.model,
-            prompt_tokens=usage.prompt_tokens if usage else job.prompt_tokens,
-            completion_tokens=usage.completion_tokens if usage else count_text(text, job.request.model),
-            cached_tokens=usage.cached_tokens if usage else 0,
-            estimated=usage is None,
-            kind=UsageRecord.Kind.SUMMARY,
-            outcome=outcome,
-            conversation_id=job.conversation_id,
-        ),
-        price=job.price,
+def _bill(*, job: SummaryJob, hold: Hold, text: str, usage: Usage | None, outcome: str,
+          error: BaseException | None = None) -> Decimal:
+    record = call_book(
+        hold=hold, usage=usage, error=error, content=text,
+        facts=CallFacts(kind=UsageRecord.Kind.SUMMARY, outcome=outcome, conversation_id=job.conversation_id),
     )
-    cap_settle(reservation=reservation, actual=record.cost_usd)
     return record.cost_usd
 
 
@@ -190,20 +180,19 @@ def conversation_summarize(*, tenant_id: int, conversation_id: uuid.UUID) -> boo
         job = summary_plan(tenant_id=tenant_id, conversation_id=conversation_id)
         if job is None:
             return False
-        worst = job.price.cost(prompt_tokens=job.prompt_tokens + 16, completion_tokens=SUMMARY_MAX_TOKENS)
-        reservation = cap_reserve(subject=Subject(tenant_id), amount=worst, call_id=f"sum-{uuid.uuid4()}")
+        hold = call_hold(
+            subject=Subject(tenant_id), price=job.price, model=job.request.model, prompt_tokens=job.prompt_tokens,
+            max_tokens=SUMMARY_MAX_TOKENS, call_id=f"sum-{uuid.uuid4()}",
+        )
         try:
             text, usage = asyncio.run(upstream_text(job.target, job.request))
         except BaseException as error:
             # A refusal costs nothing; anything else (timeouts, cut streams) our own count.
             with transaction.atomic():
-                _bill(
-                    job=job, reservation=reservation, text="",
-                    usage=usage_billed(usage=None, error=error, streamed=False), outcome=UsageRecord.Outcome.ERROR,
-                )
+                _bill(job=job, hold=hold, text="", usage=None, error=error, outcome=UsageRecord.Outcome.ERROR)
             raise
         with transaction.atomic():
-            _bill(job=job, reservation=reservation, text=text, usage=usage, outcome=UsageRecord.Outcome.OK)
+            _bill(job=job, hold=hold, text=text, usage=usage, outcome=UsageRecord.Outcome.OK)
             if not text:
                 return False
             return summary_store(job=job, text=text)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
-from decimal import Decimal
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from billing.caps import cap_hold
-from billing.models import Reservation
+from billing.metering import Hold, call_hold
 from billing.services import Price
 from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message
@@ -52,7 +49,7 @@ class TurnPlan:
     prompt: Prompt
     request: ChatRequest
     target: ProviderTarget
-    reservation: Reservation
+    hold: Hold  # the first upstream call's
     summary_due: bool = False
     moderation: PolicySnapshot | None = None
     user_content: str = ""
@@ -223,9 +220,9 @@ def turn_prepare(
                 conversation=conversation, assistant=assistant, context_window=price.context_window,
                 tools=admission.tools,
             )
-        reservation = cap_hold(
-            subject=caller, caps=admission.config.caps,
-            amount=worst_case_cost(price=price, prompt_tokens=prompt.tokens, max_tokens=assistant.max_tokens),
+        hold = call_hold(
+            subject=caller, caps=admission.config.caps, price=price,
+            model=assistant.model, prompt_tokens=prompt.tokens, max_tokens=assistant.max_tokens,
             call_id=upstream_call_id(assistant_message_id, 0),
         )
         Conversation.objects.filter(pk=conversation.pk).update(
@@ -260,7 +257,7 @@ def turn_prepare(
         prompt=prompt,
         request=request,
         target=admission.config.target,
-        reservation=reservation,
+        hold=hold,
         summary_due=summary_needed(
             assistant=assistant, history_tokens=prompt.history_tokens, truncated=prompt.truncated,
             turns=(user_message.seq + 1) // 2, price=price,
@@ -285,8 +282,3 @@ def api_tool_choice(choice: str) -> Any:
     return {"type": "function", "function": {"name": choice}}
 
 
-def worst_case_cost(*, price: Price, prompt_tokens: int, max_tokens: int) -> Decimal:
-    """Prompt at the full input price (no cache discount assumed) plus every allowed output
-    token, with a margin for the provider counting the prompt a little differently."""
-    margin = 1 + settings.RESERVATION_PROMPT_MARGIN
-    return price.cost(prompt_tokens=int(prompt_tokens * margin) + 16, completion_tokens=max_tokens)

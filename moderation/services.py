@@ -48,9 +48,10 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from billing.caps import CapExceeded, Subject, cap_reserve, cap_settle
-from billing.models import ModelPrice, Reservation, UsageRecord
-from billing.services import Price, PriceMissing, UsageInput, price_for, provider_refused, usage_record
+from billing.caps import CapExceeded, Subject
+from billing.metering import CallFacts, Hold, call_book, call_hold
+from billing.models import ModelPrice, UsageRecord
+from billing.services import PriceMissing, price_for
 from config.db import database_sync_to_async
 from llm.gateway import ProviderTarget, UpstreamError
 from llm.moderation import MODERATION_MODEL, provider_check
@@ -208,57 +209,31 @@ def event_review(*, event_id: uuid.UUID, tenant_id: int, user: Any) -> None:
 # --- the provider call, billed ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ProviderCall:
-    call_id: str
-    price: Price
-    prompt_tokens: int
-    reservation: Reservation | None
-
-
-def provider_call_open(*, subject: Subject, text: str) -> ProviderCall:
-    """Price the call and reserve its worst case. Raises PriceMissing, and CapExceeded for a
-    priced call that does not fit (a $0 one is admitted without a hold: it cannot raise spend)."""
+def provider_call_open(*, subject: Subject, text: str) -> Hold:
+    """Price the call and hold its worst case (billing.metering). Raises PriceMissing, and
+    CapExceeded for a priced call that does not fit (a $0 one is admitted without a hold)."""
     price = price_for(MODERATION_MODEL, kind=ModelPrice.Kind.MODERATION)
-    tokens = count_text(text, MODERATION_MODEL)
-    worst = price.cost(prompt_tokens=tokens, completion_tokens=0)
-    call_id = f"mod-{uuid.uuid4()}"
-    try:
-        with transaction.atomic():
-            reservation: Reservation | None = cap_reserve(subject=subject, amount=worst, call_id=call_id)
-    except CapExceeded:
-        if worst > 0:
-            raise
-        reservation = None
-    return ProviderCall(call_id=call_id, price=price, prompt_tokens=tokens, reservation=reservation)
+    with transaction.atomic():
+        return call_hold(
+            subject=subject, price=price, model=MODERATION_MODEL, prompt_tokens=count_text(text, MODERATION_MODEL),
+            max_tokens=0, call_id=f"mod-{uuid.uuid4()}",
+        )
 
 
 def provider_call_close(
-    *, call: ProviderCall, subject: Subject, context: ModerationContext, outcome: str, prompt_tokens: int,
-    latency_ms: int, trip: Trip | None = None,
+    *, call: Hold, subject: Subject, context: ModerationContext, outcome: str, latency_ms: int,
+    error: BaseException | None = None, trip: Trip | None = None,
 ) -> uuid.UUID | None:
-    """One UsageRecord, the settlement and (when the check tripped) the event, in one transaction."""
+    """The call booked (the endpoint reports no usage: tiktoken counted its input; a refusal
+    books $0) and, when the check tripped, the event — in one transaction."""
     with transaction.atomic():
-        record = usage_record(
-            usage=UsageInput(
-                call_id=call.call_id,
-                tenant_id=subject.tenant_id,
-                model=MODERATION_MODEL,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=0,
-                estimated=True,  # the endpoint reports no usage: tiktoken counted
-                kind=UsageRecord.Kind.MODERATION,
-                outcome=outcome,
-                end_user_id=subject.end_user_id,
-                api_key_id=subject.api_key_id,
-                conversation_id=context.conversation_id,
-                message_id=context.message_id,
-                latency_ms=latency_ms,
+        call_book(
+            hold=call, usage=None, error=error,
+            facts=CallFacts(
+                kind=UsageRecord.Kind.MODERATION, outcome=outcome, conversation_id=context.conversation_id,
+                message_id=context.message_id, latency_ms=latency_ms,
             ),
-            price=call.price,
         )
-        if call.reservation is not None:
-            cap_settle(reservation=call.reservation, actual=record.cost_usd)
         return event_record(trip=trip, subject=subject, context=context).pk if trip else None
 
 
@@ -322,19 +297,18 @@ async def _provider_moderate(
         result = await provider_check(target=target, texts=[text], categories=policy.provider_categories)
     except UpstreamError as error:
         # A refusal processed nothing; a timeout or a cut connection may have: our count.
-        tokens = 0 if provider_refused(error, streamed=False) else call.prompt_tokens
         await close(call=call, subject=subject, context=context, outcome=UsageRecord.Outcome.ERROR,
-                    prompt_tokens=tokens, latency_ms=elapsed())
+                    error=error, latency_ms=elapsed())
         return _fell_open(policy, direction, error.code)
     except asyncio.CancelledError:
         await asyncio.shield(close(call=call, subject=subject, context=context, outcome=UsageRecord.Outcome.CANCELLED,
-                                   prompt_tokens=call.prompt_tokens, latency_ms=elapsed()))
+                                   latency_ms=elapsed()))
         raise
     trip = None
     if result.flagged:
         trip = Trip.of(policy=policy, direction=direction, text=text, source=ModerationEvent.Source.PROVIDER,
                        categories=result.categories, matched=", ".join(result.categories))
     event_id = await close(call=call, subject=subject, context=context, outcome=UsageRecord.Outcome.OK,
-                           prompt_tokens=call.prompt_tokens, latency_ms=elapsed(), trip=trip)
+                           latency_ms=elapsed(), trip=trip)
     return CLEAR if trip is None else trip.verdict(event_id)
 

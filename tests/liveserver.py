@@ -122,7 +122,7 @@ class Parley:
         subprocess's work is awaited by the tests reading to the end of their streams."""
         if not self.in_process:
             return
-        from compat.openai_api import _settling
+        from compat.calls import _settling
         from conversations.engine import _running
 
         deadline = time.monotonic() + timeout

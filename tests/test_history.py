@@ -14,7 +14,7 @@ from conversations.context import SUMMARY_PREAMBLE, _Window, history_budget, pro
 from conversations.gatekeepers import Caller
 from conversations.models import Conversation, Message
 from conversations.tasks import summarize_conversation
-from llm.gateway import UpstreamError
+from llm.gateway import UpstreamError, Usage
 from llm.tokens import count_message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -278,7 +278,7 @@ def test_queries_per_turn_do_not_grow_with_history(tenant_factory, django_assert
             plan=plan,
             outcome=TurnOutcome(
                 called_upstream=True, content="hi", status="complete", finish_reason="stop",
-                prompt_tokens=10, completion_tokens=2, cached_tokens=0, latency_ms=1, ttft_ms=1,
+                usage=Usage(prompt_tokens=10, completion_tokens=2, cached_tokens=0), latency_ms=1, ttft_ms=1,
             ),
         )
     assert plan.prompt.history_messages <= 60

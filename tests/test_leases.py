@@ -12,8 +12,9 @@ from channels.db import database_sync_to_async
 
 from billing.caps import Subject, caps_for
 from billing.leases import LEASE_CALL_PREFIX, Leases, lease_book
+from billing.metering import call_hold_async
 from billing.models import CapPeriod, Reservation, SpendingCap
-from compat.completions import _hold
+from billing.services import Price
 from tests.conftest import adb
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -87,9 +88,21 @@ async def test_near_the_cap_leases_shrink_and_calls_are_reserved_exactly(tenant_
     assert await leases.draw(subject=subject, caps=caps, amount=Decimal("0.95"), hop=hop) is None
     leases.settled(small, actual=Decimal(0), hop=hop)  # (booked at zero)
     # …and admitted once the idle lease is given back first: parked budget refuses no call.
-    reservation, draw = await _with(leases, _hold(subject=subject, caps=caps, amount=Decimal("0.95"), call_id="big", hop=hop))
-    assert draw is None and reservation.amount_usd == Decimal("0.95")
+    hold = await _with(leases, _hold(subject=subject, caps=caps, amount=Decimal("0.95"), call_id="big"))
+    assert hold.draw is None and hold.reservation.amount_usd == Decimal("0.95")
     assert (await _period()).reserved_usd == Decimal("0.95")
+
+
+# A cent per output token and free input: a hold of `amount` is amount × 100 tokens of output.
+CENT_A_TOKEN = Price(model="m", input=Decimal(0), cached_input=Decimal(0), output=Decimal(10_000), context_window=0)
+
+
+def _hold(*, subject, caps, amount: Decimal, call_id: str):
+    """billing.metering's hold of exactly `amount` on this loop's leases (or exactly reserved)."""
+    return call_hold_async(
+        subject=subject, caps=caps, price=CENT_A_TOKEN, model="m", prompt_tokens=0, max_tokens=int(amount * 100),
+        call_id=call_id, hop=hop,
+    )
 
 
 async def _with(leases: Leases, call):
@@ -124,9 +137,8 @@ async def test_two_processes_drawing_at_once_never_pass_the_cap(tenant_factory, 
         leases = processes[n % 2]
         worst = Decimal(rng.randint(5, 15)) / 100
         try:
-            reservation, draw = await _with(
-                leases, _hold(subject=subject, caps=caps, amount=worst, call_id=f"c{n}", hop=hop)
-            )
+            hold = await _with(leases, _hold(subject=subject, caps=caps, amount=worst, call_id=f"c{n}"))
+            reservation, draw = hold.reservation, hold.draw
         except Exception as error:  # CapExceeded
             assert type(error).__name__ == "CapExceeded"
             refused += 1

@@ -14,9 +14,9 @@ from django.core.management import call_command
 from django.db.models import F
 
 from billing.leases import leases, leases_forget
+from billing.metering import worst_case_cost
 from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord
 from billing.services import price_for
-from conversations.turns import worst_case_cost
 from llm.tokens import count_messages
 from tests.conftest import adb
 from tests.v1direct import closing_hop, v1_handle
@@ -186,10 +186,11 @@ def test_a_request_that_fails_after_admission_leaves_no_hold(parley, tenant_fact
 
 @pytest.fixture
 def in_process(monkeypatch):
-    from compat import openai_api
+    from compat import calls, openai_api
 
-    for name in ("db", "db_after"):  # the endpoint's own threads would keep a connection open
-        monkeypatch.setattr(openai_api, name, closing_hop)
+    # the endpoint's own threads would keep a connection open
+    monkeypatch.setattr(openai_api, "db", closing_hop)
+    monkeypatch.setattr(calls, "db_after", closing_hop)
 
 
 async def test_a_leased_call_that_fails_after_admission_gives_its_draw_back(tenant_factory, sim, in_process):
@@ -206,12 +207,12 @@ async def test_a_leased_call_that_fails_after_admission_gives_its_draw_back(tena
 
 
 async def test_a_stream_that_fails_before_relaying_is_billed_and_released(tenant_factory, sim, in_process, monkeypatch):
-    from compat import openai_api
+    from compat import calls
 
     def broken_headers(self):
         raise RuntimeError("headers could not be built")
 
-    monkeypatch.setattr(openai_api.CompletionCall, "headers", broken_headers)
+    monkeypatch.setattr(calls.CompletionCall, "headers", broken_headers)
     setup = await adb(tenant_factory)()
     await adb(_cap)(setup, "1")
     raw = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()

@@ -442,14 +442,15 @@ async def test_without_a_lease_the_one_hop_is_the_reservation(tenant_factory, si
 async def test_a_failure_after_the_stream_started_ends_it_with_an_error_event(tenant_factory, sim, monkeypatch):
     """Once the status line is out, a 500 can no longer be sent: the stream must still end
     (OpenAI's error event), not leave the client waiting."""
-    from compat import openai_api
+    from compat import calls, openai_api
 
     def broken_settle(**kwargs):
         raise RuntimeError("the ledger is down")
 
-    monkeypatch.setattr(openai_api, "completion_settle", broken_settle)
-    for name in ("db", "db_after"):  # the endpoint's own threads would keep a connection open
-        monkeypatch.setattr(openai_api, name, closing_hop)
+    monkeypatch.setattr(calls, "completion_settle", broken_settle)
+    # the endpoint's own threads would keep a connection open
+    monkeypatch.setattr(openai_api, "db", closing_hop)
+    monkeypatch.setattr(calls, "db_after", closing_hop)
     setup = await adb(tenant_factory)()
     body = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
     sent = await v1_handle(setup.api_key, body)
@@ -470,9 +471,9 @@ def test_concurrent_calls_through_the_server_never_pass_the_cap(parley, tenant_f
     from concurrent.futures import ThreadPoolExecutor
     from decimal import Decimal
 
+    from billing.metering import worst_case_cost
     from billing.models import CapPeriod, SpendingCap
     from billing.services import price_for
-    from conversations.turns import worst_case_cost
     from llm.tokens import count_messages
 
     setup = tenant_factory(user_rpm=1000)

@@ -18,11 +18,12 @@ from django.utils import timezone
 
 from billing.caps import Subject, cap_hold, caps_for
 from billing.leases import Draw, Lease, lease_take
+from billing.metering import Hold
 from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord, WebProcess
 from billing.processes import process_alive, process_beat, process_recover, process_register, processes_recover
 from billing.services import price_for
+from compat.calls import CompletionCall
 from compat.completions import CompletionPlan, completion_settle
-from compat.openai_api import CompletionCall
 from llm.gateway import Usage
 from llm.relay import StreamRelay
 from llm.tokens import count_text
@@ -39,13 +40,12 @@ def _setup(tenant_factory):
     return setup, Subject(setup.tenant.pk, end_user.pk, api_key_id)
 
 
-def _plan(subject: Subject, process_id: uuid.UUID, *, reservation=None, draw=None) -> CompletionPlan:
-    return CompletionPlan(
-        call_id=f"cmpl-{uuid.uuid4()}", tenant_id=subject.tenant_id, api_key_id=subject.api_key_id,
-        end_user_id=subject.end_user_id, model=MODEL, price=price_for(MODEL), target=None, upstream_body=b"{}",
-        prompt_tokens=12, stream=True, forward_usage=False, reservation=reservation, draw=draw,
-        process_id=process_id,
+def _plan(subject: Subject, process_id: uuid.UUID, *, reservation=None, draw=None, call_id=None) -> CompletionPlan:
+    hold = Hold(
+        call_id=call_id or f"cmpl-{uuid.uuid4()}", subject=subject, model=MODEL, price=price_for(MODEL),
+        prompt_tokens=12, amount=Decimal("0.5"), reservation=reservation, draw=draw, process_id=process_id,
     )
+    return CompletionPlan(hold=hold, target=None, upstream_body=b"{}", stream=True, forward_usage=False)
 
 
 def _streaming(plan: CompletionPlan) -> CompletionCall:
@@ -88,8 +88,7 @@ def test_a_dead_process_is_swept_once_from_its_last_checkpoint(tenant_factory):
     process_id = process_register()
     reservation = cap_hold(subject=subject, caps=caps_for(subject), amount=Decimal("0.5"), call_id="cmpl-x",
                            process_id=process_id)
-    plan = _plan(subject, process_id, reservation=reservation)
-    plan = CompletionPlan(**{**plan.__dict__, "call_id": "cmpl-x"})
+    plan = _plan(subject, process_id, reservation=reservation, call_id="cmpl-x")
     assert process_beat(process_id=process_id, calls=[_streaming(plan).checkpoint()])
     # Admitted after the last beat: no checkpoint, its hold goes back at zero.
     late = cap_hold(subject=subject, caps=caps_for(subject), amount=Decimal("0.5"), call_id="cmpl-late",
@@ -127,8 +126,7 @@ def test_calls_the_sweep_did_not_see_are_settled_consistently_by_a_process_that_
     usage = Usage(prompt_tokens=12, completion_tokens=300, cached_tokens=0)
 
     for reservation in (unseen, after):
-        plan = CompletionPlan(**{**_plan(subject, process_id, reservation=reservation).__dict__,
-                                 "call_id": reservation.call_id})
+        plan = _plan(subject, process_id, reservation=reservation, call_id=reservation.call_id)
         completion_settle(plan=plan, usage=usage, content="", outcome="ok", latency_ms=1, ttft_ms=1)
 
     assert list(UsageRecord.objects.values_list("call_id", flat=True)) == ["cmpl-after"]
@@ -169,7 +167,7 @@ def test_a_call_the_process_settled_before_it_died_is_not_booked_twice(tenant_fa
     reserved = cap_hold(subject=subject, caps=caps_for(subject), amount=Decimal("0.5"), call_id="cmpl-exact",
                         process_id=process_id)
     leased_plan = _plan(subject, process_id, draw=draw)
-    exact_plan = CompletionPlan(**{**_plan(subject, process_id, reservation=reserved).__dict__, "call_id": "cmpl-exact"})
+    exact_plan = _plan(subject, process_id, reservation=reserved, call_id="cmpl-exact")
     # The last beat saw both in flight; then both finished and were booked; then it died.
     assert process_beat(process_id=process_id, calls=[_streaming(leased_plan).checkpoint(),
                                                       _streaming(exact_plan).checkpoint()])
@@ -257,16 +255,16 @@ async def test_a_beat_that_finds_its_process_swept_cuts_its_calls_and_registers_
 ):
     """The process's side of a sweep it survived: its calls end at their next chunk (their
     checkpoints were billed), its leases are forgotten, and its next hold is under a new id."""
-    from compat import openai_api, v1_liveness
+    from compat import calls, v1_liveness
     from tests.conftest import adb, wait_for
     from tests.v1direct import closing_hop
 
-    monkeypatch.setattr(openai_api, "db_after", closing_hop)
+    monkeypatch.setattr(calls, "db_after", closing_hop)
     settings.GENERATION_HEARTBEAT_SECONDS = 0.05
     setup, subject = await adb(_setup)(tenant_factory)
     process_id = await v1_liveness.process_id(closing_hop)
     call = _streaming(await adb(_plan)(subject, process_id))
-    monkeypatch.setitem(openai_api._calls, asyncio.current_task(), call)
+    monkeypatch.setitem(calls._calls, asyncio.current_task(), call)
     # Beats write its checkpoint…
     checkpointed = WebProcess.objects.filter(pk=process_id, calls__0__call_id=call.plan.call_id)
     await wait_for(checkpointed.aexists, timeout=5)
