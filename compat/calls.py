@@ -4,6 +4,7 @@ one booking however it ends; the registry of calls a shutdown or the liveness be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,22 @@ from .errors import Reply, error_event
 _settling: set[asyncio.Task[Any]] = set()
 # The calls in progress, by the task serving each: a shutdown waits for them, then interrupts.
 _calls: dict[asyncio.Task[Any], CompletionCall] = {}
+
+
+@contextlib.asynccontextmanager
+async def call_in_flight(call: CompletionCall) -> AsyncIterator[CompletionCall]:
+    """The call is in flight for as long as the block runs (served by the current task); on the
+    way out its hold goes back (what was booked stays booked), then it leaves the registry."""
+    task = asyncio.current_task()
+    assert task is not None
+    _calls[task] = call
+    try:
+        yield call
+    finally:
+        try:
+            await call.release()
+        finally:
+            _calls.pop(task, None)
 
 
 def calls_running() -> set[asyncio.Task[Any]]:

@@ -27,7 +27,7 @@ from django.conf import settings
 
 from conversations import shutdown
 
-from .calls import CompletionCall, _calls
+from .calls import CompletionCall, call_in_flight
 from .completions import ModelNotAvailable, completion_admit, models_available
 from .db import db
 from .errors import (
@@ -54,17 +54,8 @@ async def chat_completions(request: Request) -> Reply | None:
     shutdown.turn_admit()
     body = completion_request_parse(await request.body())
     plan = await completion_admit(authorization=request.authorization, request=body, hop=db)
-    call = CompletionCall(plan, started)
-    task = asyncio.current_task()
-    assert task is not None
-    _calls[task] = call
-    try:
+    async with call_in_flight(CompletionCall(plan, started)) as call:
         return await _answer(request, call)
-    finally:
-        try:
-            await call.release()
-        finally:
-            _calls.pop(task, None)
 
 
 async def _answer(request: Request, call: CompletionCall) -> Reply | None:
