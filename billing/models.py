@@ -20,7 +20,12 @@ class ModelPrice(models.Model):
         CHAT = "chat"
         MODERATION = "moderation"
 
-    model = models.CharField(max_length=100, unique=True)
+    # A tenant's own price for the model (self-hosted, a newer model, a negotiated rate); null is
+    # the operator's global list. A tenant row overrides the global one for that tenant only.
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="model_prices"
+    )
+    model = models.CharField(max_length=100)
     # What the model is for: a chat surface never offers or calls a moderation model.
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.CHAT)
     input_per_million = models.DecimalField(**PER_MILLION)
@@ -30,6 +35,16 @@ class ModelPrice(models.Model):
     batch_output_per_million = models.DecimalField(**PER_MILLION)
     context_window = models.PositiveIntegerField(default=128_000)
     updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model"], condition=models.Q(tenant__isnull=True), name="model_price_global_unique"
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "model"], condition=models.Q(tenant__isnull=False), name="model_price_tenant_unique"
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.model} (${self.input_per_million} / ${self.output_per_million} per 1M)"
@@ -44,6 +59,7 @@ class UsageRecord(models.Model):
         MODERATION = "moderation"
         BATCH = "batch"
         COMPLETION = "completion"  # the stateless OpenAI-compatible endpoint
+        CACHED = "cached"  # a response-cache hit: no upstream call, cost 0, the list price saved
 
     class Outcome(models.TextChoices):
         OK = "ok"
@@ -69,12 +85,23 @@ class UsageRecord(models.Model):
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.CHAT)
     outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.OK)
     model = models.CharField(max_length=100)
+    # The model the caller asked for (assistant model or /v1 model/alias) when routing chose
+    # another; blank when they are the same. `route` names the route that chose `model`.
+    requested_model = models.CharField(max_length=100, blank=True, default="")
+    route = models.CharField(max_length=100, blank=True, default="")
     prompt_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     # True when the provider sent no usage and tiktoken counted instead.
     estimated = models.BooleanField(default=False)
     cost_usd = models.DecimalField(**MONEY, default=Decimal("0"))
+    # What each cost lever saved on this row against the list price of the requested model (USD,
+    # >= 0): the provider's cached-input discount, a response-cache hit, routing to a cheaper
+    # model, batch pricing. List price = cost_usd + the four.
+    saved_cached_input_usd = models.DecimalField(**MONEY, default=Decimal("0"))
+    saved_response_cache_usd = models.DecimalField(**MONEY, default=Decimal("0"))
+    saved_routing_usd = models.DecimalField(**MONEY, default=Decimal("0"))
+    saved_batch_usd = models.DecimalField(**MONEY, default=Decimal("0"))
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
     # The cap leases (their Reservation ids) the call was admitted against and booked through:

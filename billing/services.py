@@ -63,7 +63,9 @@ def price_for(model: str, *, kind: str = ModelPrice.Kind.CHAT) -> Price:
     """The model's price, for a call of this kind. A model without a price — or priced for
     another kind of call — raises PriceMissing."""
     rows = {
-        row.model: row for row in ModelPrice.objects.filter(model__in={model, _base_model(model)}, kind=kind)
+        row.model: row for row in ModelPrice.objects.filter(
+            model__in={model, _base_model(model)}, kind=kind, tenant__isnull=True
+        )
     }
     row = rows.get(model) or rows.get(_base_model(model))
     if row is None:

@@ -316,7 +316,7 @@ def completion_settle(
 def models_available(*, authorization: str) -> list[str]:
     """The models the key may call: priced, and in its allowed list when it has one."""
     key = api_key_from_authorization(authorization)
-    models = sorted(ModelPrice.objects.filter(kind=ModelPrice.Kind.CHAT).values_list("model", flat=True))
+    models = sorted(ModelPrice.objects.filter(kind=ModelPrice.Kind.CHAT, tenant__isnull=True).values_list("model", flat=True))
     if key.allowed_models:
         models = [m for m in models if m in key.allowed_models]
     return models

@@ -34,7 +34,7 @@ class AssistantForm(TenantScopedForm):
 
 
 def _priced(model: str) -> str:
-    if not ModelPrice.objects.filter(model=model).exists():
+    if not ModelPrice.objects.filter(model=model, tenant__isnull=True).exists():
         raise forms.ValidationError("This model has no price in the price list.")
     return model
 

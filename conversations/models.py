@@ -41,6 +41,16 @@ class Assistant(models.Model):
     summary_high_water_tokens = models.PositiveIntegerField(default=16000)
     summary_low_water_tokens = models.PositiveIntegerField(default=1500)
     summary_model = models.CharField(max_length=100, default="gpt-4o-mini")
+    class ResponseCache(models.TextChoices):
+        OFF = "off", "Off"
+        EXACT = "exact", "Exact question (normalised)"
+        SEMANTIC = "semantic", "Semantic (embedding similarity)"
+
+    # Answers to a conversation's first question, reused for the same (or a similar) question.
+    response_cache = models.CharField(max_length=16, choices=ResponseCache.choices, default=ResponseCache.OFF)
+    response_cache_ttl = models.PositiveIntegerField(default=86_400)
+    # Ordered routes, first match wins, `model` otherwise: [{"name", "model", "when": {...}}].
+    routes = models.JSONField(default=list, blank=True)
     is_default = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -115,6 +125,10 @@ class Message(models.Model):
     # Prompt tokens this message costs, framing included; counted once, when written.
     tokens = models.PositiveIntegerField(default=0)
     model = models.CharField(max_length=100, blank=True, default="")
+    # The route that chose `model` (blank: the assistant's own model), and whether the answer
+    # came from the response cache.
+    route = models.CharField(max_length=100, blank=True, default="")
+    cached = models.BooleanField(default=False)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
     finish_reason = models.CharField(max_length=32, blank=True, default="")
     client_msg_id = models.CharField(max_length=100, blank=True, default="")

@@ -29,6 +29,9 @@ class Tenant(models.Model):
     # Whole-tenant limits across all its end users and keys (requests and tokens a minute).
     tenant_rpm = models.PositiveIntegerField(default=600)
     tenant_tpm = models.PositiveIntegerField(default=2_000_000)
+    # Browser origins ("https://shop.example") whose pages may open end-user token sockets (the
+    # embeddable widget), besides the operator's own hosts.
+    allowed_origins = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
@@ -114,6 +117,8 @@ class ApiKey(models.Model):
     allowed_models = models.JSONField(default=list, blank=True)
     # Requests a minute through this key; null = only the tenant's limits apply.
     rpm = models.PositiveIntegerField(null=True, blank=True)
+    # Opt-in exact caching of whole /v1 requests made with this key.
+    response_cache = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
