@@ -1,0 +1,154 @@
+"""REST API for assistants: `/api/v1/assistants/` and `/api/v1/assistants/{slug}/`, tenant-scoped.
+
+Models must be priced for the tenant, tools must exist for it, and routes must be well formed
+before anything is saved; an assistant that conversations still use is refused deletion (409).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from billing.services import model_priced
+from config.rest import Conflict, TenantApi, error_responses
+from conversations import assistants, gatekeepers
+from conversations.models import Assistant
+from tools.registry import tools_missing
+
+from .serializers import StrictSerializer
+
+FIELDS = [
+    "slug", "name", "model", "system_prompt", "temperature", "max_tokens", "tools", "tool_choice",
+    "parallel_tool_calls", "max_tool_rounds", "history_strategy", "history_window_tokens",
+    "summary_high_water_tokens", "summary_low_water_tokens", "summary_model", "is_default",
+    "response_cache", "response_cache_ttl", "routes",
+]
+# A route's condition keys and the JSON type each takes (the routing engine reads these).
+CONDITIONS: dict[str, type] = {
+    "max_input_tokens": int, "pattern": str, "tools": bool, "max_depth": int, "min_depth": int, "classifier": dict,
+}
+TOOL_CHOICES = ("auto", "required", "none")
+
+
+class AssistantSerializer(StrictSerializer, serializers.ModelSerializer):
+    tools = serializers.ListField(child=serializers.CharField(max_length=64), max_length=128, required=False)
+    routes = serializers.ListField(child=serializers.JSONField(), max_length=32, required=False,
+                                   help_text='[{"name": STR, "model": STR, "when": {condition: value}}], first match wins')
+    temperature = serializers.FloatField(min_value=0, max_value=2, required=False)
+    max_tokens = serializers.IntegerField(min_value=1, max_value=1_000_000, required=False)
+
+    class Meta:
+        model = Assistant
+        fields = FIELDS
+
+    def _priced(self, model: str) -> str:
+        if not model_priced(model, tenant_id=self.context["tenant_id"]):
+            raise serializers.ValidationError(f"the model {model!r} has no price for this tenant")
+        return model
+
+    def validate_model(self, value: str) -> str:
+        return self._priced(value)
+
+    def validate_summary_model(self, value: str) -> str:
+        return self._priced(value)
+
+    def validate_tools(self, value: list[str]) -> list[str]:
+        missing = tools_missing(tenant_id=self.context["tenant_id"], names=value)
+        if missing:
+            raise serializers.ValidationError(f"unknown tools: {', '.join(missing)}")
+        return list(dict.fromkeys(value))
+
+    def validate_routes(self, value: list[Any]) -> list[dict[str, Any]]:
+        return [self._route(route, number) for number, route in enumerate(value)]
+
+    def _route(self, route: Any, number: int) -> dict[str, Any]:
+        where = f"route {number}"
+        if not isinstance(route, dict) or set(route) != {"name", "model", "when"}:
+            raise serializers.ValidationError(f'{where}: an object with exactly "name", "model" and "when"')
+        if not isinstance(route["name"], str) or not 0 < len(route["name"]) <= 100:
+            raise serializers.ValidationError(f"{where}: name must be a string of 1-100 characters")
+        if not isinstance(route["model"], str):
+            raise serializers.ValidationError(f"{where}: model must be a string")
+        self._priced(route["model"])
+        when = route["when"]
+        if not isinstance(when, dict) or not set(when) <= set(CONDITIONS):
+            raise serializers.ValidationError(f"{where}: when takes only {', '.join(CONDITIONS)}")
+        for key, value in when.items():
+            self._condition(where, key, value)
+        return route
+
+    def _condition(self, where: str, key: str, value: Any) -> None:
+        kind = CONDITIONS[key]
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+            raise serializers.ValidationError(f"{where}: {key} must be a {'non-negative integer' if kind is int else kind.__name__}")
+        if key == "pattern":
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise serializers.ValidationError(f"{where}: pattern does not compile: {error}") from None
+        if key == "classifier" and (set(value) != {"model", "label"} or not all(isinstance(v, str) for v in value.values())):
+            raise serializers.ValidationError(f'{where}: classifier is {{"model": STR, "label": STR}}')
+        if key == "classifier":
+            self._priced(value["model"])
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        tools = attrs.get("tools", self.instance.tools if self.instance else [])
+        choice = attrs.get("tool_choice", self.instance.tool_choice if self.instance else "auto")
+        if choice not in TOOL_CHOICES and choice not in tools:
+            raise serializers.ValidationError({"tool_choice": ["auto, required, none or one of the assistant's tools"]})
+        return attrs
+
+
+def _actor(request: Request) -> str:
+    return f"api_key:{request.auth.prefix}"
+
+
+class AssistantListApi(TenantApi):
+    @extend_schema(operation_id="assistants_list", responses={200: AssistantSerializer(many=True),
+                                                             **error_responses("unauthorized")})
+    def get(self, request: Request) -> Response:
+        rows = Assistant.objects.for_tenant(self.tenant_id).order_by("slug")
+        return Response(AssistantSerializer(rows, many=True).data)
+
+    @extend_schema(operation_id="assistants_create", request=AssistantSerializer,
+                   responses={201: AssistantSerializer, **error_responses("invalid_request", "unauthorized")})
+    def post(self, request: Request) -> Response:
+        body = AssistantSerializer(data=request.data, context={"tenant_id": self.tenant_id})
+        body.is_valid(raise_exception=True)
+        assistant = assistants.assistant_create(tenant_id=self.tenant_id, fields=body.validated_data,
+                                                actor_label=_actor(request))
+        return Response(AssistantSerializer(assistant).data, status=status.HTTP_201_CREATED)
+
+
+class AssistantDetailApi(TenantApi):
+    def assistant(self, slug: str) -> Assistant:
+        return gatekeepers.access_assistant(tenant_id=self.tenant_id, slug=slug)
+
+    @extend_schema(operation_id="assistants_retrieve",
+                   responses={200: AssistantSerializer, **error_responses("unauthorized", "not_found")})
+    def get(self, request: Request, slug: str) -> Response:
+        return Response(AssistantSerializer(self.assistant(slug)).data)
+
+    @extend_schema(operation_id="assistants_partial_update", request=AssistantSerializer(partial=True),
+                   responses={200: AssistantSerializer, **error_responses("invalid_request", "unauthorized", "not_found")})
+    def patch(self, request: Request, slug: str) -> Response:
+        assistant = self.assistant(slug)
+        body = AssistantSerializer(assistant, data=request.data, partial=True, context={"tenant_id": self.tenant_id})
+        body.is_valid(raise_exception=True)
+        assistant = assistants.assistant_update(assistant=assistant, fields=body.validated_data,
+                                                actor_label=_actor(request))
+        return Response(AssistantSerializer(assistant).data)
+
+    @extend_schema(operation_id="assistants_destroy",
+                   responses={204: None, **error_responses("unauthorized", "not_found", "conflict")})
+    def delete(self, request: Request, slug: str) -> Response:
+        try:
+            assistants.assistant_delete(assistant=self.assistant(slug), actor_label=_actor(request))
+        except assistants.AssistantInUse as error:
+            raise Conflict(str(error)) from None
+        return Response(status=status.HTTP_204_NO_CONTENT)
