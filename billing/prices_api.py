@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import exceptions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -21,18 +21,36 @@ from .services import prices_visible
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$"  # vLLM names carry an org: meta-llama/Llama-3-8B
 PER_MILLION = {"max_digits": 12, "decimal_places": 4, "min_value": 0}
+
+
+@extend_schema_field({"type": "string", "format": "decimal", "pattern": r"^\d{1,8}(\.\d{1,4})?$"})
+class UsdPerMillionField(serializers.DecimalField):
+    """USD per 1M tokens as a decimal string (money is never a float on the wire); 0 is free."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
 PRICE_FIELDS = ["input_per_million", "cached_input_per_million", "output_per_million",
                 "batch_input_per_million", "batch_output_per_million"]
 
 
+class ModelNameField(serializers.RegexField):
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str):  # a JSON string, not anything str() accepts
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class PriceSerializer(serializers.Serializer):
-    model = serializers.RegexField(MODEL_NAME, max_length=100)
+    model = ModelNameField(MODEL_NAME, max_length=100)
     kind = serializers.ChoiceField(choices=ModelPrice.Kind.choices, default=ModelPrice.Kind.CHAT)
-    input_per_million = serializers.DecimalField(**PER_MILLION, help_text="USD per 1M input tokens; 0 is free")
-    cached_input_per_million = serializers.DecimalField(**PER_MILLION, required=False, help_text="default: the input price")
-    output_per_million = serializers.DecimalField(**PER_MILLION)
-    batch_input_per_million = serializers.DecimalField(**PER_MILLION, required=False, help_text="default: the input price")
-    batch_output_per_million = serializers.DecimalField(**PER_MILLION, required=False, help_text="default: the output price")
+    input_per_million = UsdPerMillionField(**PER_MILLION, help_text="USD per 1M input tokens; 0 is free")
+    cached_input_per_million = UsdPerMillionField(**PER_MILLION, required=False, help_text="default: the input price")
+    output_per_million = UsdPerMillionField(**PER_MILLION)
+    batch_input_per_million = UsdPerMillionField(**PER_MILLION, required=False, help_text="default: the input price")
+    batch_output_per_million = UsdPerMillionField(**PER_MILLION, required=False, help_text="default: the output price")
     context_window = serializers.IntegerField(min_value=1, max_value=100_000_000, default=128_000)
     source = serializers.SerializerMethodField(help_text="tenant: the tenant's own price; global: the operator's list")
     updated_at = serializers.DateTimeField(read_only=True)

@@ -1,7 +1,7 @@
 """URL routes: admin, chat page, health, REST API (the OpenAI-compatible /v1 is in asgi.py)."""
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import UsageApi
@@ -26,7 +26,8 @@ urlpatterns = [
     path("api/v1/assistants/<str:slug>/", assistants.AssistantDetailApi.as_view(), name="api-assistant"),
     # Prices belong to billing: the tenant's own rows, and the global list it falls back on.
     path("api/v1/prices/", PriceListApi.as_view(), name="api-prices"),
-    path("api/v1/prices/<path:model>/", PriceDetailApi.as_view(), name="api-price"),
+    # Any model name (vLLM's carry a slash); an odd one answers the API's own 404 body.
+    re_path(r"^api/v1/prices/(?P<model>[\s\S]+)/$", PriceDetailApi.as_view(), name="api-price"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     # /v1/… (the OpenAI-compatible endpoint) is served in front of Django: config/asgi.py.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from django.db import models
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -20,7 +21,7 @@ from conversations import assistants, gatekeepers
 from conversations.models import Assistant
 from tools.registry import tools_missing
 
-from .serializers import StrictSerializer
+from .serializers import StrictBooleanField, StrictCharField, StrictIntegerField, StrictSerializer
 
 FIELDS = [
     "slug", "name", "model", "system_prompt", "temperature", "max_tokens", "tools", "tool_choice",
@@ -35,12 +36,23 @@ CONDITIONS: dict[str, type] = {
 TOOL_CHOICES = ("auto", "required", "none")
 
 
+class StrictSlugField(StrictCharField, serializers.SlugField):
+    pass
+
+
 class AssistantSerializer(StrictSerializer, serializers.ModelSerializer):
+    # JSON types as the schema says them: no "1" for 1, no 0 for "0".
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        models.CharField: StrictCharField, models.TextField: StrictCharField, models.SlugField: StrictSlugField,
+        models.BooleanField: StrictBooleanField, models.PositiveIntegerField: StrictIntegerField,
+        models.PositiveSmallIntegerField: StrictIntegerField,
+    }
     tools = serializers.ListField(child=serializers.CharField(max_length=64), max_length=128, required=False)
     routes = serializers.ListField(child=serializers.JSONField(), max_length=32, required=False,
                                    help_text='[{"name": STR, "model": STR, "when": {condition: value}}], first match wins')
     temperature = serializers.FloatField(min_value=0, max_value=2, required=False)
-    max_tokens = serializers.IntegerField(min_value=1, max_value=1_000_000, required=False)
+    max_tokens = StrictIntegerField(min_value=1, max_value=1_000_000, required=False)
 
     class Meta:
         model = Assistant
