@@ -17,37 +17,20 @@ class AssistantInUse(Exception):
     """Conversations still use the assistant (their foreign key protects it)."""
 
 
-def _default_clear(tenant_id: int, *, keep: int | None = None) -> None:
-    # One default per tenant (a partial unique constraint): the new default takes it over.
-    Assistant.objects.for_tenant(tenant_id).filter(is_default=True).exclude(pk=keep).update(is_default=False)
-
-
-def assistant_create(*, tenant_id: int, fields: dict[str, Any], actor_label: str) -> Assistant:
-    """Raises InvalidInput when the slug is taken."""
-    try:
-        with transaction.atomic():
-            if fields.get("is_default"):
-                _default_clear(tenant_id)
-            assistant = Assistant.objects.create(tenant_id=tenant_id, **fields)
-            audit_record(tenant_id=tenant_id, action="assistant.create", actor_label=actor_label, obj=assistant,
-                         changes=sorted(fields))
-    except IntegrityError:
-        raise InvalidInput(f"an assistant with the slug {fields.get('slug')!r} already exists") from None
-    return assistant
-
-
-def assistant_update(*, assistant: Assistant, fields: dict[str, Any], actor_label: str) -> Assistant:
-    """Raises InvalidInput when the new slug is taken."""
-    changed = sorted(name for name, value in fields.items() if getattr(assistant, name) != value)
+def assistant_save(*, tenant_id: int, assistant: Assistant | None, fields: dict[str, Any], actor_label: str) -> Assistant:
+    """Create (`assistant` None) or change an assistant. Raises InvalidInput when the slug is taken."""
+    action = "assistant.create" if assistant is None else "assistant.change"
+    assistant = assistant or Assistant(tenant_id=tenant_id)
+    changed = sorted(name for name, value in fields.items() if action.endswith("create") or getattr(assistant, name) != value)
     for name, value in fields.items():
         setattr(assistant, name, value)
     try:
         with transaction.atomic():
-            if fields.get("is_default"):
-                _default_clear(assistant.tenant_id, keep=assistant.pk)
-            assistant.save()  # a full save: the configuration version moves (tenants.freshness)
-            audit_record(tenant_id=assistant.tenant_id, action="assistant.change", actor_label=actor_label,
-                         obj=assistant, changes=changed)
+            if fields.get("is_default"):  # one default per tenant: the new one takes it over
+                Assistant.objects.for_tenant(tenant_id).filter(is_default=True).exclude(pk=assistant.pk).update(
+                    is_default=False)
+            assistant.save()  # a full save: the tenant's configuration version moves (tenants.freshness)
+            audit_record(tenant_id=tenant_id, action=action, actor_label=actor_label, obj=assistant, changes=changed)
     except IntegrityError:
         raise InvalidInput(f"an assistant with the slug {assistant.slug!r} already exists") from None
     return assistant

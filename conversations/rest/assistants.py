@@ -6,11 +6,12 @@ before anything is saved; an assistant that conversations still use is refused d
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from django.db import models
 from drf_spectacular.utils import extend_schema
+from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema.exceptions import best_match
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -29,15 +30,23 @@ FIELDS = [
     "summary_high_water_tokens", "summary_low_water_tokens", "summary_model", "is_default",
     "response_cache", "response_cache_ttl", "routes",
 ]
-# A route's condition keys and the JSON type each takes (the routing engine reads these).
-CONDITIONS: dict[str, type] = {
-    "max_input_tokens": int, "pattern": str, "tools": bool, "max_depth": int, "min_depth": int, "classifier": dict,
-}
+# Routes as the routing engine reads them: first match wins; unknown condition keys are refused.
+COUNT = {"type": "integer", "minimum": 0}
+ROUTES = Draft202012Validator({"type": "array", "maxItems": 32, "items": {
+    "type": "object", "required": ["name", "model", "when"], "additionalProperties": False, "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 100}, "model": {"type": "string"},
+        "when": {"type": "object", "additionalProperties": False, "properties": {
+            "max_input_tokens": COUNT, "max_depth": COUNT, "min_depth": COUNT, "tools": {"type": "boolean"},
+            "pattern": {"type": "string", "format": "regex"},
+            "classifier": {"type": "object", "required": ["model", "label"], "additionalProperties": False,
+                           "properties": {"model": {"type": "string"}, "label": {"type": "string"}}},
+        }},
+    }}}, format_checker=FormatChecker())
 TOOL_CHOICES = ("auto", "required", "none")
 
 
 class StrictSlugField(StrictCharField, serializers.SlugField):
-    pass
+    """A JSON string that is a slug."""
 
 
 class AssistantSerializer(StrictSerializer, serializers.ModelSerializer):
@@ -49,7 +58,7 @@ class AssistantSerializer(StrictSerializer, serializers.ModelSerializer):
         models.PositiveSmallIntegerField: StrictIntegerField,
     }
     tools = serializers.ListField(child=serializers.CharField(max_length=64), max_length=128, required=False)
-    routes = serializers.ListField(child=serializers.JSONField(), max_length=32, required=False,
+    routes = serializers.ListField(child=serializers.JSONField(), required=False,
                                    help_text='[{"name": STR, "model": STR, "when": {condition: value}}], first match wins')
     temperature = serializers.FloatField(min_value=0, max_value=2, required=False)
     max_tokens = StrictIntegerField(min_value=1, max_value=1_000_000, required=False)
@@ -63,12 +72,6 @@ class AssistantSerializer(StrictSerializer, serializers.ModelSerializer):
             raise serializers.ValidationError(f"the model {model!r} has no price for this tenant")
         return model
 
-    def validate_model(self, value: str) -> str:
-        return self._priced(value)
-
-    def validate_summary_model(self, value: str) -> str:
-        return self._priced(value)
-
     def validate_tools(self, value: list[str]) -> list[str]:
         missing = tools_missing(tenant_id=self.context["tenant_id"], names=value)
         if missing:
@@ -76,39 +79,20 @@ class AssistantSerializer(StrictSerializer, serializers.ModelSerializer):
         return list(dict.fromkeys(value))
 
     def validate_routes(self, value: list[Any]) -> list[dict[str, Any]]:
-        return [self._route(route, number) for number, route in enumerate(value)]
-
-    def _route(self, route: Any, number: int) -> dict[str, Any]:
-        where = f"route {number}"
-        if not isinstance(route, dict) or set(route) != {"name", "model", "when"}:
-            raise serializers.ValidationError(f'{where}: an object with exactly "name", "model" and "when"')
-        if not isinstance(route["name"], str) or not 0 < len(route["name"]) <= 100:
-            raise serializers.ValidationError(f"{where}: name must be a string of 1-100 characters")
-        if not isinstance(route["model"], str):
-            raise serializers.ValidationError(f"{where}: model must be a string")
-        self._priced(route["model"])
-        when = route["when"]
-        if not isinstance(when, dict) or not set(when) <= set(CONDITIONS):
-            raise serializers.ValidationError(f"{where}: when takes only {', '.join(CONDITIONS)}")
-        for key, value in when.items():
-            self._condition(where, key, value)
-        return route
-
-    def _condition(self, where: str, key: str, value: Any) -> None:
-        kind = CONDITIONS[key]
-        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
-            raise serializers.ValidationError(f"{where}: {key} must be a {'non-negative integer' if kind is int else kind.__name__}")
-        if key == "pattern":
-            try:
-                re.compile(value)
-            except re.error as error:
-                raise serializers.ValidationError(f"{where}: pattern does not compile: {error}") from None
-        if key == "classifier" and (set(value) != {"model", "label"} or not all(isinstance(v, str) for v in value.values())):
-            raise serializers.ValidationError(f'{where}: classifier is {{"model": STR, "label": STR}}')
-        if key == "classifier":
-            self._priced(value["model"])
+        error = best_match(ROUTES.iter_errors(value))
+        if error is not None:
+            where = "/".join(str(part) for part in error.absolute_path)
+            raise serializers.ValidationError(f"routes/{where}: {error.message}" if where else error.message)
+        for route in value:
+            self._priced(route["model"])
+            if "classifier" in route["when"]:
+                self._priced(route["when"]["classifier"]["model"])
+        return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        for name in ("model", "summary_model"):
+            if name in attrs and not model_priced(attrs[name], tenant_id=self.context["tenant_id"]):
+                raise serializers.ValidationError({name: [f"the model {attrs[name]!r} has no price for this tenant"]})
         tools = attrs.get("tools", self.instance.tools if self.instance else [])
         choice = attrs.get("tool_choice", self.instance.tool_choice if self.instance else "auto")
         if choice not in TOOL_CHOICES and choice not in tools:
@@ -132,8 +116,8 @@ class AssistantListApi(TenantApi):
     def post(self, request: Request) -> Response:
         body = AssistantSerializer(data=request.data, context={"tenant_id": self.tenant_id})
         body.is_valid(raise_exception=True)
-        assistant = assistants.assistant_create(tenant_id=self.tenant_id, fields=body.validated_data,
-                                                actor_label=_actor(request))
+        assistant = assistants.assistant_save(tenant_id=self.tenant_id, assistant=None, fields=body.validated_data,
+                                              actor_label=_actor(request))
         return Response(AssistantSerializer(assistant).data, status=status.HTTP_201_CREATED)
 
 
@@ -152,8 +136,8 @@ class AssistantDetailApi(TenantApi):
         assistant = self.assistant(slug)
         body = AssistantSerializer(assistant, data=request.data, partial=True, context={"tenant_id": self.tenant_id})
         body.is_valid(raise_exception=True)
-        assistant = assistants.assistant_update(assistant=assistant, fields=body.validated_data,
-                                                actor_label=_actor(request))
+        assistant = assistants.assistant_save(tenant_id=self.tenant_id, assistant=assistant,
+                                              fields=body.validated_data, actor_label=_actor(request))
         return Response(AssistantSerializer(assistant).data)
 
     @extend_schema(operation_id="assistants_destroy",
