@@ -235,3 +235,37 @@ def test_admin_owner_prices_models_for_their_tenant_and_reads_the_global_list(te
     assert "gpt-4o" in global_list and SELF_HOSTED not in global_list and "their-llm" not in global_list
     gpt4o = ModelPrice.objects.get(model="gpt-4o", tenant__isnull=True)
     assert client.post(f"/admin/billing/modelprice/{gpt4o.pk}/change/", {"input_per_million": "0"}).status_code == 403
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tenant_price_added_between_calls_applies_to_the_next_call(parley, tenant_factory, sim):
+    setup = tenant_factory()
+    client = _sdk(parley, setup.api_key)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])  # warm: global price cached
+    _api(setup.api_key).post("/api/v1/prices/", {"model": MODEL, "input_per_million": "0", "output_per_million": "0"},
+                             format="json")
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    first, second = _records(setup.tenant)
+    assert first.cost_usd > 0 and second.cost_usd == 0
+
+
+@pytest.mark.django_db
+def test_admin_assistant_form_accepts_a_model_priced_by_its_tenant_only(tenant_factory):
+    from tenants.services import owner_add
+
+    ours, theirs = tenant_factory(), tenant_factory()
+    _price(ours.tenant, SELF_HOSTED, "0", "0")
+    for setup, expected in ((ours, 302), (theirs, 200)):  # 200: the form again, with the error
+        owner = owner_add(tenant=setup.tenant, email=f"owner@{setup.tenant.slug}.test", password="pw-123456789")
+        client = Client()
+        client.force_login(owner.user)
+        response = client.post(f"/admin/conversations/assistant/{setup.assistant.pk}/change/", {
+            "slug": "default", "model": SELF_HOSTED, "temperature": "0.7", "max_tokens": "100", "tools": "[]",
+            "tool_choice": "auto", "max_tool_rounds": "5", "history_strategy": "summarize",
+            "history_window_tokens": "4000", "summary_high_water_tokens": "16000", "summary_low_water_tokens": "1500",
+            "summary_model": "gpt-4o-mini", "response_cache": "off", "response_cache_ttl": "86400", "routes": "[]",
+            "is_default": "on",
+        })
+        assert response.status_code == expected, response.content.decode()[:3000]
+        assert (Assistant.objects.get(pk=setup.assistant.pk).model == SELF_HOSTED) == (expected == 302)
+    assert "no price for this tenant" in response.content.decode()
