@@ -20,7 +20,7 @@ from tenants.admin_base import TenantScopedAdmin, TenantScopedForm, admin_access
 from tenants.models import Tenant
 
 from .caps import period_bounds
-from .models import CapAlert, CapPeriod, ModelPrice, Reservation, SpendingCap, UsageRecord
+from .models import CapAlert, CapPeriod, ModelPrice, Reservation, SpendingCap, TenantModelPrice, UsageRecord
 from .usage_report import month_usage
 
 DEFAULT_ALERT_THRESHOLDS = [50, 80, 100]
@@ -30,8 +30,10 @@ TENANT_SWITCHER_LIMIT = 500
 
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
-    """Prices are global: every tenant member may read them, only superusers edit them."""
+    """The global price list: every tenant member may read it, only superusers edit it. (A
+    tenant's own prices are `TenantModelPriceAdmin`'s.)"""
 
+    exclude = ("tenant",)
     list_display = (
         "model",
         "input_per_million",
@@ -43,6 +45,9 @@ class ModelPriceAdmin(admin.ModelAdmin):
         "updated_at",
     )
     search_fields = ("model",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return super().get_queryset(request).filter(tenant__isnull=True)
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return self.has_view_permission(request)
@@ -59,6 +64,25 @@ class ModelPriceAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return admin_access(request).is_superuser
+
+
+class TenantPriceForm(TenantScopedForm):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "tenant" in self.fields:
+            self.fields["tenant"].required = True  # a row without a tenant would be a global price
+
+
+@admin.register(TenantModelPrice)
+class TenantModelPriceAdmin(TenantScopedAdmin):
+    """A tenant's owners and admins price models for their tenant (self-hosted at $0, a newer
+    model, a negotiated rate); the row overrides the global price for that tenant only."""
+
+    form = TenantPriceForm
+    list_display = ("model", "kind", "input_per_million", "cached_input_per_million", "output_per_million",
+                    "batch_input_per_million", "batch_output_per_million", "context_window", "updated_at")
+    search_fields = ("model",)
+    ordering = ("model",)
 
 
 class SpendingCapForm(TenantScopedForm):

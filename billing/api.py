@@ -41,6 +41,14 @@ def _midnight(value):
     return value
 
 
+class SavingsSerializer(serializers.Serializer):
+    cached_input = serializers.CharField(help_text="the provider's cached-input discount, USD")
+    response_cache = serializers.CharField(help_text="response-cache hits, USD")
+    routing = serializers.CharField(help_text="routing to a cheaper model than the one asked for, USD")
+    batch = serializers.CharField(help_text="Batch API pricing, USD")
+    total = serializers.CharField()
+
+
 class UsageRowSerializer(serializers.Serializer):
     key = serializers.CharField(allow_null=True, required=False)
     requests = serializers.IntegerField()
@@ -48,6 +56,8 @@ class UsageRowSerializer(serializers.Serializer):
     cached_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
     cost_usd = serializers.CharField(help_text="USD as a decimal string")
+    savings = SavingsSerializer(help_text="what each cost lever saved against list price, USD")
+    list_cost = serializers.CharField(help_text="cost_usd + savings.total: the same calls at list price, USD")
 
 
 class UsageSerializer(serializers.Serializer):
@@ -55,6 +65,7 @@ class UsageSerializer(serializers.Serializer):
     end = serializers.DateTimeField()
     group_by = serializers.CharField(allow_null=True)
     totals = UsageRowSerializer()
+    months = UsageRowSerializer(many=True, help_text="per UTC calendar month in the range (key: YYYY-MM)")
     groups = UsageRowSerializer(many=True, required=False)
 
 
@@ -71,7 +82,8 @@ ERROR = inline_serializer(
 
 
 def _row(row: dict) -> dict:
-    return {**row, "cost_usd": money_str(row["cost_usd"])}
+    savings = {lever: money_str(amount) for lever, amount in row["savings"].items()}
+    return {**row, "cost_usd": money_str(row["cost_usd"]), "savings": savings, "list_cost": money_str(row["list_cost"])}
 
 
 class UsageApi(APIView):
@@ -91,7 +103,7 @@ class UsageApi(APIView):
         query = UsageQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         summary = usage_summary(tenant_id=request.auth.tenant_id, **query.validated_data)
-        body = {**summary, "totals": _row(summary["totals"])}
+        body = {**summary, "totals": _row(summary["totals"]), "months": [_row(row) for row in summary["months"]]}
         if "groups" in summary:
             body["groups"] = [_row(row) for row in summary["groups"]]
         return Response(UsageSerializer(body).data)

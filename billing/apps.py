@@ -16,6 +16,7 @@ class BillingConfig(AppConfig):
         from .models import ModelPrice, SpendingCap
 
         alerts.sender_register(tasks.cap_alerts_nudge)
-        # Cached caller configuration holds caps and prices; prices are every tenant's.
+        # Cached caller configuration holds caps and prices; a global price (tenant None) is
+        # every tenant's, a tenant's own price that tenant's alone.
         freshness.watch(SpendingCap)
-        freshness.watch(ModelPrice, tenant=None)
+        freshness.watch(ModelPrice)

@@ -159,6 +159,13 @@ class CallFacts:
     message_id: uuid.UUID | None = None
     latency_ms: int | None = None
     ttft_ms: int | None = None
+    # The levers (routing, response cache, batch) say what they did and saved against the
+    # list price of the model asked for; the cached-input saving is computed from the tokens.
+    requested_model: str = ""
+    route: str = ""
+    saved_response_cache_usd: Decimal = Decimal(0)
+    saved_routing_usd: Decimal = Decimal(0)
+    saved_batch_usd: Decimal = Decimal(0)
 
 
 def call_book(
@@ -201,6 +208,9 @@ def _usage_input(
         end_user_id=subject.end_user_id, api_key_id=subject.api_key_id,
         conversation_id=facts.conversation_id, message_id=facts.message_id,
         latency_ms=facts.latency_ms, ttft_ms=facts.ttft_ms,
+        requested_model=facts.requested_model, route=facts.route,
+        saved_response_cache_usd=facts.saved_response_cache_usd, saved_routing_usd=facts.saved_routing_usd,
+        saved_batch_usd=facts.saved_batch_usd,
         lease_ids=tuple(str(lease.reservation_id) for lease in hold.draw.leases) if hold.draw else (),
     )
 

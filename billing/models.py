@@ -50,6 +50,24 @@ class ModelPrice(models.Model):
         return f"{self.model} (${self.input_per_million} / ${self.output_per_million} per 1M)"
 
 
+class TenantPriceManager(models.Manager):
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().filter(tenant__isnull=False)
+
+
+class TenantModelPrice(ModelPrice):
+    """A tenant's own prices, as the tenant-scoped admin edits them (the global list has its own)."""
+
+    objects = TenantPriceManager()
+
+    class Meta:
+        proxy = True
+        verbose_name = "tenant price"
+
+    def __str__(self) -> str:
+        return f"{self.model} for {self.tenant_id} (${self.input_per_million} / ${self.output_per_million} per 1M)"
+
+
 class UsageRecord(models.Model):
     """One upstream call. Never updated or deleted; `call_id` makes writes idempotent on retry."""
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 from django.db.models import Count, F, Sum
-from django.db.models.functions import Coalesce, TruncDay
+from django.db.models.functions import Coalesce, TruncDay, TruncMonth
 
 from .leases import LEASE_CALL_PREFIX
 from .models import CapPeriod, Reservation, UsageRecord
@@ -21,24 +21,57 @@ GROUPINGS = {
 }
 
 
+# What each cost lever saved against list price: the ledger's saved_* columns.
+SAVINGS = {
+    "cached_input": "saved_cached_input_usd",
+    "response_cache": "saved_response_cache_usd",
+    "routing": "saved_routing_usd",
+    "batch": "saved_batch_usd",
+}
+SUMS = {
+    "requests": Count("id"),
+    "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
+    "cached_tokens": Coalesce(Sum("cached_tokens"), 0),
+    "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
+    "cost_usd": Coalesce(Sum("cost_usd"), Decimal(0)),
+    **{f"saved_{lever}": Coalesce(Sum(column), Decimal(0)) for lever, column in SAVINGS.items()},
+}
+
+
+def _with_savings(row: dict[str, Any]) -> dict[str, Any]:
+    """`savings` per lever and in total, and `list_cost`: what the calls would have cost at
+    list price on the model asked for (cost + savings)."""
+    savings = {lever: row.pop(f"saved_{lever}") for lever in SAVINGS}
+    savings["total"] = sum(savings.values(), Decimal(0))
+    return {**row, "savings": savings, "list_cost": row["cost_usd"] + savings["total"]}
+
+
 def usage_summary(*, tenant_id: int, start: datetime, end: datetime, group_by: str | None) -> dict[str, Any]:
-    """Requests, tokens and cost in [start, end), in total and per group (day, model or
-    end user). Two aggregate queries whatever the volume."""
+    """Requests, tokens, cost and savings in [start, end), in total, per UTC month and per group
+    (day, model or end user). Three aggregate queries whatever the volume."""
     records = UsageRecord.objects.for_tenant(tenant_id).filter(created_at__gte=start, created_at__lt=end)
-    sums = {
-        "requests": Count("id"),
-        "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
-        "cached_tokens": Coalesce(Sum("cached_tokens"), 0),
-        "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
-        "cost_usd": Coalesce(Sum("cost_usd"), Decimal(0)),
+    result: dict[str, Any] = {
+        "start": start, "end": end, "group_by": group_by, "totals": _with_savings(records.aggregate(**SUMS)),
     }
-    result: dict[str, Any] = {"start": start, "end": end, "group_by": group_by, "totals": records.aggregate(**sums)}
+    months = records.annotate(key=TruncMonth("created_at", tzinfo=UTC)).values("key").annotate(**SUMS).order_by("key")
+    result["months"] = [_with_savings({**row, "key": _as_date(row["key"]).strftime("%Y-%m")}) for row in months]
     if group_by:
-        rows = records.annotate(key=GROUPINGS[group_by]).values("key").annotate(**sums).order_by("key")
+        rows = records.annotate(key=GROUPINGS[group_by]).values("key").annotate(**SUMS).order_by("key")
         result["groups"] = [
-            {**row, "key": row["key"].date().isoformat() if group_by == "day" else row["key"]} for row in rows
+            _with_savings({**row, "key": _as_date(row["key"]).isoformat() if group_by == "day" else row["key"]})
+            for row in rows
         ]
     return result
+
+
+def _as_date(value: date | datetime) -> date:
+    return value.date() if isinstance(value, datetime) else value
+
+
+def month_savings(records: Any) -> dict[str, Any]:
+    """The month's savings per lever, in total, and its list cost (the admin's usage page)."""
+    row = records.aggregate(**{k: SUMS[k] for k in ("cost_usd", *(f"saved_{lever}" for lever in SAVINGS))})
+    return _with_savings(row)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Any
 from uuid import UUID
 
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 
 from .models import ModelPrice, UsageRecord
 
@@ -30,6 +31,9 @@ class Price:
     cached_input: Decimal
     output: Decimal
     context_window: int
+    # The Batch API's rates (None: not known here, e.g. a price rebuilt from a checkpoint).
+    batch_input: Decimal | None = None
+    batch_output: Decimal | None = None
 
     @classmethod
     def of(cls, row: ModelPrice) -> Price:
@@ -39,6 +43,8 @@ class Price:
             cached_input=row.cached_input_per_million,
             output=row.output_per_million,
             context_window=row.context_window,
+            batch_input=row.batch_input_per_million,
+            batch_output=row.batch_output_per_million,
         )
 
     def cost(self, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
@@ -59,18 +65,35 @@ def _base_model(model: str) -> str:
     return model
 
 
-def price_for(model: str, *, kind: str = ModelPrice.Kind.CHAT) -> Price:
-    """The model's price, for a call of this kind. A model without a price — or priced for
-    another kind of call — raises PriceMissing."""
-    rows = {
-        row.model: row for row in ModelPrice.objects.filter(
-            model__in={model, _base_model(model)}, kind=kind, tenant__isnull=True
-        )
-    }
-    row = rows.get(model) or rows.get(_base_model(model))
-    if row is None:
-        raise PriceMissing(model)
-    return Price.of(row)
+def list_cost(price: Price, *, prompt_tokens: int, completion_tokens: int) -> Decimal:
+    """The call at list price: every prompt token at the full input price, no discount. The
+    savings columns of the ledger are measured against it."""
+    return price.cost(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+
+def price_for(model: str, *, kind: str = ModelPrice.Kind.CHAT, tenant_id: int | None = None) -> Price:
+    """The model's price for the tenant, for a call of this kind: the tenant's own row when it
+    has one (for the model or its family), else the global list (`tenant_id` None: the global
+    list only). A model without a price — or priced for another kind of call — raises
+    PriceMissing; an explicit zero is a price (a self-hosted model), never a missing one."""
+    owners = Q(tenant__isnull=True) | Q(tenant_id=tenant_id) if tenant_id is not None else Q(tenant__isnull=True)
+    candidates = ModelPrice.objects.filter(owners, model__in={model, _base_model(model)}, kind=kind)
+    rows = {(row.tenant_id, row.model): row for row in candidates}
+    for owner in (tenant_id, None):
+        row = rows.get((owner, model)) or rows.get((owner, _base_model(model)))
+        if row is not None:
+            return Price.of(row)
+    raise PriceMissing(model)
+
+
+def prices_visible(*, tenant_id: int, kind: str = ModelPrice.Kind.CHAT) -> dict[str, ModelPrice]:
+    """Model name → the price row the tenant pays by: its own rows over the global list."""
+    rows = ModelPrice.objects.filter(Q(tenant__isnull=True) | Q(tenant_id=tenant_id), kind=kind)
+    chosen: dict[str, ModelPrice] = {}
+    for row in rows.order_by("model"):
+        if row.model not in chosen or row.tenant_id is not None:
+            chosen[row.model] = row
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,14 @@ class UsageInput:
     latency_ms: int | None = None
     ttft_ms: int | None = None
     lease_ids: tuple[str, ...] = ()  # the cap leases the call was booked through
+    # Routing: the model asked for when a route chose another, and the route's name.
+    requested_model: str = ""
+    route: str = ""
+    # What the other levers saved against the list price (the cached-input saving is computed
+    # here from the tokens; these the lever that knows them passes).
+    saved_response_cache_usd: Decimal = Decimal(0)
+    saved_routing_usd: Decimal = Decimal(0)
+    saved_batch_usd: Decimal = Decimal(0)
 
 
 def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
@@ -104,6 +135,9 @@ def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
     )
+    # The provider's prompt cache: cached tokens at (input - cached input) below list price.
+    listed = list_cost(price, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+    fields["saved_cached_input_usd"] = max(listed - fields["cost_usd"], Decimal(0))
     try:
         with transaction.atomic():
             return UsageRecord.objects.create(call_id=usage.call_id, **fields)
@@ -116,3 +150,12 @@ def money_str(amount: Decimal) -> str:
     if not amount:
         return "0"
     return f"{amount.normalize():f}"
+
+
+def model_priced(model: str, *, tenant_id: int | None, kind: str = ModelPrice.Kind.CHAT) -> bool:
+    """Whether calls to the model would be priced for the tenant (`price_for` would answer)."""
+    try:
+        price_for(model, kind=kind, tenant_id=tenant_id)
+    except PriceMissing:
+        return False
+    return True

@@ -12,6 +12,7 @@ from django.db.models import Count, Sum
 from django.db.models.functions import TruncDay
 
 from .models import CapAlert, SpendingCap, UsageRecord
+from .selectors import month_savings
 
 TOP_END_USERS = 10
 TOP_MODELS = 50
@@ -57,6 +58,7 @@ class MonthUsage:
     top_end_users: list[dict[str, Any]]
     alerts: list[CapAlert]
     chart: Chart
+    savings: dict[str, Any]  # {"savings": {lever: USD, "total"}, "list_cost", "cost_usd"}
 
 
 def month_bounds(month: date) -> tuple[datetime, datetime]:
@@ -89,6 +91,7 @@ def month_usage(*, tenant_id: int, month: date) -> MonthUsage:
             .select_related("cap").order_by("-created_at")[:20]
         ),
         chart=chart(daily, cap.limit_usd if cap else None, through=datetime.now(UTC).date()),
+        savings=month_savings(records),
     )
 
 

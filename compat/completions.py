@@ -21,7 +21,7 @@ from typing import Any
 from billing.caps import Subject
 from billing.metering import CallFacts, Hold, call_book, call_hold_async, call_release_async, holds_close_tenant
 from billing.models import ModelPrice, UsageRecord
-from billing.services import Price
+from billing.services import Price, prices_visible
 from compat import v1_liveness
 from conversations.admission import (
     EndUserAccess,
@@ -314,9 +314,10 @@ def completion_settle(
 
 
 def models_available(*, authorization: str) -> list[str]:
-    """The models the key may call: priced, and in its allowed list when it has one."""
+    """The models the key may call: priced (globally or by its tenant), and in its allowed list
+    when it has one."""
     key = api_key_from_authorization(authorization)
-    models = sorted(ModelPrice.objects.filter(kind=ModelPrice.Kind.CHAT, tenant__isnull=True).values_list("model", flat=True))
+    models = sorted(prices_visible(tenant_id=key.tenant_id, kind=ModelPrice.Kind.CHAT))
     if key.allowed_models:
         models = [m for m in models if m in key.allowed_models]
     return models

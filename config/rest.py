@@ -24,7 +24,7 @@ class ErrorDetailSerializer(serializers.Serializer):
     code = serializers.ChoiceField(
         choices=[
             "invalid_request", "unauthorized", "not_found", "rate_limited", "spending_cap_exceeded",
-            "moderation_blocked", "upstream_error", "upstream_timeout", "cancelled",
+            "moderation_blocked", "upstream_error", "upstream_timeout", "cancelled", "conflict",
         ]
     )
     message = serializers.CharField()
@@ -41,6 +41,14 @@ class ErrorSerializer(serializers.Serializer):
     error = ErrorDetailSerializer()
 
 
+class Conflict(exceptions.APIException):
+    """The request is well formed but the object's state refuses it (e.g. deleting an assistant
+    that conversations still use): 409 `conflict`."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+
+
 # --- errors: the one mapping for the REST surface (every app's views) ----------------------
 
 STATUS_OF_CODE = {
@@ -48,6 +56,7 @@ STATUS_OF_CODE = {
     "unauthorized": 401,
     "not_found": 404,
     "cancelled": 409,
+    "conflict": 409,
     "moderation_blocked": 422,
     "rate_limited": 429,
     "spending_cap_exceeded": 429,
@@ -93,6 +102,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return _error_response("invalid_request", "invalid request body", fields=_field_errors(exc.detail))
     if isinstance(exc, exceptions.NotFound):
         return _error_response("not_found", str(exc.detail))
+    if isinstance(exc, Conflict):
+        return _error_response("conflict", str(exc.detail))
     if isinstance(exc, exceptions.Throttled):
         return _error_response("rate_limited", str(exc.detail), retry_after=exc.wait)
     if isinstance(exc, exceptions.APIException):  # parse errors, 405, 406, 415

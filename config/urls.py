@@ -1,11 +1,12 @@
 """URL routes: admin, chat page, health, REST API (the OpenAI-compatible /v1 is in asgi.py)."""
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import UsageApi
-from conversations.rest import api
+from billing.prices_api import PriceDetailApi, PriceListApi
+from conversations.rest import api, assistants
 from conversations.views import chat_page
 
 from .health import healthz
@@ -21,6 +22,12 @@ urlpatterns = [
     path("api/v1/conversations/<str:conversation_id>/messages/", api.MessageListApi.as_view(), name="api-messages"),
     path("api/v1/end-users/<str:external_id>/token/", api.EndUserTokenApi.as_view(), name="api-end-user-token"),
     path("api/v1/usage/", UsageApi.as_view(), name="api-usage"),
+    path("api/v1/assistants/", assistants.AssistantListApi.as_view(), name="api-assistants"),
+    path("api/v1/assistants/<str:slug>/", assistants.AssistantDetailApi.as_view(), name="api-assistant"),
+    # Prices belong to billing: the tenant's own rows, and the global list it falls back on.
+    path("api/v1/prices/", PriceListApi.as_view(), name="api-prices"),
+    # Any model name (vLLM's carry a slash); an odd one answers the API's own 404 body.
+    re_path(r"^api/v1/prices/(?P<model>[\s\S]+)/$", PriceDetailApi.as_view(), name="api-price"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     # /v1/… (the OpenAI-compatible endpoint) is served in front of Django: config/asgi.py.

@@ -7,14 +7,14 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from django import forms
 from django.contrib import admin
 from django.contrib.admin.utils import unquote
 from django.core.paginator import Page, Paginator
 from django.db.models import Count, Sum
 from django.http import HttpRequest, HttpResponse
 
-from billing.models import ModelPrice, UsageRecord
+from billing.models import UsageRecord
+from billing.services import model_priced
 from tenants.admin_base import TenantScopedAdmin, TenantScopedForm
 
 from .models import Assistant, Conversation, Message
@@ -24,19 +24,17 @@ OTHER_USAGE_LIMIT = 50
 
 
 class AssistantForm(TenantScopedForm):
-    """A model without a price is refused at chat time: say so when the assistant is saved."""
+    """A model without a price is refused at chat time: say so when the assistant is saved
+    (priced for the assistant's tenant: its own price or the global list)."""
 
-    def clean_model(self) -> str:
-        return _priced(self.cleaned_data["model"])
-
-    def clean_summary_model(self) -> str:
-        return _priced(self.cleaned_data["summary_model"])
-
-
-def _priced(model: str) -> str:
-    if not ModelPrice.objects.filter(model=model, tenant__isnull=True).exists():
-        raise forms.ValidationError("This model has no price in the price list.")
-    return model
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        tenant = cleaned.get("tenant")
+        tenant_id = tenant.pk if tenant is not None else self.instance.tenant_id or self._known_tenant_id()
+        for name in ("model", "summary_model"):
+            if cleaned.get(name) and not model_priced(cleaned[name], tenant_id=tenant_id):
+                self.add_error(name, "This model has no price for this tenant.")
+        return cleaned
 
 
 @admin.register(Assistant)

@@ -151,7 +151,9 @@ _keys: LRUCache = LRUCache(maxsize=10_000)  # prefix → KeyConfig
 # ("u", tenant, external id) / ("uid", tenant, id) → EndUserAccess; ("a", tenant, slug | None) /
 # ("aid", tenant, id) → AssistantConfig; ("k", tenant, key id) → its rpm.
 _rows: LRUCache = LRUCache(maxsize=200_000)
-_prices: LRUCache = LRUCache(maxsize=1_000)  # model → Price | None; apart: callers name any model
+# (tenant, model) → Price | None, under both versions (a tenant's price overrides the global
+# one); apart: callers name any model.
+_prices: LRUCache = LRUCache(maxsize=1_000)
 _MISSING = object()
 
 
@@ -196,10 +198,12 @@ def cached_end_user(access: KeyConfig, external_id: str) -> EndUserAccess | None
     return None if found is _MISSING else found
 
 
-def cached_price(access: KeyConfig | TenantConfig, model: str) -> Price | None | bool:
-    """The model's chat price; None when it has none; False when not known here (load it)."""
-    found = _row(model, access.versions[1], _prices)
-    return False if found is _MISSING else found
+def cached_price(access: KeyConfig | TenantConfig, model: str) -> Price | bool:
+    """The model's chat price; False when not known here (load it). A model found unpriced is
+    read again each time: a refusal must not outlive the price that a tenant just added (the
+    versions are only compared after admission has judged the model)."""
+    found = _row((access.tenant_id, model), access.versions, _prices)
+    return False if found is _MISSING or found is None else found
 
 
 # --- loading (database threads) -----------------------------------------------------------
@@ -270,10 +274,10 @@ def end_user_load(*, access: KeyConfig, external_id: str) -> EndUserAccess:
 
 def price_load(*, access: KeyConfig | TenantConfig, model: str) -> Price | None:
     try:
-        price: Price | None = price_for(model, kind=ModelPrice.Kind.CHAT)
+        price: Price | None = price_for(model, kind=ModelPrice.Kind.CHAT, tenant_id=access.tenant_id)
     except PriceMissing:
         price = None
-    return _row_store(model, access.versions[1], price, _prices)
+    return _row_store((access.tenant_id, model), access.versions, price, _prices)
 
 
 # --- a chat turn (sockets and REST) -------------------------------------------------------

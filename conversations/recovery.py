@@ -188,7 +188,7 @@ def generation_checkpoint(*, conversation_id: uuid.UUID, generation_id: uuid.UUI
         caller = services.Caller(conversation.tenant_id, conversation.end_user_id, partial.api_key_id)
         owner = turns.CallOwner(
             caller=caller, conversation_id=conversation_id, assistant_message_id=generation_id, model=model,
-            price=price_for(model), prompt_tokens=partial.prompt_tokens or 0,
+            price=price_for(model, tenant_id=conversation.tenant_id), prompt_tokens=partial.prompt_tokens or 0,
         )
         started = conversation.generation_started_at or now
         answers.answer_store(plan=owner, outcome=answers.TurnOutcome(

@@ -156,7 +156,7 @@ def summary_plan(*, tenant_id: int, conversation_id: uuid.UUID) -> SummaryJob | 
         through_seq=compacted[-1][0],
         request=ChatRequest(model=model, messages=messages, max_tokens=SUMMARY_MAX_TOKENS, temperature=0.2),
         target=provider_target(assistant),
-        price=price_for(model),
+        price=price_for(model, tenant_id=tenant_id),
         prompt_tokens=count_messages(messages, model),
     )
 

@@ -212,7 +212,7 @@ def event_review(*, event_id: uuid.UUID, tenant_id: int, user: Any) -> None:
 def provider_call_open(*, subject: Subject, text: str) -> Hold:
     """Price the call and hold its worst case (billing.metering). Raises PriceMissing, and
     CapExceeded for a priced call that does not fit (a $0 one is admitted without a hold)."""
-    price = price_for(MODERATION_MODEL, kind=ModelPrice.Kind.MODERATION)
+    price = price_for(MODERATION_MODEL, kind=ModelPrice.Kind.MODERATION, tenant_id=subject.tenant_id)
     with transaction.atomic():
         return call_hold(
             subject=subject, price=price, model=MODERATION_MODEL, prompt_tokens=count_text(text, MODERATION_MODEL),

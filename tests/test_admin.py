@@ -22,7 +22,7 @@ from django.test import Client
 from django.urls import reverse
 
 from billing.caps import Subject, cap_reserve, cap_settle
-from billing.models import CapAlert, ModelPrice, Reservation, SpendingCap, UsageRecord
+from billing.models import CapAlert, ModelPrice, Reservation, SpendingCap, TenantModelPrice, UsageRecord
 from billing.services import UsageInput, price_for, usage_record
 from conversations.models import Assistant, Conversation, Message
 from moderation.models import ModerationEvent, ModerationPolicy
@@ -119,13 +119,17 @@ def _populate(setup: Any, label: str, model_name: str) -> TenantWorld:
         action="block", excerpt=f"a message from {label}",
     )
     audit = AuditEntry.objects.create(tenant=tenant, action="admin.change", object_repr=f"{label} thing")
+    own_price = TenantModelPrice.objects.create(
+        tenant=tenant, model=f"{label}-llm", input_per_million=0, cached_input_per_million=0, output_per_million=0,
+        batch_input_per_million=0, batch_output_per_million=0,
+    )
     world.objects = {
         Tenant: tenant, Membership: owner, EndUser: customer, ProviderCredential: credential,
         ApiKey: ApiKey.objects.get(pk=api_key.pk), Assistant: assistant, Conversation: conversation,
         SpendingCap: cap, CapAlert: CapAlert.objects.get(cap=cap),
         Reservation: Reservation.objects.get(pk=reservation.pk),
         UsageRecord: record, WebhookTool: tool, ModerationPolicy: policy, ModerationEvent: event,
-        AuditEntry: audit,
+        AuditEntry: audit, TenantModelPrice: own_price,
     }
     return world
 

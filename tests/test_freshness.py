@@ -25,7 +25,7 @@ def test_every_app_registers_its_watched_models():
         "conversations.Assistant": "tenant_id",
         "billing.SpendingCap": "tenant_id",
         "moderation.ModerationPolicy": "tenant_id",
-        "billing.ModelPrice": None,
+        "billing.ModelPrice": "tenant_id",  # None on a global row: every tenant's
     }
 
 

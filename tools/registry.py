@@ -172,3 +172,11 @@ async def tools_resolve(*, tenant_id: int, names: Iterable[str]) -> dict[str, To
         async for hook in queryset:
             tools[hook.name] = webhook_tool(hook)
     return tools
+
+
+def tools_missing(*, tenant_id: int, names: Iterable[str]) -> list[str]:
+    """The names among `names` that are neither built-ins nor the tenant's active webhook tools."""
+    builtin_names, other_names = _split(names)
+    found = set(WebhookTool.objects.for_tenant(tenant_id).filter(name__in=other_names, is_active=True)
+                .values_list("name", flat=True)) if other_names else set()
+    return [name for name in other_names if name not in found]
