@@ -159,6 +159,10 @@ class CallFacts:
     message_id: uuid.UUID | None = None
     latency_ms: int | None = None
     ttft_ms: int | None = None
+    # Routing chose the call's model: what was asked for, by which route, at what list price.
+    requested_model: str = ""
+    route: str = ""
+    requested_price: Price | None = None
 
 
 def call_book(
@@ -201,6 +205,7 @@ def _usage_input(
         end_user_id=subject.end_user_id, api_key_id=subject.api_key_id,
         conversation_id=facts.conversation_id, message_id=facts.message_id,
         latency_ms=facts.latency_ms, ttft_ms=facts.ttft_ms,
+        requested_model=facts.requested_model, route=facts.route, requested_price=facts.requested_price,
         lease_ids=tuple(str(lease.reservation_id) for lease in hold.draw.leases) if hold.draw else (),
     )
 

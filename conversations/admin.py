@@ -15,6 +15,7 @@ from django.db.models import Count, Sum
 from django.http import HttpRequest, HttpResponse
 
 from billing.models import ModelPrice, UsageRecord
+from routing.admin import routes_clean
 from tenants.admin_base import TenantScopedAdmin, TenantScopedForm
 
 from .models import Assistant, Conversation, Message
@@ -31,6 +32,9 @@ class AssistantForm(TenantScopedForm):
 
     def clean_summary_model(self) -> str:
         return _priced(self.cleaned_data["summary_model"])
+
+    def clean_routes(self) -> list:
+        return routes_clean(self.cleaned_data.get("routes"))
 
 
 def _priced(model: str) -> str:
