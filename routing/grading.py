@@ -17,8 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
-
 from billing.caps import CapExceeded, Subject
 from billing.metering import CallFacts, Caps, call_book, call_hold_async
 from billing.models import UsageRecord
@@ -39,7 +37,9 @@ GRADING_PROMPT = (
     "complex: it needs reasoning, several steps, comparison or expertise."
 )
 GRADE_MAX_TOKENS = 4
-QUESTION_GRADED_CHARS = 4_000  # the grade is about the question's kind, not all of its text
+QUESTION_GRADED_CHARS = 4_000
+# The whole grading call, retries included: past it the turn goes on ungraded (fail open).
+GRADE_TIMEOUT_SECONDS = 10.0  # the grade is about the question's kind, not all of its text
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ async def grade(call: GradeCall, *, hop: Hop) -> str | None:
     error: BaseException | None = None
     started = time.monotonic()
     try:
-        async with asyncio.timeout(settings.ROUTING_CLASSIFIER_TIMEOUT_SECONDS):
+        async with asyncio.timeout(GRADE_TIMEOUT_SECONDS):
             async with contextlib.aclosing(gateway.stream_chat(call.target, request)) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):

@@ -8,8 +8,8 @@ grade of the question. An absent condition holds for any turn.
 
 A tenant's pattern runs on Parley's threads, so it is bounded three ways: at most
 `PATTERN_MAX_CHARS` characters, matched against the first `QUESTION_MATCH_CHARS` characters
-of the question, with the `regex` library's timeout (`ROUTING_PATTERN_TIMEOUT_MS`); a pattern
-that times out does not match (the next route is tried).
+of the question, with the `regex` library's timeout (`PATTERN_TIMEOUT_SECONDS`); a pattern that
+times out does not match (the next route is tried).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 
 import jsonschema
 import regex
-from django.conf import settings
 
 logger = logging.getLogger(__name__)
 
 MAX_ROUTES = 16
 PATTERN_MAX_CHARS = 200
 QUESTION_MATCH_CHARS = 4_000
+PATTERN_TIMEOUT_SECONDS = 0.02  # per question and pattern: a thread is held at most this long
 LABELS = ("simple", "complex")
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 100, "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"}
@@ -174,7 +174,7 @@ def pattern_matches(pattern: str, question: str, *, route: str = "") -> bool:
     pattern that times out (or no longer compiles) does not match."""
     try:
         return regex.search(
-            pattern, question[:QUESTION_MATCH_CHARS], timeout=settings.ROUTING_PATTERN_TIMEOUT_MS / 1000,
+            pattern, question[:QUESTION_MATCH_CHARS], timeout=PATTERN_TIMEOUT_SECONDS,
         ) is not None
     except (TimeoutError, regex.error):
         logger.warning("route %r: its pattern did not finish in time or does not compile; not matched", route)

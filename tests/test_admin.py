@@ -26,6 +26,7 @@ from billing.models import CapAlert, ModelPrice, Reservation, SpendingCap, Usage
 from billing.services import UsageInput, price_for, usage_record
 from conversations.models import Assistant, Conversation, Message
 from moderation.models import ModerationEvent, ModerationPolicy
+from routing.models import ModelAlias
 from tenants.admin_base import TenantScopedAdmin
 from tenants.models import ApiKey, AuditEntry, EndUser, Membership, ProviderCredential, Tenant
 from tenants.services import (
@@ -119,13 +120,14 @@ def _populate(setup: Any, label: str, model_name: str) -> TenantWorld:
         action="block", excerpt=f"a message from {label}",
     )
     audit = AuditEntry.objects.create(tenant=tenant, action="admin.change", object_repr=f"{label} thing")
+    alias = ModelAlias.objects.create(tenant=tenant, name=f"{label}-auto", default_model=model_name)
     world.objects = {
         Tenant: tenant, Membership: owner, EndUser: customer, ProviderCredential: credential,
         ApiKey: ApiKey.objects.get(pk=api_key.pk), Assistant: assistant, Conversation: conversation,
         SpendingCap: cap, CapAlert: CapAlert.objects.get(cap=cap),
         Reservation: Reservation.objects.get(pk=reservation.pk),
         UsageRecord: record, WebhookTool: tool, ModerationPolicy: policy, ModerationEvent: event,
-        AuditEntry: audit,
+        AuditEntry: audit, ModelAlias: alias,
     }
     return world
 

@@ -25,6 +25,7 @@ def test_every_app_registers_its_watched_models():
         "conversations.Assistant": "tenant_id",
         "billing.SpendingCap": "tenant_id",
         "moderation.ModerationPolicy": "tenant_id",
+        "routing.ModelAlias": "tenant_id",
         "billing.ModelPrice": None,
     }
 

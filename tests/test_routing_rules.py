@@ -77,8 +77,7 @@ def test_invalid_routes_are_refused_saying_where_and_why(routes, says):
     assert says in str(refused.value)
 
 
-def test_a_catastrophic_pattern_times_out_as_no_match(settings):
-    settings.ROUTING_PATTERN_TIMEOUT_MS = 20
+def test_a_catastrophic_pattern_times_out_as_no_match():
     assert pattern_matches(r"(?:(?:x+x+)+y|(\w+\s?)+\d)$", "x" * 5000) is False
     assert pattern_matches("(?i)refund", "I want a Refund") is True
     # Only the start of a long question is searched.
