@@ -160,6 +160,7 @@ def test_an_alias_on_v1_routes_and_the_reply_names_the_model_used(parley, tenant
 def test_v1_models_lists_the_tenants_aliases_and_no_one_elses(parley, tenant_factory, sim):
     setup, other = _alias_tenant(tenant_factory), tenant_factory()
     assert "auto" in [m.id for m in _client(parley, setup.api_key).models.list()]
+    assert _client(parley, setup.api_key).models.retrieve("auto").id == "auto"
     assert "auto" not in [m.id for m in _client(parley, other.api_key).models.list()]
     with pytest.raises(openai.NotFoundError):  # another tenant's alias is not a model here
         _client(parley, other.api_key).chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
