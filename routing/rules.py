@@ -114,7 +114,7 @@ class Choice:
         return bool(self.route_name) and self.model != self.requested_model
 
 
-class GradeNeeded(Exception):  # noqa: N818 — a request for input, not a failure
+class GradeNeeded(Exception):
     """The next route to try asks a classifier, and its grade is not known yet: grade the
     question with `model` and choose again with the grade in `grades`."""
 
