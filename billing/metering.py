@@ -166,6 +166,8 @@ class CallFacts:
     saved_response_cache_usd: Decimal = Decimal(0)
     saved_routing_usd: Decimal = Decimal(0)
     saved_batch_usd: Decimal = Decimal(0)
+    # Routing chose the call's model: the requested model's list price measures what it saved.
+    requested_price: Price | None = None
 
 
 def call_book(
@@ -210,7 +212,7 @@ def _usage_input(
         latency_ms=facts.latency_ms, ttft_ms=facts.ttft_ms,
         requested_model=facts.requested_model, route=facts.route,
         saved_response_cache_usd=facts.saved_response_cache_usd, saved_routing_usd=facts.saved_routing_usd,
-        saved_batch_usd=facts.saved_batch_usd,
+        saved_batch_usd=facts.saved_batch_usd, requested_price=facts.requested_price,
         lease_ids=tuple(str(lease.reservation_id) for lease in hold.draw.leases) if hold.draw else (),
     )
 

@@ -122,12 +122,14 @@ class UsageInput:
     saved_response_cache_usd: Decimal = Decimal(0)
     saved_routing_usd: Decimal = Decimal(0)
     saved_batch_usd: Decimal = Decimal(0)
+    requested_price: Price | None = None  # the requested model's price: what routing saved
 
 
 def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
     """Append one ledger row. Idempotent on call_id: a retried write returns the first row."""
     fields: dict[str, Any] = {
-        name: getattr(usage, name) for name in UsageInput.__dataclass_fields__ if name != "call_id"
+        name: getattr(usage, name) for name in UsageInput.__dataclass_fields__
+        if name not in ("call_id", "requested_price")
     }
     fields["lease_ids"] = list(usage.lease_ids)
     fields["cost_usd"] = price.cost(
@@ -138,11 +140,20 @@ def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
     # The provider's prompt cache: cached tokens at (input - cached input) below list price.
     listed = list_cost(price, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
     fields["saved_cached_input_usd"] = max(listed - fields["cost_usd"], Decimal(0))
+    if usage.requested_price is not None:
+        fields["saved_routing_usd"] = routing_saving(usage, price=price, requested=usage.requested_price)
     try:
         with transaction.atomic():
             return UsageRecord.objects.create(call_id=usage.call_id, **fields)
     except IntegrityError:
         return UsageRecord.objects.get(call_id=usage.call_id)
+
+
+def routing_saving(usage: UsageInput, *, price: Price, requested: Price) -> Decimal:
+    """The same tokens at the requested model's list price less at the chosen one's, both
+    without the cached-input discount (that lever is saved_cached_input_usd's); never below 0."""
+    tokens = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+    return max(requested.cost(**tokens) - price.cost(**tokens), Decimal(0))
 
 
 def money_str(amount: Decimal) -> str:

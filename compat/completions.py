@@ -43,6 +43,8 @@ from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt
 from moderation.gate import OutputGate
 from moderation.rules import PolicySnapshot
 from moderation.services import ModerationContext, moderate
+from routing.aliases import AliasConfig, alias_names, aliases_load, cached_aliases, request_facts
+from routing.selection import Grading, Routed, TurnFacts, route_choose, with_grades
 from tenants import ratelimits
 from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
 from tenants.freshness import versions_parse, versions_read, versions_stored_keys
@@ -63,6 +65,8 @@ class CompletionPlan:
     forward_usage: bool  # the caller asked for stream_options.include_usage
     limits: tuple[ratelimits.LimitState, ...] = ()  # after this call was counted: for headers
     moderation: PolicySnapshot | None = None  # the tenant's content policy, for the answer
+    routed: Routed | None = None  # the request named one of the tenant's aliases
+    alias: str = ""
 
     @property
     def call_id(self) -> str:
@@ -123,7 +127,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     external_id = request.get("user") or DEFAULT_END_USER
 
     access, end_user, price = await _caller(prefix=prefix, token=token, external_id=external_id, model=model, hop=hop)
-    price = _admissible(access, end_user=end_user, price=price, model=model)
+    price, alias = await _admit_model(access, end_user=end_user, price=price, model=model, hop=hop)
     prompt_tokens = await _prompt_tokens(request, model)
     _, default_max_tokens = access.defaults()
 
@@ -137,13 +141,21 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
         holds_close_tenant(access.tenant_id, hop=hop)
         loaded = await hop(access_load, prefix=prefix, token=token, external_id=external_id, model=model)
         access, end_user = loaded.access, loaded.end_user
-        price = _admissible(access, end_user=end_user, price=loaded.price, model=model)
+        price, alias = await _admit_model(access, end_user=end_user, price=loaded.price, model=model, hop=hop)
     target, default_max_tokens = access.defaults()
 
     call_id = f"cmpl-{uuid.uuid4()}"
     subject = access.caller(end_user.id)
     caps = access.tenant.caps_for(subject)
     await _input_check(access.moderation, request["messages"], target=target, subject=subject)
+    routed = None
+    if alias is not None:  # the alias's routes choose the model that answers
+        routed = await _alias_route(
+            access, alias, request=request, prompt_tokens=prompt_tokens, hop=hop,
+            max_tokens=output_bound(request, default_max_tokens=default_max_tokens),
+            grading=Grading(target=target, subject=subject, caps=caps),
+        )
+        price, model = routed.price, routed.model
     # A hold carries this process's id: should it die, the process sweep settles the hold.
     process_id = await v1_liveness.process_id(hop) if caps else None
     hold = await call_hold_async(
@@ -157,7 +169,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
             hold=hold,
             target=target,
             upstream_body=upstream_body(
-                request,
+                {**request, "model": model},
                 user_hash=end_user_hash(tenant_id=access.tenant_id, end_user_id=end_user.id),
                 default_max_tokens=default_max_tokens,
             ),
@@ -165,6 +177,8 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
             forward_usage=stream and bool((request.get("stream_options") or {}).get("include_usage")),
             limits=acquired.states,
             moderation=access.moderation,
+            routed=routed,
+            alias=request["model"] if routed else "",
         )
     except BaseException:
         await asyncio.shield(call_release_async(hold, hop=hop))
@@ -270,6 +284,48 @@ async def _caller(
     return access, end_user, price
 
 
+async def _admit_model(
+    access: KeyConfig, *, end_user: EndUserAccess, price: Price | None, model: str, hop: Hop
+) -> tuple[Price | None, AliasConfig | None]:
+    """The model's price, or — for a name with no price — the tenant's alias of that name
+    (its routes choose the model later). Raises ModelNotAvailable, EndUserBlocked."""
+    if price is None:
+        version = access.versions[0]
+        aliases = cached_aliases(access.tenant_id, version)
+        if aliases is None:
+            aliases = await hop(aliases_load, tenant_id=access.tenant_id, version=version)
+        if model in aliases:
+            access.model_check(model)
+            if end_user.is_blocked:
+                raise EndUserBlocked()
+            return None, aliases[model]
+    return _admissible(access, end_user=end_user, price=price, model=model), None
+
+
+async def _alias_route(
+    access: KeyConfig, alias: AliasConfig, *, request: dict[str, Any], prompt_tokens: int, max_tokens: int,
+    grading: Grading, hop: Hop,
+) -> Routed:
+    """The model an alias's routes choose for this request (a classifier route's grading
+    call runs here, metered). Raises ModelNotAvailable when the alias's own model has no price."""
+    prices = {}
+    for name in alias.models():
+        found = cached_price(access, name)
+        prices[name] = await hop(price_load, access=access, model=name) if found is False else found
+    default_price = prices.get(alias.default_model)
+    if default_price is None:
+        raise ModelNotAvailable(alias.name)
+    question, depth = request_facts(request)
+    facts = TurnFacts(question=question, input_tokens=prompt_tokens, tools_needed=bool(request.get("tools")),
+                      max_tokens=max_tokens, depth=lambda: depth)
+
+    async def choose(*, grades: Any, resume: Any) -> Routed:
+        return route_choose(routes=list(alias.routes), default_model=alias.default_model, default_price=default_price,
+                            turn=facts, price_of=prices.get, grading=grading, grades=grades)
+
+    return await with_grades(choose, hop=hop)
+
+
 def _admissible(access: KeyConfig, *, end_user: EndUserAccess, price: Price | None, model: str) -> Price:
     access.model_check(model)
     if price is None:
@@ -304,7 +360,10 @@ def completion_settle(
     the sweep booked."""
     record = call_book(
         hold=plan.hold, usage=usage, error=error, content=content,
-        facts=CallFacts(kind=UsageRecord.Kind.COMPLETION, outcome=outcome, latency_ms=latency_ms, ttft_ms=ttft_ms),
+        facts=CallFacts(
+            kind=UsageRecord.Kind.COMPLETION, outcome=outcome, latency_ms=latency_ms, ttft_ms=ttft_ms,
+            **(plan.routed.ledger(requested_model=plan.alias) if plan.routed else {}),
+        ),
     )
     api_key_touch_by_id(plan.api_key_id)
     return record
@@ -314,10 +373,11 @@ def completion_settle(
 
 
 def models_available(*, authorization: str) -> list[str]:
-    """The models the key may call: priced (globally or by its tenant), and in its allowed list
-    when it has one."""
+    """The models the key may call: priced (globally or by its tenant), or the tenant's aliases,
+    and in its allowed list when it has one."""
     key = api_key_from_authorization(authorization)
     models = sorted(prices_visible(tenant_id=key.tenant_id, kind=ModelPrice.Kind.CHAT))
+    models += [name for name in alias_names(key.tenant_id) if name not in models]  # the tenant's /v1 aliases
     if key.allowed_models:
         models = [m for m in models if m in key.allowed_models]
     return models

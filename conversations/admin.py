@@ -15,6 +15,7 @@ from django.http import HttpRequest, HttpResponse
 
 from billing.models import UsageRecord
 from billing.services import model_priced
+from routing.admin import routes_clean
 from tenants.admin_base import TenantScopedAdmin, TenantScopedForm
 
 from .models import Assistant, Conversation, Message
@@ -35,6 +36,9 @@ class AssistantForm(TenantScopedForm):
             if cleaned.get(name) and not model_priced(cleaned[name], tenant_id=tenant_id):
                 self.add_error(name, "This model has no price for this tenant.")
         return cleaned
+
+    def clean_routes(self) -> list:
+        return routes_clean(self.cleaned_data.get("routes"))
 
 
 @admin.register(Assistant)

@@ -316,13 +316,17 @@ def turn_config(
     if config is _MISSING:
         config = _assistant_store(key, version, _assistant_load(caller.tenant_id, assistant_id, assistant_slug))
     assistant, target = config.checked()
-    price = cached_price(tenant, assistant.model)
-    if price is False:
-        price = price_load(access=tenant, model=assistant.model)
+    price = price_get(tenant, assistant.model)
     if price is None:
         raise PriceMissing(assistant.model)
     limits = Limits(**{**tenant.limits.__dict__, "api_key_rpm": _key_rpm(caller, version)})
     return TurnConfig(caller=caller, tenant=tenant, assistant=assistant, target=target, price=price, limits=limits)
+
+
+def price_get(tenant: TenantConfig, model: str) -> Price | None:
+    """The model's chat price from this process's cache, loaded when not known here."""
+    price = cached_price(tenant, model)
+    return price_load(access=tenant, model=model) if price is False else price
 
 
 def _end_user_blocked(caller: Caller, version: int) -> bool:

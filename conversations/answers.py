@@ -61,6 +61,7 @@ def _bill_call(*, plan: CallOwner, outcome: TurnOutcome, message_id: uuid.UUID, 
         facts=CallFacts(
             kind=UsageRecord.Kind.CHAT, outcome=outcome.usage_outcome, conversation_id=plan.conversation_id,
             message_id=message_id, latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms,
+            **(plan.routed.ledger() if plan.routed else {}),
         ),
     )
 
@@ -89,6 +90,7 @@ def answer_store(*, plan: CallOwner, outcome: TurnOutcome) -> TurnResult:
             content=outcome.content,
             tokens=count_message({"role": "assistant", "content": outcome.content}, plan.model),
             model=plan.model,
+            route=plan.routed.choice.route_name if plan.routed else "",
             status=outcome.status,
             finish_reason=outcome.finish_reason,
         )

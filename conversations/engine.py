@@ -13,14 +13,17 @@ sweep (recovery.py) finishes the bookkeeping from the log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from channels.layers import get_channel_layer
 
 from config.db import database_sync_to_async
+from routing.selection import with_grades
 from streaming import eventlog, fanout
 
 from . import gatekeepers, recovery, services, shutdown, turns
@@ -63,6 +66,11 @@ async def events_follow(key: str, after: str) -> AsyncIterator[eventlog.Entry]:
             yield offset, event
 
 
+async def _hop(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """A synchronous database function off the loop (billing.metering's Hop), for grading calls."""
+    return await database_sync_to_async(fn)(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Submitted:
     plan: TurnPlan
@@ -88,7 +96,8 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
     # Default prefix: channels_redis reads all of a process's specific channels through one
     # receive loop keyed on it; a custom prefix would starve the sockets' channels.
     control = await layer.new_channel()
-    plan = await database_sync_to_async(turns.turn_prepare)(
+    prepare = functools.partial(
+        database_sync_to_async(turns.turn_prepare),
         caller=caller,
         content=command.content,
         conversation_id=command.conversation_id,
@@ -96,6 +105,7 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
         client_msg_id=command.client_msg_id,
         control_channel=control,
     )
+    plan = await with_grades(prepare, hop=_hop)  # a classifier route grades between two tries
     generation = Generation(plan=plan, control_channel=control)
     task = asyncio.create_task(generation.run(), name=f"generation {plan.assistant_message_id}")
     _running[task] = generation

@@ -15,13 +15,15 @@ from billing.services import Price
 from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message
 from moderation.rules import PolicySnapshot
+from routing.rules import GradeNeeded, Grades
+from routing.selection import Grading, Routed, TurnFacts, route_choose
 from tenants import ratelimits
 from tenants.callers import Caller
 from tenants.freshness import versions_parse, versions_read, versions_stored_keys
 from tenants.services import end_user_hash
 from tools.registry import tool_definitions
 
-from .admission import TurnConfig, turn_config
+from .admission import TurnConfig, price_get, turn_config
 from .context import Prompt, prompt_assemble
 from .errors import GenerationBusy, InvalidInput
 from .gatekeepers import access_conversation
@@ -57,6 +59,7 @@ class TurnPlan:
     tool_names: tuple[str, ...] = ()
     max_tool_rounds: int = 0
     end_user_external_id: str = ""
+    routed: Routed | None = None  # the assistant's routes chose `model`
 
     @property
     def group(self) -> str:
@@ -66,7 +69,7 @@ class TurnPlan:
     def owner(self) -> CallOwner:
         return CallOwner(
             caller=self.caller, conversation_id=self.conversation_id, assistant_message_id=self.assistant_message_id,
-            model=self.model, price=self.price, prompt_tokens=self.prompt.tokens,
+            model=self.model, price=self.price, prompt_tokens=self.prompt.tokens, routed=self.routed,
         )
 
 
@@ -81,6 +84,7 @@ class CallOwner:
     model: str
     price: Price
     prompt_tokens: int
+    routed: Routed | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,8 @@ def turn_prepare(
     assistant_slug: str | None,
     client_msg_id: str | None,
     control_channel: str,
+    grades: Grades | None = None,
+    resume: tuple[_Admission, tuple] | None = None,
 ) -> TurnPlan:
     """Admit the turn, then in one short transaction: commit the user's message, reserve the
     prompt's worst-case cost against every cap, claim the conversation's generation slot. A
@@ -197,14 +203,20 @@ def turn_prepare(
     (requests and the prompt's tokens) at once, all or nothing, reading the configuration
     versions in the same Redis round trip (`_limits_acquire`: the script and pipeline `/v1`
     runs): no Redis trip happens while the conversation's row is locked, and a turn one
-    limit refuses counts against none."""
+    limit refuses counts against none. The assistant's routes then choose the model; a
+    classifier route raises GradeNeeded: call again with its grade and `resume`."""
     now = timezone.now()
     assistant_message_id = uuid.uuid4()
     read = {"content": content, "conversation_id": conversation_id, "assistant_slug": assistant_slug, "now": now}
-    admission, limit_states = _limits_acquire(
+    admission, limit_states = resume or _limits_acquire(
         caller=caller, admission=_turn_admission(caller=caller, **read), **read
     )
-    assistant, price = admission.assistant, admission.config.price
+    try:
+        routed = _turn_route(caller=caller, admission=admission, content=content, grades=grades)
+    except GradeNeeded as needed:
+        needed.resume = (admission, limit_states)
+        raise
+    assistant, price = admission.assistant, routed.price
     with transaction.atomic():
         conversation, created = _open_conversation(caller=caller, admission=admission, content=content)
         if generation_claimed(conversation, now):
@@ -222,7 +234,7 @@ def turn_prepare(
             )
         hold = call_hold(
             subject=caller, caps=admission.config.caps, price=price,
-            model=assistant.model, prompt_tokens=prompt.tokens, max_tokens=assistant.max_tokens,
+            model=routed.model, prompt_tokens=prompt.tokens, max_tokens=assistant.max_tokens,
             call_id=upstream_call_id(assistant_message_id, 0),
         )
         Conversation.objects.filter(pk=conversation.pk).update(
@@ -235,7 +247,7 @@ def turn_prepare(
         )
     tools = admission.tools
     request = ChatRequest(
-        model=assistant.model,
+        model=routed.model,
         messages=prompt.messages,
         max_tokens=assistant.max_tokens,
         temperature=assistant.temperature,
@@ -252,7 +264,7 @@ def turn_prepare(
         client_msg_id=client_msg_id,
         assistant_message_id=assistant_message_id,
         user_seq=user_message.seq,
-        model=assistant.model,
+        model=routed.model,
         price=price,
         prompt=prompt,
         request=request,
@@ -260,7 +272,7 @@ def turn_prepare(
         hold=hold,
         summary_due=summary_needed(
             assistant=assistant, history_tokens=prompt.history_tokens, truncated=prompt.truncated,
-            turns=(user_message.seq + 1) // 2, price=price,
+            turns=(user_message.seq + 1) // 2, price=admission.config.price,
         ),
         moderation=admission.config.tenant.moderation,
         user_content=content,
@@ -268,7 +280,29 @@ def turn_prepare(
         tool_names=tuple(assistant.tools or ()) if tools else (),
         max_tool_rounds=assistant.max_tool_rounds,
         end_user_external_id=conversation.end_user.external_id if tools else "",
+        routed=routed,
     )
+
+
+def _turn_route(*, caller: Caller, admission: _Admission, content: str, grades: Grades | None) -> Routed:
+    config, conversation = admission.config, admission.conversation
+    return route_choose(
+        routes=config.assistant.routes, default_model=config.assistant.model, default_price=config.price,
+        turn=TurnFacts(
+            question=content, input_tokens=admission.prompt.tokens, tools_needed=bool(admission.tools),
+            max_tokens=config.assistant.max_tokens, depth=lambda: _depth(conversation),
+        ),
+        price_of=lambda model: price_get(config.tenant, model), grades=grades,
+        grading=Grading(target=config.target, subject=caller, caps=config.caps,
+                        conversation_id=conversation.id if conversation else None),
+    )
+
+
+def _depth(conversation: Conversation | None) -> int:
+    """User messages in the conversation, this turn's included (only when a route asks)."""
+    if conversation is None:
+        return 1
+    return Message.objects.filter(conversation_id=conversation.id, role=Message.Role.USER).count() + 1
 
 
 def upstream_call_id(assistant_message_id: uuid.UUID, round_number: int) -> str:

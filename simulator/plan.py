@@ -5,12 +5,13 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llm.tokens import count_messages, count_text
 
 from .directives import Directives
+from .grading import grading_head
 from .request import ParsedRequest
 from .tools import ToolCall, argument_fragments, decide_tools
 
@@ -160,8 +161,12 @@ def plan_reply(
     prompt_tokens: int | None = None, cached_tokens: int = 0,
 ) -> ReplyPlan:
     decision = decide_tools(request, fault)
-    body = (_tool_call_body(request, decision.calls) if decision.calls
-            else _text_body(request, fault, decision.head))
+    graded = grading_head(request)
+    if graded is not None and not decision.calls:
+        body = _text_body(request, replace(fault, words=len(graded)), graded)
+    else:
+        body = (_tool_call_body(request, decision.calls) if decision.calls
+                else _text_body(request, fault, decision.head))
     rate = fault.tps if fault.tps is not None else tps
     return ReplyPlan(
         id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=request.model,

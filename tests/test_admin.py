@@ -26,6 +26,7 @@ from billing.models import CapAlert, ModelPrice, Reservation, SpendingCap, Tenan
 from billing.services import UsageInput, price_for, usage_record
 from conversations.models import Assistant, Conversation, Message
 from moderation.models import ModerationEvent, ModerationPolicy
+from routing.models import ModelAlias
 from tenants.admin_base import TenantScopedAdmin
 from tenants.models import ApiKey, AuditEntry, EndUser, Membership, ProviderCredential, Tenant
 from tenants.services import (
@@ -123,13 +124,14 @@ def _populate(setup: Any, label: str, model_name: str) -> TenantWorld:
         tenant=tenant, model=f"{label}-llm", input_per_million=0, cached_input_per_million=0, output_per_million=0,
         batch_input_per_million=0, batch_output_per_million=0,
     )
+    alias = ModelAlias.objects.create(tenant=tenant, name=f"{label}-auto", default_model=model_name)
     world.objects = {
         Tenant: tenant, Membership: owner, EndUser: customer, ProviderCredential: credential,
         ApiKey: ApiKey.objects.get(pk=api_key.pk), Assistant: assistant, Conversation: conversation,
         SpendingCap: cap, CapAlert: CapAlert.objects.get(cap=cap),
         Reservation: Reservation.objects.get(pk=reservation.pk),
         UsageRecord: record, WebhookTool: tool, ModerationPolicy: policy, ModerationEvent: event,
-        AuditEntry: audit, TenantModelPrice: own_price,
+        AuditEntry: audit, TenantModelPrice: own_price, ModelAlias: alias,
     }
     return world
 

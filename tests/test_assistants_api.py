@@ -112,7 +112,7 @@ def test_tools_must_exist_for_the_tenant(tenant_factory):
     [{"name": "r", "model": "gpt-4o", "when": {"classifier": {"model": "gpt-4o-mini"}}}],
     [{"name": "r", "model": "gpt-4o", "when": {"classifier": {"model": "gpt-9", "label": "x"}}}],
     [{"name": "", "model": "gpt-4o", "when": {}}],
-    [{"name": "r", "model": "gpt-4o"}],
+    [{"name": "r", "model": "gpt-4o", "when": {"min_depth": 3, "max_depth": 1}}],  # bounds out of order
     [{"name": "r", "model": "gpt-4o", "when": {}, "extra": 1}],
     ["short"],
     {"name": "r"},

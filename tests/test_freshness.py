@@ -26,6 +26,7 @@ def test_every_app_registers_its_watched_models():
         "billing.SpendingCap": "tenant_id",
         "moderation.ModerationPolicy": "tenant_id",
         "billing.ModelPrice": "tenant_id",  # None on a global row: every tenant's
+        "routing.ModelAlias": "tenant_id",
     }
 
 

@@ -26,7 +26,7 @@ from tests.v1direct import closing_hop, v1_handle
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-APPS = ("compat", "config", "conversations", "llm", "moderation", "tenants", "tools", "simulator")
+APPS = ("compat", "config", "conversations", "llm", "moderation", "routing", "tenants", "tools", "simulator")
 REFUSE = "[[sim:status=400]]"  # the simulator answers 400 before anything streams
 MODEL = "gpt-4o-mini"
 

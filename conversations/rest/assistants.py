@@ -10,8 +10,6 @@ from typing import Any
 
 from django.db import models
 from drf_spectacular.utils import extend_schema
-from jsonschema import Draft202012Validator, FormatChecker
-from jsonschema.exceptions import best_match
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -20,6 +18,7 @@ from billing.services import model_priced
 from config.rest import Conflict, TenantApi, error_responses
 from conversations import assistants, gatekeepers
 from conversations.models import Assistant
+from routing.rules import RoutesInvalid, routes_validate
 from tools.registry import tools_missing
 
 from .serializers import StrictBooleanField, StrictCharField, StrictIntegerField, StrictSerializer
@@ -30,18 +29,6 @@ FIELDS = [
     "summary_high_water_tokens", "summary_low_water_tokens", "summary_model", "is_default",
     "response_cache", "response_cache_ttl", "routes",
 ]
-# Routes as the routing engine reads them: first match wins; unknown condition keys are refused.
-COUNT = {"type": "integer", "minimum": 0}
-ROUTES = Draft202012Validator({"type": "array", "maxItems": 32, "items": {
-    "type": "object", "required": ["name", "model", "when"], "additionalProperties": False, "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 100}, "model": {"type": "string"},
-        "when": {"type": "object", "additionalProperties": False, "properties": {
-            "max_input_tokens": COUNT, "max_depth": COUNT, "min_depth": COUNT, "tools": {"type": "boolean"},
-            "pattern": {"type": "string", "format": "regex"},
-            "classifier": {"type": "object", "required": ["model", "label"], "additionalProperties": False,
-                           "properties": {"model": {"type": "string"}, "label": {"type": "string"}}},
-        }},
-    }}}, format_checker=FormatChecker())
 TOOL_CHOICES = ("auto", "required", "none")
 
 
@@ -79,14 +66,15 @@ class AssistantSerializer(StrictSerializer, serializers.ModelSerializer):
         return list(dict.fromkeys(value))
 
     def validate_routes(self, value: list[Any]) -> list[dict[str, Any]]:
-        error = best_match(ROUTES.iter_errors(value))
-        if error is not None:
-            where = "/".join(str(part) for part in error.absolute_path)
-            raise serializers.ValidationError(f"routes/{where}: {error.message}" if where else error.message)
+        try:  # the routing engine's own check: shape, unique names, patterns, depth bounds
+            value = routes_validate(value)
+        except RoutesInvalid as error:
+            raise serializers.ValidationError(str(error)) from None
         for route in value:
             self._priced(route["model"])
-            if "classifier" in route["when"]:
-                self._priced(route["when"]["classifier"]["model"])
+            classifier = (route.get("when") or {}).get("classifier")
+            if classifier:
+                self._priced(classifier["model"])
         return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

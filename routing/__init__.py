@@ -1,0 +1,1 @@
+"""Routing by complexity: which model answers a turn, chosen by the assistant's (or alias's) routes."""
