@@ -9,6 +9,8 @@ from uuid import UUID
 
 from django.db import IntegrityError, transaction
 
+from observability import metrics
+
 from .models import ModelPrice, UsageRecord
 
 MILLION = Decimal(1_000_000)
@@ -106,9 +108,17 @@ def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
     )
     try:
         with transaction.atomic():
-            return UsageRecord.objects.create(call_id=usage.call_id, **fields)
+            record = UsageRecord.objects.create(call_id=usage.call_id, **fields)
     except IntegrityError:
         return UsageRecord.objects.get(call_id=usage.call_id)
+    # Counted once the row is committed: /metrics' tokens and USD are the ledger's, never a
+    # booking that rolled back.
+    transaction.on_commit(lambda: metrics.usage_booked(
+        tenant_id=usage.tenant_id, model=usage.model, kind=usage.kind, prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens, cost_usd=record.cost_usd,
+        ttft_ms=usage.ttft_ms, latency_ms=usage.latency_ms,
+    ))
+    return record
 
 
 def money_str(amount: Decimal) -> str:

@@ -43,6 +43,7 @@ from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt
 from moderation.gate import OutputGate
 from moderation.rules import PolicySnapshot
 from moderation.services import ModerationContext, moderate
+from observability.context import context_bind
 from tenants import ratelimits
 from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
 from tenants.freshness import versions_parse, versions_read, versions_stored_keys
@@ -123,6 +124,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     external_id = request.get("user") or DEFAULT_END_USER
 
     access, end_user, price = await _caller(prefix=prefix, token=token, external_id=external_id, model=model, hop=hop)
+    context_bind(tenant_id=access.tenant_id)
     price = _admissible(access, end_user=end_user, price=price, model=model)
     prompt_tokens = await _prompt_tokens(request, model)
     _, default_max_tokens = access.defaults()
