@@ -7,12 +7,16 @@ one: an error status's small JSON body, a frame or chunk containing the error ma
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from asgiref.sync import sync_to_async
 
 from . import context, metrics
+
+logger = logging.getLogger("parley.access")
 
 Message = MutableMapping[str, Any]
 App = Callable[[Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
@@ -76,7 +80,9 @@ class ObservedApp:
             return await self.app(scope, receive, send)
         request_id = context.request_id_sane(_header(scope, HEADER)) or context.request_id_new()
         token = context.context_start(request_id)
+        own = context.context_current()  # a socket's frames start contexts of their own
         answer = _Answer(surface_of(scope["path"]), request_id.encode())
+        started = time.monotonic()
         try:
             if scope["type"] == "websocket":
                 await self.app(scope, receive, answer.sender_ws(send))
@@ -85,6 +91,11 @@ class ObservedApp:
         finally:
             if answer.socket_open:
                 metrics.socket_closed()
+            context.context_end(token)
+            token = context.context_use(own)
+            # The access line (no query string: it may hold a socket's token).
+            logger.info("%s %s %s %s %d ms", scope["type"], scope.get("method", "-"), scope["path"],
+                        answer.status or "-", (time.monotonic() - started) * 1000)
             context.context_end(token)
 
 
@@ -96,6 +107,7 @@ class _Answer:
         self.socket_open = False
         self.error_body: list[bytes] | None = None  # collecting an error status's JSON body
         self.streaming = False  # an event stream: errors come as events
+        self.status: int | None = None
 
     def sender_http(self, send: Callable[[Message], Awaitable[None]]) -> Callable[[Message], Awaitable[None]]:
         async def observed(message: Message) -> None:
@@ -114,7 +126,7 @@ class _Answer:
             self.streaming = True
             if self.surface == "rest":
                 self.surface = "sse"
-        status = message["status"]
+        status = self.status = message["status"]
         metrics.request_answered(self.surface, status)
         if status >= 400 and content_type.startswith(b"application/json"):
             self.error_body = []
@@ -150,10 +162,11 @@ class _Answer:
             elif kind == "websocket.accept":
                 message = {**message, "headers": [*message.get("headers", ()), (HEADER, self.request_id)]}
                 metrics.request_answered("ws", 101)
-                self.socket_open = True
+                self.socket_open, self.status = True, 101
                 metrics.socket_opened()
             elif kind == "websocket.close" and not self.socket_open:
                 metrics.request_answered("ws", 403)  # refused at the handshake
+                self.status = 403
             await send(message)
 
         return observed

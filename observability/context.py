@@ -50,6 +50,10 @@ def context_start(request_id: str | None = None, **known: Any) -> contextvars.To
     return _current.set(LogContext(request_id=request_id or request_id_new(), **known))
 
 
+def context_use(current: LogContext | None) -> contextvars.Token:
+    return _current.set(current)
+
+
 def context_end(token: contextvars.Token) -> None:
     _current.reset(token)
 
