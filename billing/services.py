@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -10,7 +11,11 @@ from uuid import UUID
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 
+from observability import metrics
+
 from .models import ModelPrice, UsageRecord
+
+logger = logging.getLogger(__name__)
 
 MILLION = Decimal(1_000_000)
 COST_PLACES = Decimal("0.0000000001")
@@ -144,9 +149,19 @@ def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
         fields["saved_routing_usd"] = routing_saving(usage, price=price, requested=usage.requested_price)
     try:
         with transaction.atomic():
-            return UsageRecord.objects.create(call_id=usage.call_id, **fields)
+            record = UsageRecord.objects.create(call_id=usage.call_id, **fields)
     except IntegrityError:
         return UsageRecord.objects.get(call_id=usage.call_id)
+    # Counted once the row is committed: /metrics' tokens and USD are the ledger's, never a
+    # booking that rolled back.
+    logger.info("usage booked: %s %s %s prompt %d completion %d cached %d tokens $%f", usage.kind, usage.call_id,
+                usage.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, record.cost_usd)
+    transaction.on_commit(lambda: metrics.usage_booked(
+        tenant_id=usage.tenant_id, model=usage.model, kind=usage.kind, prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens, cost_usd=record.cost_usd,
+        ttft_ms=usage.ttft_ms, latency_ms=usage.latency_ms,
+    ))
+    return record
 
 
 def routing_saving(usage: UsageInput, *, price: Price, requested: Price) -> Decimal:

@@ -18,6 +18,7 @@ from conversations.errors import ModerationBlocked
 from llm import relay
 from llm.gateway import UpstreamError
 from llm.tokens import count_text
+from observability import metrics
 from streaming import outages
 from tenants.ratelimits import ratelimit_headers
 
@@ -41,7 +42,8 @@ async def call_in_flight(call: CompletionCall) -> AsyncIterator[CompletionCall]:
     assert task is not None
     _calls[task] = call
     try:
-        yield call
+        with metrics.generation_running("v1"):
+            yield call
     finally:
         try:
             await call.release()

@@ -43,6 +43,7 @@ from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt
 from moderation.gate import OutputGate
 from moderation.rules import PolicySnapshot
 from moderation.services import ModerationContext, moderate
+from observability.context import context_bind
 from routing.aliases import AliasConfig, alias_names, aliases_load, cached_aliases, request_facts
 from routing.selection import Grading, Routed, TurnFacts, route_choose, with_grades
 from tenants import ratelimits
@@ -127,6 +128,7 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
     external_id = request.get("user") or DEFAULT_END_USER
 
     access, end_user, price = await _caller(prefix=prefix, token=token, external_id=external_id, model=model, hop=hop)
+    context_bind(tenant_id=access.tenant_id)
     price, alias = await _admit_model(access, end_user=end_user, price=price, model=model, hop=hop)
     prompt_tokens = await _prompt_tokens(request, model)
     _, default_max_tokens = access.defaults()

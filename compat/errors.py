@@ -11,6 +11,7 @@ from conversations.errors import ShuttingDown
 from conversations.protocol import DOMAIN_ERRORS, error_event_for
 from llm import relay
 from llm.gateway import UpstreamError
+from observability.context import request_id_current
 from streaming import outages
 from tenants.services import InvalidApiKey
 
@@ -78,8 +79,13 @@ def error_reply(
         headers.append((b"x-should-retry", b"true" if should_retry else b"false"))
     if allow is not None:
         headers.append((b"allow", allow.encode()))
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code, **_request_id()}}
     return Reply.json(body, status=status, headers=tuple(headers))
+
+
+def _request_id() -> dict[str, str]:
+    request_id = request_id_current()
+    return {"request_id": request_id} if request_id else {}
 
 
 def openai_error(error: Exception) -> Reply:
@@ -121,7 +127,7 @@ def openai_error(error: Exception) -> Reply:
 
 
 def error_event(message: str, code: str | None) -> bytes:
-    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code, **_request_id()}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 

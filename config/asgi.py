@@ -27,14 +27,18 @@ from compat.openai_api import OpenAICompatibleApp  # noqa: E402
 
 http_app = OpenAICompatibleApp(http_app)
 
-application: Any = ProtocolTypeRouter(
+from observability.asgi import ObservedApp  # noqa: E402
+
+# Outermost: a request id for every request and socket (logs, X-Request-ID), and the counts
+# of what each surface answers (/metrics).
+application: Any = ObservedApp(ProtocolTypeRouter(
     {
         "http": http_app,
         # A cookie-authenticated socket is open to cross-site hijacking without the origin check;
         # a token socket may come with no Origin at all (apps, servers, scripts).
         "websocket": SocketOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
-)
+))
 
 if settings.SIMULATOR_MOUNTED:
     # Embedded demo: the model simulator answers at /simulator/v1 inside this same process, so

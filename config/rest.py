@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 
 from conversations.errors import EndUserBlocked, ShuttingDown, TurnFailed
 from conversations.protocol import DOMAIN_ERRORS, error_event_for
+from observability.context import request_id_current
 from streaming import outages
 from tenants.authentication import ApiKeyAuthentication
 from tenants.models import ApiKey
@@ -29,6 +30,7 @@ class ErrorDetailSerializer(serializers.Serializer):
     )
     message = serializers.CharField()
     retry_after = serializers.FloatField(required=False)
+    request_id = serializers.CharField(required=False, help_text="The request's id (also the X-Request-ID header).")
     fields = serializers.DictField(
         child=serializers.ListField(child=serializers.CharField()), required=False,
         help_text="Per-field problems, for invalid_request.",
@@ -69,6 +71,8 @@ def _error_response(
     code: str, message: str, *, status_code: int | None = None, **extra: Any
 ) -> Response:
     body = {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}
+    if request_id := request_id_current():  # to quote when reporting the failure
+        body["request_id"] = request_id
     response = Response({"error": body}, status=status_code or STATUS_OF_CODE[code])
     if body.get("retry_after") is not None:
         response["Retry-After"] = str(max(1, round(body["retry_after"])))

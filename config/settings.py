@@ -14,6 +14,7 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 from config.redis_options import redis_options
+from observability.logs import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(environ.Env().str("PARLEY_VAR_DIR", default=str(BASE_DIR / "var")))
@@ -84,6 +85,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    "observability",
     "tenants",
     "llm",
     "billing",
@@ -258,7 +260,7 @@ if not DEBUG:
     SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=True)
     CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=True)
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default="ALLOWED_HOSTS" in env.ENVIRON)
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
     SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
     SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=True)
@@ -274,21 +276,16 @@ if not DEBUG:
     # The admin and the chat page send the form token; no script reads the CSRF cookie.
     CSRF_COOKIE_HTTPONLY = True
 
+# Logs (observability/logs.py): JSON lines in services mode (or LOG_FORMAT=json), text when
+# embedded; every line carries the request context (request_id, tenant_id, conversation_id, message_id).
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {
-        # The SDK and httpx log request URLs and headers at DEBUG; keep them quiet.
-        "openai": {"level": "WARNING"},
-        "httpx": {"level": "WARNING"},
-        "httpx2": {"level": "WARNING"},
-        "httpcore": {"level": "WARNING"},
-    },
-}
+LOG_FORMAT = env.str("LOG_FORMAT", default="json" if SERVICES_MODE else "text")
+LOGGING = logging_config(json_lines=LOG_FORMAT == "json", level=LOG_LEVEL)
+# /metrics (observability/exposition.py): a bearer token for the scraper; unset, only a client on
+# this machine that came through no proxy. Tenants named here get their own label, others "other".
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+METRICS_TENANT_LABELS = env.list("METRICS_TENANT_LABELS", default=[])
+METRICS_CELERY_QUEUES = env.list("METRICS_CELERY_QUEUES", default=["celery"])
 
 # --- Parley -------------------------------------------------------------------------------
 

@@ -8,12 +8,14 @@ from billing.api import UsageApi
 from billing.prices_api import PriceDetailApi, PriceListApi
 from conversations.rest import api, assistants
 from conversations.views import chat_page
+from observability.exposition import metrics_view
 
 from .health import healthz
 
 urlpatterns = [
     path("", chat_page, name="chat"),
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     # REST API (DRF). Ids are matched as strings: a malformed id answers the same 404 body as
     # a missing or foreign one. /api/v1/usage/ belongs to billing.

@@ -23,6 +23,8 @@ from typing import Any
 from channels.layers import get_channel_layer
 
 from config.db import database_sync_to_async
+from observability import metrics
+from observability.context import context_bind
 from routing.selection import with_grades
 from streaming import eventlog, fanout
 
@@ -106,9 +108,12 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
         control_channel=control,
     )
     plan = await with_grades(prepare, hop=_hop)  # a classifier route grades between two tries
+    context_bind(tenant_id=caller.tenant_id, conversation_id=plan.conversation_id, message_id=plan.assistant_message_id)
     generation = Generation(plan=plan, control_channel=control)
     task = asyncio.create_task(generation.run(), name=f"generation {plan.assistant_message_id}")
     _running[task] = generation
+    started = metrics.generation_started("chat")
+    task.add_done_callback(lambda _: metrics.generation_ended("chat", started))
     task.add_done_callback(lambda done: _running.pop(done, None))
     beat = asyncio.create_task(recovery.heartbeat(plan), name=f"heartbeat {plan.assistant_message_id}")
     task.add_done_callback(lambda _: beat.cancel())

@@ -17,6 +17,7 @@ from django.conf import settings
 from billing.caps import CapExceeded
 from billing.services import PriceMissing, money_str
 from llm.gateway import UpstreamError
+from observability.context import request_id_current
 from streaming.eventlog import OFFSET_PATTERN
 from streaming.outages import UNAVAILABLE, UNAVAILABLE_MESSAGE, retry_after
 from tenants.ratelimits import RateLimited
@@ -344,7 +345,8 @@ class ErrorEvent(Event):
     def as_dict(self) -> dict[str, Any]:
         body = super().as_dict()
         extra = body.pop("extra")
-        return {**extra, **body}
+        request_id = request_id_current()  # the request, frame or generation that failed
+        return {**extra, **body, **({"request_id": request_id} if request_id else {})}
 
     @classmethod
     def invalid_request(cls, message: str, *, client_msg_id: str | None = None) -> ErrorEvent:

@@ -188,7 +188,7 @@ async def stream_chat(target: ProviderTarget, request: ChatRequest) -> AsyncIter
         except Exception as raw:  # noqa: BLE001 — every failure is mapped
             raise map_error(raw) from None
 
-    stream, first_events = await transport.with_retries(attempt_once)
+    stream, first_events = await transport.with_retries(attempt_once, target=target)
 
     finished = False
     try:

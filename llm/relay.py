@@ -110,7 +110,7 @@ async def _send(target: ProviderTarget, body: bytes, *, stream: bool) -> httpx2.
 
 
 async def _with_retries(target: ProviderTarget, body: bytes, *, stream: bool) -> httpx2.Response:
-    return await transport.with_retries(lambda: _send(target, body, stream=stream))
+    return await transport.with_retries(lambda: _send(target, body, stream=stream), target=target)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Shared by the SDK path (`gateway`) and the byte relay (`relay`), which differ on
 read off the wire. The policy, in one place: retry 429, 408, 5xx, timeouts and connection
 failures with exponential backoff and jitter (or the provider's Retry-After, capped), at most
 `UPSTREAM_MAX_RETRIES` times, and only before the first token: a half-read stream is never
-retried. This module is the bottom of `llm/`: it imports nothing else of the project.
+retried. This module is the bottom of `llm/`: it imports nothing else of the project but the metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Generic, TypeVar
 
 import httpx2
 from django.conf import settings
+
+from observability import metrics
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -125,15 +127,27 @@ def backoff_delay(attempt: int, retry_after: float | None) -> float:
     return min(delay, settings.UPSTREAM_RETRY_MAX_DELAY)
 
 
-async def with_retries(attempt_once: Callable[[], Awaitable[T]]) -> T:
+def failure_kind(error: UpstreamError) -> str:
+    """For the metrics: the provider's status, or what kept it from answering."""
+    if error.status is not None:
+        return str(error.status)
+    if error.code == "upstream_timeout":
+        return "timeout"
+    return "connection" if error.retryable else "other"
+
+
+async def with_retries(attempt_once: Callable[[], Awaitable[T]], *, target: ProviderTarget | None = None) -> T:
     """Run `attempt_once` until it succeeds, raises a non-retryable UpstreamError, or the
-    retries run out. `attempt_once` maps its own failures to UpstreamError."""
+    retries run out. `attempt_once` maps its own failures to UpstreamError. Every failed
+    attempt is counted by the target's host (observability.metrics)."""
     attempt = 0
     while True:
         try:
             return await attempt_once()
         except UpstreamError as error:
-            if not error.retryable or attempt >= settings.UPSTREAM_MAX_RETRIES:
+            retried = error.retryable and attempt < settings.UPSTREAM_MAX_RETRIES
+            metrics.upstream_failed(target.base_url if target else "", failure_kind(error), retried=retried)
+            if not retried:
                 raise
             await asyncio.sleep(backoff_delay(attempt, error.retry_after))
             attempt += 1

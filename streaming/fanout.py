@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator
 
 from django.conf import settings
 
+from observability import metrics
+
 from .eventlog import LOG_ERRORS, Entry, EventLog, event_log, offset_key
 
 logger = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ class Fanout:
             self.positions[key] = entries[-1][0]
             for follower in self.followers[key]:
                 follower.push(entries)
+        # The reader furthest behind: entries handed out that it has not taken yet.
+        metrics.event_log_lag(max((len(f.buffer) for fs in self.followers.values() for f in fs), default=0))
 
 
 _fanouts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Fanout] = weakref.WeakKeyDictionary()

@@ -12,6 +12,8 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
+from observability.context import context_bind
+
 from .models import ApiKey, Tenant
 from .services import InvalidApiKey, api_key_authenticate
 
@@ -96,6 +98,7 @@ class ApiKeyAuthentication(BaseAuthentication):
             key = api_key_from_authorization(authorization)
         except InvalidApiKey as error:
             raise exceptions.AuthenticationFailed(str(error)) from None
+        context_bind(tenant_id=key.tenant_id)
         return ApiKeyPrincipal(key), key
 
     def authenticate_header(self, request: Request) -> str:

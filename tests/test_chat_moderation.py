@@ -76,7 +76,7 @@ async def test_blocked_output_is_replaced_kept_for_review_and_never_replayed(ten
         conversation_id = events[0]["id"]
         assert events[-1] == {
             "type": "error", "code": "moderation_blocked", "message": "Withheld by policy.",
-            "message_id": events[2]["message_id"], "offset": ANY,
+            "message_id": events[2]["message_id"], "offset": ANY, "request_id": ANY,  # the turn's (observability)
         }
         await socket.turn("next question", conversation_id=conversation_id)
     assert await adb(_statuses)(conversation_id) == [

@@ -291,7 +291,9 @@ def test_models_list_and_retrieve(parley, tenant_factory, sim):
 
 def test_unknown_v1_path_answers_openai_shaped_404(parley, tenant_factory):
     response = httpx2.get(f"{parley.openai_base_url}/embeddings-not-here")
-    assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    error = response.json()["error"]
+    assert response.status_code == 404 and set(error) == {"message", "type", "param", "code", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
 
 
 def test_a_cap_refusal_raises_rate_limit_error_with_its_code(parley, tenant_factory, sim):

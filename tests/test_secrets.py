@@ -179,3 +179,31 @@ def test_deploy_check_passes_with_production_settings(tmp_path):
 def test_deploy_check_notices_a_weakened_setting(tmp_path):
     result = _deploy_check(tmp_path, SECURE_SSL_REDIRECT="false")
     assert result.returncode != 0 and "security.W008" in result.stderr + result.stdout
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_json_log_lines_of_a_turn_carry_no_secret(tenant_factory, chat, sim):
+    """The services-mode format (one JSON object per line, every record attribute a key)."""
+    from tests.test_observability import _json_capture
+
+    handler, stream = _json_capture()
+    levels = {name: logging.getLogger(name or None).level for name in LOUD_LOGGERS}
+    for name in LOUD_LOGGERS:
+        logging.getLogger(name or None).setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    try:
+        setup = await adb(tenant_factory)()
+        token = await adb(setup.token)()
+        async with chat(token) as socket:
+            events = await socket.turn("Hello there, what do you know?")
+            await socket.turn("Again [[sim:status=401]]", conversation_id=events[0]["id"])
+        rest = await adb(lambda: Client().get("/api/v1/conversations/", headers={"Authorization": f"Bearer {setup.api_key}"}))()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name or None).setLevel(level)
+    assert rest.status_code == 200
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert any("usage booked" in line["message"] for line in lines), "the test must see the log it checks"
+    text = stream.getvalue()
+    assert all(secret not in text for secret in (PROVIDER_KEY, setup.api_key, token))

@@ -155,6 +155,8 @@ async def test_foreign_conversation_answers_like_a_missing_one(tenant_factory, c
             ):
                 await socket.send(frame)
                 answers.append(await socket.receive())
+    # Each answer names its own frame's request id (observability); otherwise they are identical.
+    assert len({a.pop("request_id") for a in answers}) == len(answers)
     assert all(a == {"type": "error", "code": "not_found", "message": "conversation not found"} for a in answers)
     assert await adb(Message.objects.filter(conversation_id=foreign_id).count)() == 2
 
@@ -173,7 +175,9 @@ async def test_bad_tokens_are_refused(tenant_factory, chat, kind):
     elif kind == "missing":
         token = None
     async with chat(token) as socket:
-        assert await socket.receive() == {
+        refusal = await socket.receive()
+        assert refusal.pop("request_id")  # the socket's request id, as in its log lines
+        assert refusal == {
             "type": "error", "code": "unauthorized", "message": "invalid or expired credentials"
         }
         closed = await socket.communicator.receive_output(timeout=1)

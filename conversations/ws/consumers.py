@@ -31,6 +31,7 @@ from conversations.protocol import (
     parse_client_frame,
     text_client_msg_id,
 )
+from observability.context import context_bind, context_current, context_start
 from streaming.outages import UNAVAILABLE
 from tenants.services import end_user_group
 
@@ -64,6 +65,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except UNAVAILABLE as error:
             return await self._unavailable(error)
         self.caller, self.expires_at = caller, expires_at
+        context_bind(tenant_id=caller.tenant_id)
+        self.request_id, self.frames = getattr(context_current(), "request_id", None), 0
         self.groups_joined.add(group)
         self._expire_later()
 
@@ -110,6 +113,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
         if self.caller is None:
             return
+        self.frames += 1  # each frame its own request id (the socket's, numbered): its turn's lines share it
+        context_start(f"{self.request_id}.{self.frames}" if self.request_id else None, tenant_id=self.caller.tenant_id)
         if text_data is None:
             return await self._send_error(ErrorEvent.invalid_request("frames must be JSON text"))
         if len(text_data) > settings.MAX_MESSAGE_CHARS * 2 + 4096:
