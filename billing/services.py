@@ -30,6 +30,9 @@ class Price:
     cached_input: Decimal
     output: Decimal
     context_window: int
+    # The Batch API's rates (ModelPrice's batch columns); None: the normal rates.
+    batch_input: Decimal | None = None
+    batch_output: Decimal | None = None
 
     @classmethod
     def of(cls, row: ModelPrice) -> Price:
@@ -39,7 +42,17 @@ class Price:
             cached_input=row.cached_input_per_million,
             output=row.output_per_million,
             context_window=row.context_window,
+            batch_input=row.batch_input_per_million,
+            batch_output=row.batch_output_per_million,
         )
+
+    def batch(self) -> Price:
+        """What a line run by the provider's Batch API costs: the batch columns, cached input no
+        dearer than batch input (there is no batch column for it)."""
+        batch_input = self.input if self.batch_input is None else self.batch_input
+        return Price(model=self.model, input=batch_input, cached_input=min(self.cached_input, batch_input),
+                     output=self.output if self.batch_output is None else self.batch_output,
+                     context_window=self.context_window)
 
     def cost(self, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
         cached = min(cached_tokens, prompt_tokens)

@@ -1,7 +1,7 @@
 """URL routes: admin, chat page, health, REST API (the OpenAI-compatible /v1 is in asgi.py)."""
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import UsageApi
@@ -21,6 +21,9 @@ urlpatterns = [
     path("api/v1/conversations/<str:conversation_id>/messages/", api.MessageListApi.as_view(), name="api-messages"),
     path("api/v1/end-users/<str:external_id>/token/", api.EndUserTokenApi.as_view(), name="api-end-user-token"),
     path("api/v1/usage/", UsageApi.as_view(), name="api-usage"),
+    # The Batch API (/v1/files, /v1/batches: OpenAI's paths, handed to Django by the /v1 app for
+    # its multipart parsing) and /api/v1/batches/.
+    path("", include("batches.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     # /v1/… (the OpenAI-compatible endpoint) is served in front of Django: config/asgi.py.
