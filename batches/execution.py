@@ -11,14 +11,15 @@ import logging
 import time
 import uuid
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Q, Sum
 from django.utils import timezone
 
-from billing.metering import batch_hold_left, batch_line_book, batch_settle
+from billing.metering import batch_hold_grow, batch_hold_left, batch_line_book, batch_settle
 from billing.services import Price, price_for
 from llm.batches import BatchesUnsupported, LineAnswer, completions_run, provider_batch_submit
 from llm.gateway import Usage
@@ -83,7 +84,8 @@ def batch_begin(batch: Batch) -> str:
     try:
         provider_id = asyncio.run(provider_batch_submit(target, jsonl=batch_jsonl(batch), metadata=batch.metadata))
     except BatchesUnsupported:
-        Batch.objects.filter(pk=batch.pk, status=Batch.Status.VALIDATING).update(mode=Batch.Mode.LOCAL, **started)
+        _hold_at_normal_price(batch)
+        Batch.objects.filter(pk=batch.pk, status=Batch.Status.VALIDATING).update(**started)
         Batch.objects.filter(pk=batch.pk).update(mode=Batch.Mode.LOCAL)  # a cancelling batch keeps its status
         return Batch.Mode.LOCAL
     Batch.objects.filter(pk=batch.pk, status=Batch.Status.VALIDATING).update(**started)
@@ -92,6 +94,17 @@ def batch_begin(batch: Batch) -> str:
 
 
 # --- local mode: Parley runs the lines ----------------------------------------------------
+
+
+def _hold_at_normal_price(batch: Batch) -> None:
+    """Run by Parley, the lines cost the normal price: hold the difference too. Refused by a
+    cap, the batch runs the lines its hold covers (`_fitting`) and the rest fail at no cost."""
+    normal = batch.lines.aggregate(total=Sum("worst_case_usd"))["total"] or Decimal(0)
+    extra = normal - batch.held_usd
+    if batch.reservation_id is None or extra <= 0:
+        return
+    if batch_hold_grow(reservation_id=batch.reservation_id, amount=extra):
+        Batch.objects.filter(pk=batch.pk).update(held_usd=normal)
 
 
 def batch_run_local(batch: Batch) -> bool:

@@ -295,6 +295,27 @@ def batch_hold(*, subject: Subject, batch_id: uuid.UUID, amount: Decimal) -> uui
     return reservation.pk if reservation.period_ids else None
 
 
+def batch_hold_grow(*, reservation_id: uuid.UUID, amount: Decimal) -> bool:
+    """Hold `amount` more for the batch on every cap its hold is on, all or nothing (a batch
+    that Parley runs itself is charged the normal price, not the batch price it was held at).
+    False: a cap refused it, and the hold is as it was."""
+    with transaction.atomic():
+        period_ids = Reservation.objects.select_for_update().filter(
+            pk=reservation_id, status=Reservation.Status.HELD).values_list("period_ids", flat=True).first()
+        if period_ids is None:
+            return False
+        for period_id in sorted(period_ids):
+            # The same conditional UPDATE as every hold (billing.caps): PostgreSQL re-checks it
+            # against the committed row after waiting for its lock.
+            if not CapPeriod.objects.filter(
+                pk=period_id, limit_usd__gte=F("spent_usd") + F("reserved_usd") + amount
+            ).update(reserved_usd=F("reserved_usd") + amount):
+                transaction.set_rollback(True)
+                return False
+        Reservation.objects.filter(pk=reservation_id).update(amount_usd=F("amount_usd") + amount)
+    return True
+
+
 def batch_hold_left(reservation_id: uuid.UUID | None) -> Decimal | None:
     """What the batch's hold still holds; None: unbounded (no cap applies)."""
     if reservation_id is None:
