@@ -113,7 +113,7 @@ def batch_run_local(batch: Batch) -> bool:
     target = provider_target(batch.tenant_id)
     prices: dict[str, Price] = {}
     stop_at = time.monotonic() + settings.BATCH_RUN_SECONDS
-    while time.monotonic() < stop_at:
+    while True:
         batch.refresh_from_db()
         if batch.status == Batch.Status.CANCELLING:
             return batch_end(batch, Batch.Status.CANCELLED)
@@ -129,7 +129,8 @@ def batch_run_local(batch: Batch) -> bool:
                                               concurrency=settings.BATCH_LOCAL_CONCURRENCY))
         for line, answer in zip(admitted, answers, strict=True):
             line_answered(batch, line, answer, batch_priced=False, prices=prices)
-    return False
+        if time.monotonic() >= stop_at:
+            return False
 
 
 def _fitting(batch: Batch, pending: list[BatchLine]) -> list[BatchLine]:
