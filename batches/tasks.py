@@ -22,6 +22,7 @@ from .polling import batch_poll_provider
 
 logger = logging.getLogger(__name__)
 
+RETRIED_STATUSES = frozenset({408, 409, 429})
 LIMITS = {"soft_time_limit": 150, "time_limit": 180}  # BATCH_RUN_SECONDS (60) per run, then a new task
 
 
@@ -40,7 +41,11 @@ def batch_start(batch_id: str) -> None:
         if not mode:
             mode = batch_begin(batch)
     except UpstreamError as error:
-        logger.warning("batch %s: the provider refused the batch (%s); trying again later", batch.public_id, error)
+        if error.status is not None and 400 <= error.status < 500 and error.status not in RETRIED_STATUSES:
+            # The provider refused the request itself (a bad key, a refused file): no retry mends it.
+            batch_end(batch, Batch.Status.FAILED, errors=[{"code": "provider_refused", "message": error.message}])
+        else:
+            logger.warning("batch %s: the provider failed (%s); trying again later", batch.public_id, error)
     finally:
         batch_unclaim(batch)
     if mode == Batch.Mode.LOCAL:
