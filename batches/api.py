@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from django.http import Http404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
-from rest_framework.pagination import CursorPagination
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -14,7 +14,7 @@ from billing.services import money_str
 from config.rest import TenantApi, error_responses
 
 from .models import Batch
-from .services import access_batch
+from .services import NotFound, access_batch, batches_list
 from .validation import InvalidBatch
 
 
@@ -44,20 +44,36 @@ class BatchSerializer(serializers.ModelSerializer):
         return f"file-{batch.input_file_id.hex}"
 
 
-class NewestFirst(CursorPagination):
-    ordering = ("-created_at", "-id")
-    page_size = 50
-    page_size_query_param = "page_size"
-    max_page_size = 200
+class BatchPageSerializer(serializers.Serializer):
+    results = BatchSerializer(many=True)
+    has_more = serializers.BooleanField()
+    next = serializers.CharField(allow_null=True, help_text="the next page's URL (`after` the last batch here)")
 
 
 class BatchListApi(TenantApi):
-    @extend_schema(summary="The tenant's batches", responses={200: BatchSerializer(many=True),
-                                                              **error_responses("unauthorized")})
+    @extend_schema(
+        summary="The tenant's batches, newest first",
+        parameters=[
+            OpenApiParameter("after", str, description="a batch id: the page starts after it"),
+            OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 100}, description="default 20"),
+        ],
+        responses={200: BatchPageSerializer, **error_responses("invalid_request", "unauthorized", "not_found")},
+    )
     def get(self, request: Request) -> Response:
-        paginator = NewestFirst()
-        page = paginator.paginate_queryset(Batch.objects.for_tenant(self.tenant_id), request, view=self)
-        return paginator.get_paginated_response(BatchSerializer(page, many=True).data)
+        # The same cursor as GET /v1/batches (`after` an id, `limit`): one listing rule.
+        try:
+            page, more = batches_list(tenant_id=self.tenant_id, after=request.query_params.get("after"),
+                                      limit=request.query_params.get("limit"))
+        except NotFound:
+            raise Http404 from None
+        except InvalidBatch as error:
+            raise ValidationError({error.param or "query": [error.message]}) from None
+        following = None
+        if more:
+            query = request.query_params.copy()
+            query["after"] = page[-1].public_id
+            following = request.build_absolute_uri(f"{request.path}?{query.urlencode()}")
+        return Response({"results": BatchSerializer(page, many=True).data, "has_more": more, "next": following})
 
 
 class BatchDetailApi(TenantApi):
