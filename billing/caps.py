@@ -313,11 +313,13 @@ def cap_settle(*, reservation: Reservation, actual: Decimal) -> bool:
 def reservations_expire(*, older_than: timedelta) -> int:
     """Settle reservations a crashed process left held: from their usage record when one was
     written (the call happened), otherwise at zero (it never completed)."""
-    from .models import UsageRecord
+    from .models import BATCH_CALL_PREFIX, UsageRecord
 
     cutoff = dj_timezone.now() - older_than
     count = 0
-    for reservation in Reservation.objects.filter(status=Reservation.Status.HELD, created_at__lt=cutoff):
+    stale = Reservation.objects.filter(status=Reservation.Status.HELD, created_at__lt=cutoff)
+    # A batch's hold lives as long as the batch (up to its window); the batch's end settles it.
+    for reservation in stale.exclude(call_id__startswith=BATCH_CALL_PREFIX):
         record = UsageRecord.objects.filter(call_id=reservation.call_id).first()
         actual = record.cost_usd if record else Decimal(0)
         with transaction.atomic():

@@ -196,6 +196,11 @@ class CapPeriod(models.Model):
         return f"{self.cap} from {self.period_start:%Y-%m-%d}: ${self.spent_usd} spent, ${self.reserved_usd} held"
 
 
+# A whole Batch API batch's hold (billing.metering.batch_hold): held for up to the batch's window,
+# settled by the batch's end, never by the stale-reservation sweep.
+BATCH_CALL_PREFIX = "batch-"
+
+
 class Reservation(models.Model):
     """The worst-case cost of one upstream call, held against every cap that applies."""
 

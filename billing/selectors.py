@@ -12,7 +12,7 @@ from django.db.models import Count, F, Sum
 from django.db.models.functions import Coalesce, TruncDay, TruncMonth
 
 from .leases import LEASE_CALL_PREFIX
-from .models import CapPeriod, Reservation, UsageRecord
+from .models import BATCH_CALL_PREFIX, CapPeriod, Reservation, UsageRecord
 
 GROUPINGS = {
     "day": TruncDay("created_at"),
@@ -123,8 +123,9 @@ def caps_reconcile(*, tenant_id: int | None = None) -> Reconciliation:
                 held[period_id] += amount
             else:
                 ledger[period_id] += cost_by_call.get(call_id, Decimal(0))
-    # A call admitted against leases has no Reservation of its own: its record names them.
-    lease_periods = {str(r[0]): r[2] for r in rows if r[1].startswith(LEASE_CALL_PREFIX)}
+    # A call admitted against leases (or a line of a batch) has no Reservation of its own: its
+    # record names the lease (the batch's hold).
+    lease_periods = {str(r[0]): r[2] for r in rows if r[1].startswith((LEASE_CALL_PREFIX, BATCH_CALL_PREFIX))}
     for lease_ids, cost in records.values_list("lease_ids", "cost_usd"):
         for lease_id in lease_ids:
             for period_id in lease_periods.get(lease_id, ()):

@@ -52,6 +52,14 @@ class Price:
             batch_output=row.batch_output_per_million,
         )
 
+    def batch(self) -> Price:
+        """What a line run by the provider's Batch API costs: the batch columns, cached input no
+        dearer than batch input (there is no batch column for it)."""
+        batch_input = self.input if self.batch_input is None else self.batch_input
+        return Price(model=self.model, input=batch_input, cached_input=min(self.cached_input, batch_input),
+                     output=self.output if self.batch_output is None else self.batch_output,
+                     context_window=self.context_window)
+
     def cost(self, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
         cached = min(cached_tokens, prompt_tokens)
         total = (
@@ -132,6 +140,11 @@ class UsageInput:
 
 def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
     """Append one ledger row. Idempotent on call_id: a retried write returns the first row."""
+    return usage_record_created(usage=usage, price=price)[0]
+
+
+def usage_record_created(*, usage: UsageInput, price: Price) -> tuple[UsageRecord, bool]:
+    """usage_record, and whether this call wrote the row (False: a retry found the first)."""
     fields: dict[str, Any] = {
         name: getattr(usage, name) for name in UsageInput.__dataclass_fields__
         if name not in ("call_id", "requested_price")
@@ -151,7 +164,7 @@ def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
         with transaction.atomic():
             record = UsageRecord.objects.create(call_id=usage.call_id, **fields)
     except IntegrityError:
-        return UsageRecord.objects.get(call_id=usage.call_id)
+        return UsageRecord.objects.get(call_id=usage.call_id), False
     # Counted once the row is committed: /metrics' tokens and USD are the ledger's, never a
     # booking that rolled back.
     logger.info("usage booked: %s %s %s prompt %d completion %d cached %d tokens $%f", usage.kind, usage.call_id,
@@ -161,7 +174,7 @@ def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:
         completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens, cost_usd=record.cost_usd,
         ttft_ms=usage.ttft_ms, latency_ms=usage.latency_ms,
     ))
-    return record
+    return record, True
 
 
 def routing_saving(usage: UsageInput, *, price: Price, requested: Price) -> Decimal:

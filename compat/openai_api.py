@@ -148,6 +148,15 @@ async def _route(request: Request) -> Reply | None:
     return error_reply(404, f"Invalid URL ({method} {path})", error_type="invalid_request_error", code=None)
 
 
+# The Batch API's paths are Django views (batches/v1.py): uploads need Django's multipart parser,
+# and none of them is a hot path.
+DJANGO_PATHS = ("/v1/files", "/v1/batches")
+
+
+def _is_django(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in DJANGO_PATHS)
+
+
 class OpenAICompatibleApp:
     """Serves `/v1/…` itself and hands every other request to `app` (Django).
 
@@ -163,7 +172,7 @@ class OpenAICompatibleApp:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or _is_django(scope["path"]):
             return await self.app(scope, receive, send)
         await handle(Request(scope, receive, send))
 

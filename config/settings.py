@@ -33,7 +33,6 @@ if not SERVICES_MODE:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
 LOCAL_SECRETS = not SERVICES_MODE and DEBUG
 
-
 def _local_secret(name: str, make) -> str:
     """Embedded mode only: a secret generated once and kept in var/ (never in git)."""
     path = VAR_DIR / name
@@ -43,12 +42,10 @@ def _local_secret(name: str, make) -> str:
         path.chmod(0o600)
     return path.read_text().strip()
 
-
 def _new_fernet_key() -> str:
     from cryptography.fernet import Fernet
 
     return Fernet.generate_key().decode()
-
 
 def _new_secret_key() -> str:
     from django.core.management.utils import get_random_secret_key
@@ -93,6 +90,7 @@ INSTALLED_APPS = [
     "moderation", "routing",  # one line: this module is at the 400-line layout limit
     "conversations",
     "compat",
+    "batches",
     "simulator",
 ]
 
@@ -176,6 +174,7 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+from .batch_settings import *  # noqa: E402, F403, I001  (BATCH_*: the Batch API's settings)
 # Celery: Redis broker in services mode; in embedded mode tasks run in-process.
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = None
@@ -193,6 +192,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "conversations.tasks.generations_recover_stale",
         "schedule": env.float("GENERATION_SWEEP_SECONDS", default=30.0),
     },
+    "poll-batches": {"task": "batches.tasks.batches_sweep", "schedule": env.float("BATCH_POLL_SECONDS", default=30.0)},
     # The /v1 side of a dead web process: its calls in flight, reservations and leases.
     "recover-stale-web-processes": {
         "task": "billing.tasks.processes_recover_stale",

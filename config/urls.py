@@ -1,7 +1,7 @@
 """URL routes: admin, chat page, health, REST API (the OpenAI-compatible /v1 is in asgi.py)."""
 
 from django.contrib import admin
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import UsageApi
@@ -30,6 +30,9 @@ urlpatterns = [
     path("api/v1/prices/", PriceListApi.as_view(), name="api-prices"),
     # Any model name (vLLM's carry a slash); an odd one answers the API's own 404 body.
     re_path(r"^api/v1/prices/(?P<model>[\s\S]+)/$", PriceDetailApi.as_view(), name="api-price"),
+    # The Batch API (/v1/files, /v1/batches: OpenAI's paths, handed to Django by the /v1 app for
+    # its multipart parsing) and /api/v1/batches/.
+    path("", include("batches.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     # /v1/… (the OpenAI-compatible endpoint) is served in front of Django: config/asgi.py.

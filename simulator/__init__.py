@@ -13,6 +13,10 @@ Endpoints
   (earlier chunks then carry ``"usage": null``), and ``data: [DONE]``.
 - ``POST /v1/moderations`` (bearer required): see Moderation below.
 - ``GET /v1/models`` (bearer required): gpt-4o, gpt-4o-mini, gpt-4-turbo, gpt-3.5-turbo.
+- ``POST /v1/files``, ``GET /v1/files/{id}[/content]``, ``POST /v1/batches``, ``GET /v1/batches[/{id}]``,
+  ``POST /v1/batches/{id}/cancel`` (bearer required): OpenAI's Batch API, in memory; a batch runs
+  its lines on the first retrieve (``simulator/batches.py``). ``create_app(batches=False)`` (or
+  ``run_simulator --no-batches``) answers 404 there instead, like a server without a Batch API.
 - ``GET /sim/stats``, ``POST /sim/reset``, ``GET /sim/requests``, ``GET /sim/moderations`` (no
   auth): the counters, a reset, and the recorded chat / moderation request bodies, for tests
   that run the simulator out of process.

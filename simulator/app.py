@@ -24,6 +24,7 @@ from .asgi import (
     send_json,
     until_disconnect,
 )
+from .batches import BatchApi
 from .cache import DEFAULT_TTL_S, PromptCache, cache_namespace, prompt_token_sequence
 from .directives import Directives
 from .errors import ApiError, StreamCut, missing_bearer, status_error
@@ -96,8 +97,10 @@ class Simulator:
     """The ASGI app. Inspect ``stats`` / ``requests``; drive faults with ``inject`` / ``reset``."""
 
     def __init__(self, *, ttft_ms: float = 0, tokens_per_second: float = 0,
-                 cache_ttl_s: float = DEFAULT_TTL_S) -> None:
+                 cache_ttl_s: float = DEFAULT_TTL_S, batches: bool = True) -> None:
         self.ttft_ms = ttft_ms
+        # The Batch API (simulator/batches.py); None: a server without one (404, as vLLM answers).
+        self.batches: BatchApi | None = BatchApi() if batches else None
         self.tokens_per_second = tokens_per_second
         self.stats = SimStats()
         self.requests: deque[dict[str, Any]] = deque(maxlen=RECORDED_REQUESTS)
@@ -133,6 +136,8 @@ class Simulator:
             self.moderation_requests.clear()
             self.cache.clear()
             self.stats = SimStats()
+        if self.batches is not None:
+            self.batches.reset()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -165,6 +170,10 @@ class Simulator:
         if (method, path) == ("POST", "/sim/reset"):
             self.reset()
             return await send_json(send, 200, self.stats.as_dict())
+        if self.batches is not None and path.startswith(("/v1/files", "/v1/batches")):
+            _require_bearer(scope)
+            if await self.batches.route(scope, method, path, body, send):
+                return None
         raise ApiError(404, f"Invalid URL ({method} {path})")
 
     async def _chat(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
@@ -232,9 +241,9 @@ def _take(faults: deque[QueuedFault]) -> Directives:
 
 
 def create_app(*, ttft_ms: float = 0, tokens_per_second: float = 0,
-               cache_ttl_s: float = DEFAULT_TTL_S) -> Simulator:
+               cache_ttl_s: float = DEFAULT_TTL_S, batches: bool = True) -> Simulator:
     return Simulator(ttft_ms=ttft_ms, tokens_per_second=tokens_per_second,
-                     cache_ttl_s=cache_ttl_s)
+                     cache_ttl_s=cache_ttl_s, batches=batches)
 
 
 def models_body() -> dict[str, Any]:

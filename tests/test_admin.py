@@ -21,6 +21,7 @@ from django.db import models
 from django.test import Client
 from django.urls import reverse
 
+from batches.models import Batch, File
 from billing.caps import Subject, cap_reserve, cap_settle
 from billing.models import CapAlert, ModelPrice, Reservation, SpendingCap, TenantModelPrice, UsageRecord
 from billing.services import UsageInput, price_for, usage_record
@@ -125,13 +126,16 @@ def _populate(setup: Any, label: str, model_name: str) -> TenantWorld:
         batch_input_per_million=0, batch_output_per_million=0,
     )
     alias = ModelAlias.objects.create(tenant=tenant, name=f"{label}-auto", default_model=model_name)
+    upload = File.objects.create(tenant=tenant, purpose="batch", filename=f"{label}.jsonl", bytes=2, content=b"{}")
+    batch = Batch.objects.create(tenant=tenant, api_key=api_key, input_file=upload, total=1,
+                                 expires_at=answer.created_at, metadata={"label": label})
     world.objects = {
         Tenant: tenant, Membership: owner, EndUser: customer, ProviderCredential: credential,
         ApiKey: ApiKey.objects.get(pk=api_key.pk), Assistant: assistant, Conversation: conversation,
         SpendingCap: cap, CapAlert: CapAlert.objects.get(cap=cap),
         Reservation: Reservation.objects.get(pk=reservation.pk),
         UsageRecord: record, WebhookTool: tool, ModerationPolicy: policy, ModerationEvent: event,
-        AuditEntry: audit, TenantModelPrice: own_price, ModelAlias: alias,
+        AuditEntry: audit, TenantModelPrice: own_price, ModelAlias: alias, Batch: batch,
     }
     return world
 

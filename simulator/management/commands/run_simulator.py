@@ -21,9 +21,12 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=9100, help="0 picks a free port")
         parser.add_argument("--ttft-ms", type=float, default=0.0)
         parser.add_argument("--tokens-per-second", type=float, default=0.0)
+        parser.add_argument("--no-batches", action="store_true",
+                            help="answer 404 on /v1/files and /v1/batches (a server without a Batch API)")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        app = create_app(ttft_ms=options["ttft_ms"], tokens_per_second=options["tokens_per_second"])
+        app = create_app(ttft_ms=options["ttft_ms"], tokens_per_second=options["tokens_per_second"],
+                         batches=not options["no_batches"])
         config = uvicorn.Config(app, host=options["host"], port=options["port"], loop="asyncio",
                                 log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
         # uvicorn re-raises the Ctrl-C it handled; being stopped is how this command ends.

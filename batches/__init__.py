@@ -1,0 +1,1 @@
+"""The OpenAI-compatible Batch API: files, batches, their execution (provider or local) and billing."""
