@@ -221,6 +221,24 @@ def _swept_record(hold: Hold) -> UsageRecord | None:
     return None
 
 
+def answer_cached_book(
+    *, subject: Subject, call_id: str, model: str, price: Price, prompt_tokens: int, completion_tokens: int,
+    facts: CallFacts,
+) -> UsageRecord:
+    """A response-cache hit: no upstream call and nothing held, yet one ledger row (kind
+    `cached`, $0) with the tokens the call would have had and their list cost as the saving.
+    Idempotent on the call id."""
+    saved = price.cost(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    free = replace(price, input=Decimal(0), cached_input=Decimal(0), output=Decimal(0))
+    return usage_record(usage=UsageInput(
+        call_id=call_id, tenant_id=subject.tenant_id, model=model, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, kind=UsageRecord.Kind.CACHED, outcome=facts.outcome,
+        end_user_id=subject.end_user_id, api_key_id=subject.api_key_id, conversation_id=facts.conversation_id,
+        message_id=facts.message_id, latency_ms=facts.latency_ms, ttft_ms=facts.ttft_ms,
+        saved_response_cache_usd=saved,
+    ), price=free)
+
+
 def call_release(hold: Hold) -> None:
     """Give an exact hold back untouched: its call never reached the provider (nothing is
     recorded). Leased holds go back on their loop: `call_release_async`."""

@@ -19,6 +19,7 @@ class ModelPrice(models.Model):
     class Kind(models.TextChoices):
         CHAT = "chat"
         MODERATION = "moderation"
+        EMBEDDING = "embedding"  # the response cache's question embeddings: never offered for chat
 
     # A tenant's own price for the model (self-hosted, a newer model, a negotiated rate); null is
     # the operator's global list. A tenant row overrides the global one for that tenant only.
@@ -60,6 +61,7 @@ class UsageRecord(models.Model):
         BATCH = "batch"
         COMPLETION = "completion"  # the stateless OpenAI-compatible endpoint
         CACHED = "cached"  # a response-cache hit: no upstream call, cost 0, the list price saved
+        EMBEDDING = "embedding"  # the semantic response cache embedding a question
 
     class Outcome(models.TextChoices):
         OK = "ok"

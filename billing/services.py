@@ -91,6 +91,7 @@ class UsageInput:
     latency_ms: int | None = None
     ttft_ms: int | None = None
     lease_ids: tuple[str, ...] = ()  # the cap leases the call was booked through
+    saved_response_cache_usd: Decimal = Decimal(0)  # a response-cache hit: the list cost it saved
 
 
 def usage_record(*, usage: UsageInput, price: Price) -> UsageRecord:

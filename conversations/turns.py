@@ -15,6 +15,7 @@ from billing.services import Price
 from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message
 from moderation.rules import PolicySnapshot
+from responsecache.chat import CacheScope, turn_cache_scope
 from tenants import ratelimits
 from tenants.callers import Caller
 from tenants.freshness import versions_parse, versions_read, versions_stored_keys
@@ -57,6 +58,7 @@ class TurnPlan:
     tool_names: tuple[str, ...] = ()
     max_tool_rounds: int = 0
     end_user_external_id: str = ""
+    response_cache: CacheScope | None = None  # None: the turn is not cacheable
 
     @property
     def group(self) -> str:
@@ -268,6 +270,7 @@ def turn_prepare(
         tool_names=tuple(assistant.tools or ()) if tools else (),
         max_tool_rounds=assistant.max_tool_rounds,
         end_user_external_id=conversation.end_user.external_id if tools else "",
+        response_cache=turn_cache_scope(assistant=assistant, first_turn=user_message.seq == 1, tools=tools),
     )
 
 
