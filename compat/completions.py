@@ -43,6 +43,7 @@ from llm.tokens import PROMPT_FIELDS, UncountableContent, count_request_prompt
 from moderation.gate import OutputGate
 from moderation.rules import PolicySnapshot
 from moderation.services import ModerationContext, moderate
+from responsecache.requests import request_cache_key
 from tenants import ratelimits
 from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
 from tenants.freshness import versions_parse, versions_read, versions_stored_keys
@@ -63,6 +64,11 @@ class CompletionPlan:
     forward_usage: bool  # the caller asked for stream_options.include_usage
     limits: tuple[ratelimits.LimitState, ...] = ()  # after this call was counted: for headers
     moderation: PolicySnapshot | None = None  # the tenant's content policy, for the answer
+    # The response cache (compat/cached.py): the request's key when the key opted in and the
+    # request is eligible; `cache_opted` sends `X-Parley-Cache` either way.
+    cache_key: str | None = None
+    cache_opted: bool = False
+    cache_question: str = ""
 
     @property
     def call_id(self) -> str:
@@ -111,7 +117,9 @@ Hop = Callable[..., Awaitable[Any]]  # runs a synchronous database function off 
 COUNT_ON_LOOP_CHARS = 16_000
 
 
-async def completion_admit(*, authorization: str, request: dict[str, Any], hop: Hop) -> CompletionPlan:
+async def completion_admit(
+    *, authorization: str, request: dict[str, Any], hop: Hop, cache_asked: bool = False
+) -> CompletionPlan:
     """Authenticate, check the model and the end user, count the rate limits and reserve the
     worst case against the caps. Raises InvalidApiKey, ModelNotAvailable, EndUserBlocked,
     RateLimited, CapExceeded, InvalidInput / NotFound (no credential or default assistant)."""
@@ -165,6 +173,9 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
             forward_usage=stream and bool((request.get("stream_options") or {}).get("include_usage")),
             limits=acquired.states,
             moderation=access.moderation,
+            cache_key=request_cache_key(request, asked=cache_asked) if access.response_cache else None,
+            cache_opted=access.response_cache,
+            cache_question=user_text(request["messages"])[:4000] if access.response_cache else "",
         )
     except BaseException:
         await asyncio.shield(call_release_async(hold, hop=hop))

@@ -27,6 +27,7 @@ from django.conf import settings
 
 from conversations import shutdown
 
+from .cached import cached_reply
 from .calls import CompletionCall, call_in_flight
 from .completions import ModelNotAvailable, completion_admit, models_available
 from .db import db
@@ -53,8 +54,14 @@ async def chat_completions(request: Request) -> Reply | None:
     started = time.monotonic()
     shutdown.turn_admit()
     body = completion_request_parse(await request.body())
-    plan = await completion_admit(authorization=request.authorization, request=body, hop=db)
-    async with call_in_flight(CompletionCall(plan, started)) as call:
+    plan = await completion_admit(
+        authorization=request.authorization, request=body, hop=db, cache_asked=request.cache_asked
+    )
+    call = CompletionCall(plan, started)
+    hit = await cached_reply(plan, headers=call.headers())
+    if hit is not None:
+        return hit
+    async with call_in_flight(call):
         return await _answer(request, call)
 
 
@@ -110,9 +117,12 @@ class Request:
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.authorization = ""
+        self.cache_asked = False  # `X-Parley-Cache: on`: cache this request whatever its temperature
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 self.authorization = value.decode("latin-1")
+            elif name == b"x-parley-cache":
+                self.cache_asked = value.strip().lower() == b"on"
 
     async def send(self, message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":
