@@ -5,9 +5,11 @@ question or a conversation's later messages, and not past its TTL."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from decimal import Decimal
 
+import httpx2
 import pytest
 from django.utils import timezone
 
@@ -181,3 +183,24 @@ async def test_semantic_lookups_without_an_embedding_price_fall_back_to_exact(te
 
     assert exact[-1]["cached"] is True and "cached" not in paraphrase[-1]
     assert sim.stats.embeddings == 0 and sim.stats.completions == 2
+
+
+def test_rest_replies_and_event_streams_carry_the_cached_marker(parley, tenant_factory, sim):
+    setup = _cached_setup(tenant_factory)
+    with httpx2.Client(base_url=parley.url, headers={"Authorization": f"Bearer {setup.api_key}"}, timeout=15) as http:
+        replies = []
+        for _ in range(2):
+            conversation_id = http.post("/api/v1/conversations/", json={}).json()["id"]
+            replies.append(http.post(f"/api/v1/conversations/{conversation_id}/messages/", json={"content": FAQ}).json())
+        conversation_id = http.post("/api/v1/conversations/", json={}).json()["id"]
+        with http.stream("POST", f"/api/v1/conversations/{conversation_id}/messages/",
+                         json={"content": FAQ, "stream": True}) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+
+    assert [reply["cached"] for reply in replies] == [False, True]
+    assert replies[1]["content"] == replies[0]["content"] and replies[1]["status"] == "complete"
+    assert events[-1]["type"] == "message.completed" and events[-1]["cached"] is True
+    assert "".join(e["content"] for e in events if e["type"] == "delta") == replies[0]["content"]
+    assert sim.stats.completions == 1
+    assert [r.kind for r in _ledger(setup.tenant)] == ["chat", "cached", "cached"]
