@@ -9,10 +9,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from billing.metering import call_release_async
 from llm.gateway import Usage
 from responsecache.chat import answer_pieces
 from responsecache.requests import request_find, request_keep
@@ -27,32 +26,28 @@ logger = logging.getLogger(__name__)
 HIT = (b"x-parley-cache", b"hit")
 MISS = (b"x-parley-cache", b"miss")
 SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
+Headers = tuple[tuple[bytes, bytes], ...]
 
 
-async def cached_reply(plan: CompletionPlan, *, headers: tuple[tuple[bytes, bytes], ...]) -> Reply | None:
-    """The stored completion for this request, or None (a miss: call the model). A hit gives
-    the call's hold back and books its ledger row."""
+async def cached_reply(plan: CompletionPlan, *, headers: Callable[[], Headers]) -> Reply | None:
+    """The stored completion for this request, or None (a miss: call the model). A hit books
+    its ledger row; the caller gives the call's unused hold back (`call_in_flight`)."""
     if plan.cache_key is None:
         return None
-    try:
-        hit = await db(request_find, tenant_id=plan.tenant_id, key=plan.cache_key)
-    except BaseException:
-        await asyncio.shield(call_release_async(plan.hold, hop=db_after))
-        raise
+    hit = await db(request_find, tenant_id=plan.tenant_id, key=plan.cache_key)
     if hit is None:
         return None
-    await asyncio.shield(call_release_async(plan.hold, hop=db_after))
     await asyncio.shield(db_after(
         hit_book, subject=plan.hold.subject, call_id=f"cached-{uuid.uuid4()}", model=plan.model, price=plan.price,
         prompt_tokens=plan.prompt_tokens, hit=hit,
     ))
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    headers = (*(header for header in headers if header != MISS), HIT)
+    sent = (*(header for header in headers() if header != MISS), HIT)
     if plan.stream:
         events = _chunks(hit, completion_id, created, with_usage=plan.forward_usage)
         body = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events) + b"data: [DONE]\n\n"
-        return Reply(200, body, content_type=SSE_CONTENT_TYPE, headers=headers)
-    return Reply.json(_completion(hit, completion_id, created), headers=headers)
+        return Reply(200, body, content_type=SSE_CONTENT_TYPE, headers=sent)
+    return Reply.json(_completion(hit, completion_id, created), headers=sent)
 
 
 def _usage(hit: Hit) -> dict[str, Any]:

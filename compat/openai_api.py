@@ -57,12 +57,9 @@ async def chat_completions(request: Request) -> Reply | None:
     plan = await completion_admit(
         authorization=request.authorization, request=body, hop=db, cache_asked=request.cache_asked
     )
-    call = CompletionCall(plan, started)
-    hit = await cached_reply(plan, headers=call.headers())
-    if hit is not None:
-        return hit
-    async with call_in_flight(call):
-        return await _answer(request, call)
+    async with call_in_flight(CompletionCall(plan, started)) as call:
+        # A hit answers from the response cache; leaving the block gives the unused hold back.
+        return await cached_reply(plan, headers=call.headers) or await _answer(request, call)
 
 
 async def _answer(request: Request, call: CompletionCall) -> Reply | None:

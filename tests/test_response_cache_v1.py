@@ -4,10 +4,12 @@ call and a $0 `cached` ledger row; a key that did not opt in always reaches the 
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import openai
 import pytest
 
-from billing.models import UsageRecord
+from billing.models import CapPeriod, Reservation, UsageRecord
 from billing.services import price_for
 from responsecache.models import CachedAnswer
 from tenants.models import ApiKey
@@ -117,3 +119,21 @@ def test_another_tenants_identical_request_is_a_miss(parley, tenant_factory, sim
 
     assert other.headers["x-parley-cache"] == "miss" and sim.stats.completions == 2
     assert _kinds(two.tenant) == ["completion"]
+
+
+def test_a_hit_gives_its_hold_back_and_spends_nothing(parley, tenant_factory, sim, settings):
+    settings.CAP_LEASE_SECONDS = 0  # exact holds: what a call reserved shows on the period
+    setup = tenant_factory(monthly_cap_usd=Decimal("5"))
+    ApiKey.objects.filter(tenant=setup.tenant).update(response_cache=True)
+    client = _client(parley, setup.api_key)
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0)
+    spent = UsageRecord.objects.get(tenant=setup.tenant).cost_usd
+    for stream in (False, True):
+        reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, stream=stream)
+        if stream:
+            list(reply)
+
+    assert sim.stats.completions == 1
+    period = CapPeriod.objects.get(tenant=setup.tenant)
+    assert (period.spent_usd, period.reserved_usd) == (spent, 0)
+    assert not Reservation.objects.filter(tenant=setup.tenant, status="held").exists()
