@@ -19,7 +19,7 @@ from django.db import transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from billing.metering import batch_hold_grow, batch_hold_left, batch_line_book, batch_settle
+from billing.batch_holds import batch_hold_grow, batch_hold_left, batch_line_book, batch_settle
 from billing.services import Price, price_for
 from llm.batches import BatchesUnsupported, LineAnswer, completions_run, provider_batch_submit
 from llm.gateway import Usage

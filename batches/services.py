@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from billing.metering import batch_hold
+from billing.batch_holds import batch_hold
 from tenants.callers import Caller
 from tenants.models import ApiKey
 

@@ -19,6 +19,7 @@ class ModelPrice(models.Model):
     class Kind(models.TextChoices):
         CHAT = "chat"
         MODERATION = "moderation"
+        EMBEDDING = "embedding"  # the response cache's question embeddings: never offered for chat
 
     # A tenant's own price for the model (self-hosted, a newer model, a negotiated rate); null is
     # the operator's global list. A tenant row overrides the global one for that tenant only.
@@ -78,6 +79,7 @@ class UsageRecord(models.Model):
         BATCH = "batch"
         COMPLETION = "completion"  # the stateless OpenAI-compatible endpoint
         CACHED = "cached"  # a response-cache hit: no upstream call, cost 0, the list price saved
+        EMBEDDING = "embedding"  # the semantic response cache embedding a question
 
     class Outcome(models.TextChoices):
         OK = "ok"
@@ -196,7 +198,7 @@ class CapPeriod(models.Model):
         return f"{self.cap} from {self.period_start:%Y-%m-%d}: ${self.spent_usd} spent, ${self.reserved_usd} held"
 
 
-# A whole Batch API batch's hold (billing.metering.batch_hold): held for up to the batch's window,
+# A whole Batch API batch's hold (billing.batch_holds.batch_hold): held for up to the batch's window,
 # settled by the batch's end, never by the stale-reservation sweep.
 BATCH_CALL_PREFIX = "batch-"
 

@@ -23,6 +23,7 @@ from streaming import outages
 from tenants.ratelimits import ratelimit_headers
 
 from . import v1_liveness
+from .cached import MISS, completion_keep, stream_keep
 from .completions import CompletionPlan, SentenceGate, completion_output_check, completion_settle
 from .db import db_after
 from .errors import Reply, error_event
@@ -167,11 +168,13 @@ class CompletionCall:
         blocked = await completion_output_check(self.plan, completion.content)
         if blocked is not None:  # generated and billed, but not for the caller's eyes
             raise blocked
+        await completion_keep(self.plan, body=completion.body)
         return Reply(200, completion.body, content_type=completion.content_type.encode(), headers=self.headers())
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """The `x-ratelimit-*` headers OpenAI sends, from the limits this call was counted against."""
-        return tuple((name.encode(), value.encode()) for name, value in ratelimit_headers(self.plan.limits))
+        limits = tuple((name.encode(), value.encode()) for name, value in ratelimit_headers(self.plan.limits))
+        return (*limits, MISS) if self.plan.cache_opted else limits
 
     async def open(self) -> relay.StreamRelay:
         try:
@@ -234,6 +237,7 @@ class CompletionCall:
             elif failure is not None:
                 yield error_event(failure.message, failure.code)
             else:
+                await stream_keep(self.plan, events=stream.events, usage=stream.usage)
                 yield relay.DONE_EVENT + b"\n\n"
         finally:
             if not self.settled:  # the client disconnected: stop the upstream, bill what it made

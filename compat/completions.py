@@ -44,6 +44,7 @@ from moderation.gate import OutputGate
 from moderation.rules import PolicySnapshot
 from moderation.services import ModerationContext, moderate
 from observability.context import context_bind
+from responsecache.requests import request_cache_key
 from routing.aliases import AliasConfig, alias_names, aliases_load, cached_aliases, request_facts
 from routing.selection import Grading, Routed, TurnFacts, route_choose, with_grades
 from tenants import ratelimits
@@ -68,6 +69,11 @@ class CompletionPlan:
     moderation: PolicySnapshot | None = None  # the tenant's content policy, for the answer
     routed: Routed | None = None  # the request named one of the tenant's aliases
     alias: str = ""
+    # The response cache (compat/cached.py): the request's key when the key opted in and the
+    # request is eligible; `cache_opted` sends `X-Parley-Cache` either way.
+    cache_key: str | None = None
+    cache_opted: bool = False
+    cache_question: str = ""
 
     @property
     def call_id(self) -> str:
@@ -116,7 +122,9 @@ Hop = Callable[..., Awaitable[Any]]  # runs a synchronous database function off 
 COUNT_ON_LOOP_CHARS = 16_000
 
 
-async def completion_admit(*, authorization: str, request: dict[str, Any], hop: Hop) -> CompletionPlan:
+async def completion_admit(
+    *, authorization: str, request: dict[str, Any], hop: Hop, cache_asked: bool = False
+) -> CompletionPlan:
     """Authenticate, check the model and the end user, count the rate limits and reserve the
     worst case against the caps. Raises InvalidApiKey, ModelNotAvailable, EndUserBlocked,
     RateLimited, CapExceeded, InvalidInput / NotFound (no credential or default assistant)."""
@@ -181,6 +189,9 @@ async def completion_admit(*, authorization: str, request: dict[str, Any], hop: 
             moderation=access.moderation,
             routed=routed,
             alias=request["model"] if routed else "",
+            cache_key=request_cache_key(request, asked=cache_asked) if access.response_cache else None,
+            cache_opted=access.response_cache,
+            cache_question=user_text(request["messages"])[:4000] if access.response_cache else "",
         )
     except BaseException:
         await asyncio.shield(call_release_async(hold, hop=hop))

@@ -27,6 +27,7 @@ from django.conf import settings
 
 from conversations import shutdown
 
+from .cached import cached_reply
 from .calls import CompletionCall, call_in_flight
 from .completions import ModelNotAvailable, completion_admit, models_available
 from .db import db
@@ -53,9 +54,12 @@ async def chat_completions(request: Request) -> Reply | None:
     started = time.monotonic()
     shutdown.turn_admit()
     body = completion_request_parse(await request.body())
-    plan = await completion_admit(authorization=request.authorization, request=body, hop=db)
+    plan = await completion_admit(
+        authorization=request.authorization, request=body, hop=db, cache_asked=request.cache_asked
+    )
     async with call_in_flight(CompletionCall(plan, started)) as call:
-        return await _answer(request, call)
+        # A hit answers from the response cache; leaving the block gives the unused hold back.
+        return await cached_reply(plan, headers=call.headers) or await _answer(request, call)
 
 
 async def _answer(request: Request, call: CompletionCall) -> Reply | None:
@@ -110,9 +114,12 @@ class Request:
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.authorization = ""
+        self.cache_asked = False  # `X-Parley-Cache: on`: cache this request whatever its temperature
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 self.authorization = value.decode("latin-1")
+            elif name == b"x-parley-cache":
+                self.cache_asked = value.strip().lower() == b"on"
 
     async def send(self, message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":

@@ -44,12 +44,10 @@ def _local_secret(name: str, make) -> str:
 
 def _new_fernet_key() -> str:
     from cryptography.fernet import Fernet
-
     return Fernet.generate_key().decode()
 
 def _new_secret_key() -> str:
     from django.core.management.utils import get_random_secret_key
-
     return get_random_secret_key()
 
 
@@ -62,9 +60,7 @@ if not SECRET_KEY:
 FIELD_ENCRYPTION_KEYS = env.list("FIELD_ENCRYPTION_KEYS", default=[])
 if not FIELD_ENCRYPTION_KEYS:
     if not LOCAL_SECRETS:
-        raise ImproperlyConfigured(
-            "FIELD_ENCRYPTION_KEYS must be set (comma-separated Fernet keys; the first encrypts)"
-        )
+        raise ImproperlyConfigured("FIELD_ENCRYPTION_KEYS must be set (comma-separated Fernet keys; the first encrypts)")
     FIELD_ENCRYPTION_KEYS = [_local_secret("field_encryption_key", _new_fernet_key)]
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]", "testserver"])
@@ -87,7 +83,7 @@ INSTALLED_APPS = [
     "llm",
     "billing",
     "tools",
-    "moderation", "routing",  # one line: this module is at the 400-line layout limit
+    "moderation", "routing", "responsecache",  # one line: this module is at the 400-line layout limit
     "conversations",
     "compat",
     "batches",
@@ -376,6 +372,9 @@ RESERVATION_PROMPT_MARGIN = env.float("RESERVATION_PROMPT_MARGIN", default=0.05)
 CAP_LEASE_MAX_USD = env.float("CAP_LEASE_MAX_USD", default=1.0)
 CAP_LEASE_SHARE = env.int("CAP_LEASE_SHARE", default=16)
 CAP_LEASE_SECONDS = env.float("CAP_LEASE_SECONDS", default=10.0)
+RESPONSE_CACHE_SIMILARITY = env.float("RESPONSE_CACHE_SIMILARITY", default=0.9)  # README "Response cache"
+RESPONSE_CACHE_CANDIDATES = env.int("RESPONSE_CACHE_CANDIDATES", default=256)
+RESPONSE_CACHE_EMBEDDING_MODEL = env.str("RESPONSE_CACHE_EMBEDDING_MODEL", default="text-embedding-3-small")
 
 EMAIL_BACKEND = env.str(
     "EMAIL_BACKEND",

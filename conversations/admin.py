@@ -44,8 +44,8 @@ class AssistantForm(TenantScopedForm):
 @admin.register(Assistant)
 class AssistantAdmin(TenantScopedAdmin):
     form = AssistantForm
-    list_display = ("slug", "name", "model", "is_default", "updated_at")
-    list_filter = ("model", "is_default")
+    list_display = ("slug", "name", "model", "response_cache", "is_default", "updated_at")
+    list_filter = ("model", "response_cache", "is_default")
     search_fields = ("slug", "name", "model")
     ordering = ("slug",)
     # No field list: every setting the assistant model grows is editable here, in model order.

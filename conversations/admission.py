@@ -101,6 +101,7 @@ class KeyConfig:
     allowed_models: frozenset[str]
     rpm: int | None
     tenant: TenantConfig
+    response_cache: bool = False  # opted in to exact caching of whole /v1 requests
 
     @property
     def tenant_id(self) -> int:
@@ -258,6 +259,7 @@ def access_load(*, prefix: str, token: str, external_id: str, model: str) -> Loa
     access = KeyConfig(
         prefix=prefix, key_id=key.pk, key_hash=key.key_hash, revoked=key.revoked_at is not None,
         allowed_models=frozenset(key.allowed_models or ()), rpm=key.rpm, tenant=tenant,
+        response_cache=key.response_cache,
     )
     with _lock:
         _keys[prefix] = access

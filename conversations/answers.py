@@ -15,6 +15,7 @@ from billing.metering import CallFacts, Hold, call_book, call_hold, call_release
 from billing.models import UsageRecord
 from llm.gateway import Usage
 from llm.tokens import count_message
+from responsecache.chat import Hit, hit_book
 
 from .models import Conversation, Message
 from .services import generation_release
@@ -168,6 +169,27 @@ def tool_round_commit(*, plan: TurnPlan, record: ToolRoundRecord) -> ToolRoundSt
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
     )
+
+
+def turn_cached(*, plan: TurnPlan, hit: Hit) -> TurnResult:
+    """A response-cache hit stored as the answer: no model call, its hold returned, one $0
+    ledger row (kind `cached`) with what the call would have cost, the conversation released."""
+    seq = plan.user_seq + 1
+    with transaction.atomic():
+        Message.objects.create(
+            id=plan.assistant_message_id, tenant_id=plan.caller.tenant_id, conversation_id=plan.conversation_id,
+            seq=seq, role=Message.Role.ASSISTANT, content=hit.answer, model=plan.model, cached=True,
+            tokens=count_message({"role": "assistant", "content": hit.answer}, plan.model),
+            status=Message.Status.COMPLETE, finish_reason=hit.finish_reason,
+        )
+        call_release(plan.hold)
+        record = hit_book(
+            subject=plan.caller, call_id=f"cache-{plan.assistant_message_id}", model=plan.model, price=plan.price,
+            prompt_tokens=plan.prompt.tokens, hit=hit, conversation_id=plan.conversation_id,
+            message_id=plan.assistant_message_id,
+        )
+        generation_release(conversation_id=plan.conversation_id, generation_id=plan.assistant_message_id, last_seq=seq)
+    return TurnResult(record.prompt_tokens, record.completion_tokens, cached_tokens=0, cost_usd=record.cost_usd)
 
 
 def turn_input_blocked(*, plan: TurnPlan) -> None:

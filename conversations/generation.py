@@ -34,6 +34,7 @@ from tools.rounds import arguments_object, wire_tool_calls
 
 from . import answers, recovery, services, summaries
 from .answers import ToolRoundRecord, TurnOutcome, TurnResult
+from .cached_turns import CachedTurn
 from .control import CANCELLED, Control
 from .models import Message
 from .protocol import (
@@ -139,6 +140,7 @@ class Generation:
         self.log = AnswerLog(plan)
         self.spent = Spent()
         self.limit_reason = ""  # a limit of Parley's ended the turn (not a stop)
+        self.cache = CachedTurn(plan)  # the response cache, when the turn is cacheable
         self.started = time.monotonic()
 
     @property
@@ -162,7 +164,7 @@ class Generation:
         budget = asyncio.get_running_loop().call_later(settings.GENERATION_MAX_SECONDS, self.control.out_of_time)
         try:
             await self._announce()
-            if not await self._input_allowed():
+            if not await self._input_allowed() or await self.cache.served(self.subject, self.log, self.spent):
                 return
             error = await self._stream()
             await self._finish(error)
@@ -367,6 +369,7 @@ class Generation:
             what=f"storing answer {self.message_id}",
         )
         await self.log.publish(self._terminal(error, blocked=blocked, result=result))
+        await self.cache.keep(outcome, result, rounds=self.round.number)
 
     def _terminal(self, error: UpstreamError | CapExceeded | None, *, blocked: bool, result: TurnResult) -> Event:
         if blocked:

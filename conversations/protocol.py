@@ -312,10 +312,12 @@ class ToolResult(Event):
 @dataclass(frozen=True)
 class MessageCompleted(Event):
     type: ClassVar[str] = "message.completed"
+    optional: ClassVar[frozenset[str]] = frozenset({"cached"})
     message_id: str
     finish_reason: str
     usage: dict[str, int]
     cost_usd: str
+    cached: bool | None = None  # True: the response cache answered (no model call)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from billing.services import Price
 from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message
 from moderation.rules import PolicySnapshot
+from responsecache.chat import CacheScope, turn_cache_scope
 from routing.rules import GradeNeeded, Grades
 from routing.selection import Grading, Routed, TurnFacts, route_choose
 from tenants import ratelimits
@@ -60,6 +61,7 @@ class TurnPlan:
     max_tool_rounds: int = 0
     end_user_external_id: str = ""
     routed: Routed | None = None  # the assistant's routes chose `model`
+    response_cache: CacheScope | None = None  # None: the turn is not cacheable
 
     @property
     def group(self) -> str:
@@ -281,6 +283,7 @@ def turn_prepare(
         max_tool_rounds=assistant.max_tool_rounds,
         end_user_external_id=conversation.end_user.external_id if tools else "",
         routed=routed,
+        response_cache=turn_cache_scope(assistant=assistant, first_turn=user_message.seq == 1, tools=tools),
     )
 
 

@@ -27,6 +27,7 @@ from .asgi import (
 from .batches import BatchApi
 from .cache import DEFAULT_TTL_S, PromptCache, cache_namespace, prompt_token_sequence
 from .directives import Directives
+from .embeddings import embedding_body, parse_embedding_request
 from .errors import ApiError, StreamCut, missing_bearer, status_error
 from .moderation import moderation_body, parse_moderation_request
 from .plan import plan_reply
@@ -158,6 +159,8 @@ class Simulator:
             return await self._chat(scope, body, receive, send)
         if (method, path) == ("POST", "/v1/moderations"):
             return await self._moderate(scope, body, receive, send)
+        if (method, path) == ("POST", "/v1/embeddings"):
+            return await self._embed(scope, body, send)
         if (method, path) == ("GET", "/v1/models"):
             _require_bearer(scope)
             return await send_json(send, 200, models_body())
@@ -227,6 +230,11 @@ class Simulator:
             await until_disconnect(asyncio.sleep(HANG_SECONDS), receive)
             return None
         await send_json(send, 200, moderation_body(request), headers)
+
+    async def _embed(self, scope: Scope, body: bytes, send: Send) -> None:
+        self.stats.embeddings += 1
+        _require_bearer(scope)
+        await send_json(send, 200, embedding_body(parse_embedding_request(body)), [_request_id()])
 
 
 def _take(faults: deque[QueuedFault]) -> Directives:

@@ -209,14 +209,14 @@ class ApiKeyAdmin(TenantScopedAdmin):
     """Keys are made by `api_key_create`: the plaintext is shown once, in a message; only the
     prefix and a hash are stored, and the hash is never displayed."""
 
-    list_display = ("display_prefix", "name", "created_at", "last_used_at", "revoked_at")
-    list_filter = ("revoked_at",)
+    list_display = ("display_prefix", "name", "response_cache", "created_at", "last_used_at", "revoked_at")
+    list_filter = ("revoked_at", "response_cache")
     search_fields = ("name", "prefix")
     ordering = ("-created_at",)
     actions = ("revoke",)
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> list:
-        fields = ["tenant", "name", "allowed_models", "rpm"]
+        fields = ["tenant", "name", "allowed_models", "rpm", "response_cache"]
         if obj is not None:
             fields += ["display_prefix", "created_at", "last_used_at", "revoked_at"]
         return fields
@@ -234,7 +234,9 @@ class ApiKeyAdmin(TenantScopedAdmin):
             return super().save_model(request, obj, form, change)
         self.assign_tenant(request, obj)
         issued = api_key_create(tenant=obj.tenant, name=obj.name, actor=request.user)
-        ApiKey.objects.filter(pk=issued.api_key.pk).update(allowed_models=obj.allowed_models, rpm=obj.rpm)
+        ApiKey.objects.filter(pk=issued.api_key.pk).update(
+            allowed_models=obj.allowed_models, rpm=obj.rpm, response_cache=obj.response_cache
+        )
         config_changed(issued.api_key.tenant_id)
         obj.pk = issued.api_key.pk
         obj.refresh_from_db()

@@ -14,9 +14,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_listening(port: int, alive: Callable[[], bool], timeout: float = 20) -> None:
+def wait_listening(port: int, alive: Callable[[], bool], timeout: float = 90) -> None:
     """Until something accepts connections on 127.0.0.1:port; RuntimeError if `alive()` turns
-    false (the server died) or the time runs out."""
+    false (the server died) or the time runs out. The bound is generous: a Daphne process
+    starting on a loaded 2-core machine has taken over 40 s to import and listen."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():

@@ -8,6 +8,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +21,7 @@ from django.contrib.messages import get_messages
 from django.db import models
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from batches.models import Batch, File
 from billing.caps import Subject, cap_reserve, cap_settle
@@ -27,6 +29,7 @@ from billing.models import CapAlert, ModelPrice, Reservation, SpendingCap, Tenan
 from billing.services import UsageInput, price_for, usage_record
 from conversations.models import Assistant, Conversation, Message
 from moderation.models import ModerationEvent, ModerationPolicy
+from responsecache.models import CachedAnswer
 from routing.models import ModelAlias
 from tenants.admin_base import TenantScopedAdmin
 from tenants.models import ApiKey, AuditEntry, EndUser, Membership, ProviderCredential, Tenant
@@ -129,13 +132,17 @@ def _populate(setup: Any, label: str, model_name: str) -> TenantWorld:
     upload = File.objects.create(tenant=tenant, purpose="batch", filename=f"{label}.jsonl", bytes=2, content=b"{}")
     batch = Batch.objects.create(tenant=tenant, api_key=api_key, input_file=upload, total=1,
                                  expires_at=answer.created_at, metadata={"label": label})
+    cached = CachedAnswer.objects.create(
+        tenant=tenant, assistant_id=assistant.pk, scope=f"a{assistant.pk}.v", kind="exact", key=f"{label}-key",
+        question=f"{label} faq", answer="an answer", model=model_name, expires_at=timezone.now() + timedelta(hours=1),
+    )
     world.objects = {
         Tenant: tenant, Membership: owner, EndUser: customer, ProviderCredential: credential,
         ApiKey: ApiKey.objects.get(pk=api_key.pk), Assistant: assistant, Conversation: conversation,
         SpendingCap: cap, CapAlert: CapAlert.objects.get(cap=cap),
         Reservation: Reservation.objects.get(pk=reservation.pk),
         UsageRecord: record, WebhookTool: tool, ModerationPolicy: policy, ModerationEvent: event,
-        AuditEntry: audit, TenantModelPrice: own_price, ModelAlias: alias, Batch: batch,
+        AuditEntry: audit, TenantModelPrice: own_price, ModelAlias: alias, Batch: batch, CachedAnswer: cached,
     }
     return world
 
@@ -549,3 +556,19 @@ def test_key_rotation_is_recorded(world):
     call_command("rotate_encryption_keys", stdout=StringIO())
     entry = AuditEntry.objects.get(action="encryption.rotate")
     assert entry.tenant is None and entry.changes["rotated"] >= 2
+
+
+def test_deleting_a_cached_answer_invalidates_it_and_keys_show_the_opt_in(world):
+    client = _client(world.admin)
+    entry = world.a[CachedAnswer]
+    listed = client.get(_url(CachedAnswer, "changelist"))
+    assert listed.status_code == 200 and "a faq" in listed.content.decode()
+    assert client.get(_url(CachedAnswer, "add")).status_code == 403
+    response = client.post(_url(CachedAnswer, "delete", entry.pk), {"post": "yes"})
+    assert response.status_code == 302 and not CachedAnswer.objects.filter(pk=entry.pk).exists()
+
+    key = world.a[ApiKey]
+    change = _url(ApiKey, "change", key.pk)
+    assert 'name="response_cache"' in client.get(change).content.decode()
+    client.post(change, _form_defaults(client, change, response_cache="on"))
+    assert ApiKey.objects.get(pk=key.pk).response_cache

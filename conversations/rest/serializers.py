@@ -80,7 +80,7 @@ class MessageSerializer(serializers.ModelSerializer):
         model = Message
         fields = [
             "id", "seq", "role", "content", "status", "tokens", "model", "finish_reason",
-            "tool_calls", "created_at",
+            "tool_calls", "cached", "created_at",
         ]
         read_only_fields = fields
 

@@ -1,0 +1,49 @@
+"""A cacheable turn and the response cache (responsecache/): a hit streams the stored answer
+through the same events as a generated one, ending with `message.completed` marked `cached`;
+a miss keeps the answer once it is complete."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from config.db import database_sync_to_async
+from responsecache.chat import Lookup, answer_lookup, answer_pieces, answer_remember
+
+from .answers import TurnOutcome, TurnResult, turn_cached
+from .models import Message
+from .turns import TurnPlan
+
+
+class CachedTurn:
+    """One turn's use of the response cache (nothing, when the turn is not cacheable)."""
+
+    def __init__(self, plan: TurnPlan) -> None:
+        self.plan = plan
+        self.lookup: Lookup | None = None
+
+    async def served(self, subject: Any, log: Any, spent: Any) -> bool:
+        """Look the question up. On a hit the stored answer is published as deltas, stored and
+        booked ($0, the saving on the ledger), and True: no model is called."""
+        plan = self.plan
+        self.lookup = await answer_lookup(
+            plan.response_cache, question=plan.user_content, target=plan.target, subject=subject,
+            conversation_id=plan.conversation_id,
+        )
+        hit = self.lookup.hit if self.lookup is not None else None
+        if hit is None:
+            return False
+        for piece in answer_pieces(hit.answer):
+            await log.delta(piece, round_parts=[])
+        result = await database_sync_to_async(turn_cached)(plan=plan, hit=hit)
+        completed = spent.completed(message_id=str(plan.assistant_message_id), finish_reason=hit.finish_reason, last=result)
+        await log.publish(replace(completed, cached=True))
+        return True
+
+    async def keep(self, outcome: TurnOutcome, result: TurnResult, *, rounds: int) -> None:
+        """After a miss: keep the answer if the model completed it in one call (not cut, failed
+        or blocked)."""
+        if self.lookup is None or outcome.status != Message.Status.COMPLETE or rounds:
+            return
+        await answer_remember(self.lookup, answer=outcome.content, prompt_tokens=result.prompt_tokens,
+                              completion_tokens=result.completion_tokens, finish_reason=outcome.finish_reason)

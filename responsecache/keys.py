@@ -1,0 +1,64 @@
+"""What an answer is filed under: the normalised question, the assistant's version, a canonical
+`/v1` request, and the packed embedding vectors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import unicodedata
+from typing import Any
+
+# `/v1` body members that do not change the answer: who asks, and how it is delivered.
+REQUEST_IGNORED = frozenset({"user", "stream", "stream_options"})
+
+
+def question_normalised(question: str) -> str:
+    """Case folded, punctuation dropped, whitespace collapsed: "What's the  price?" → "whats the price"."""
+    kept = "".join(" " if ch.isspace() else ch for ch in question.casefold()
+                   if not unicodedata.category(ch).startswith("P"))
+    return " ".join(kept.split())
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def question_key(question: str) -> str:
+    return _digest(question_normalised(question))
+
+
+def assistant_scope(*, assistant_id: int, version: str) -> str:
+    return f"a{assistant_id}.{version}"
+
+
+def assistant_version(assistant: Any) -> str:
+    """A hash of everything that changes an assistant's answer to a first question: editing any
+    of it (prompt, model, sampling, output bound, routes, credential) starts a new version."""
+    settings = {
+        "system_prompt": assistant.system_prompt, "model": assistant.model, "temperature": assistant.temperature,
+        "max_tokens": assistant.max_tokens, "routes": assistant.routes, "credential": assistant.credential_id,
+        "tools": assistant.tools,
+    }
+    return _digest(json.dumps(settings, sort_keys=True, default=str))[:32]
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """The canonical JSON of a `/v1` request body, minus what does not change the answer."""
+    kept = {name: value for name, value in body.items() if name not in REQUEST_IGNORED}
+    return _digest(json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+
+
+def vector_pack(vector: tuple[float, ...]) -> bytes:
+    return struct.pack(f"<{len(vector)}f", *vector)
+
+
+def vector_unpack(blob: bytes) -> tuple[float, ...]:
+    return struct.unpack(f"<{len(blob) // 4}f", blob)
+
+
+def similarity(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Cosine similarity of two unit vectors; 0 when their dimensions differ (another model's)."""
+    if len(a) != len(b):
+        return 0.0
+    return sum(x * y for x, y in zip(a, b, strict=True))
