@@ -13,6 +13,7 @@ sweep (recovery.py) finishes the bookkeeping from the log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from channels.layers import get_channel_layer
 
 from config.db import database_sync_to_async
-from streaming import eventlog, fanout
+from streaming import deltas, eventlog, fanout
 
 from . import gatekeepers, recovery, services, shutdown, turns
 from .control import control_send_cancel
@@ -57,10 +58,13 @@ async def publish(plan: TurnPlan, event: Event) -> str:
 
 async def events_follow(key: str, after: str) -> AsyncIterator[eventlog.Entry]:
     """Every wire event of the log after `after`, in order, then each as it is appended;
-    runs until cancelled. A Redis outage pauses it: it resumes from the same offset."""
-    async for offset, event in fanout.fanout().follow(key, after):
-        if event.get("type") not in recovery.INTERNAL_EVENTS:
-            yield offset, event
+    runs until cancelled. A Redis outage pauses it: it resumes from the same offset. A reader
+    that is behind gets each run of deltas it has not sent yet as one (at the run's last
+    offset); one that keeps up gets a delta per token."""
+    async with contextlib.aclosing(fanout.fanout().pages(key, after)) as pages:
+        async for page in pages:
+            for entry in deltas.entries_coalesce([e for e in page if e[1].get("type") not in recovery.INTERNAL_EVENTS]):
+                yield entry
 
 
 @dataclass(frozen=True)
