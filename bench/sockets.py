@@ -7,7 +7,7 @@
 Starts the simulator (its own process, TTFT 100 ms, `--words` chunks paced at `--tps`) and one
 web process (`python -m config.daphne`, from `--code`: another checkout measures another
 version of Parley against the same database and Redis). For each N: N end users, each with its
-own token, socket and new conversation, connect (at most 100 handshakes at a time); then all send one message at once and read
+own token, socket and new conversation, connect (at most `--handshakes` at a time); then all send one message at once and read
 until a terminal event (`message.completed` or `error`) or a deadline. The clients run in
 `--client-procs` processes of their own (the clients split among them), so that parsing 20,000
 frames a second in one Python process is not what the bench measures.
@@ -172,7 +172,7 @@ async def serve_clients() -> None:
     print(json.dumps([c.__dict__ for c in clients]), flush=True)
 
 
-async def clients_run(tokens: list[str], *, procs: int, rss: Any, **job: Any) -> tuple[list[Client], int, int, str]:
+async def clients_run(tokens: list[str], *, procs: int, handshakes: int, rss: Any, **job: Any) -> tuple[list[Client], int, int, str]:
     """Run the clients in `procs` processes; returns them, the web process's RSS growth while
     they ran, how many connected, and the machine's load average (1 min) while they ran."""
     shares = [[(i, t) for i, t in enumerate(tokens) if i % procs == p] for p in range(procs)]
@@ -181,7 +181,7 @@ async def clients_run(tokens: list[str], *, procs: int, rss: Any, **job: Any) ->
         limit=1 << 30,
     ) for share in shares if share]
     for child, share in zip(children, shares, strict=False):
-        child.stdin.write(json.dumps({**job, "tokens": share, "handshakes": max(1, 100 // procs)}).encode() + b"\n")
+        child.stdin.write(json.dumps({**job, "tokens": share, "handshakes": max(1, handshakes // procs)}).encode() + b"\n")
         await child.stdin.drain()
     connected = 0
     for child in children:
@@ -236,7 +236,7 @@ class Outcome:
 
 
 async def measure(n: int, *, url: str, sim_url: str, pid: int, setup: Any, words: int, tps: float,
-                  procs: int) -> Outcome:
+                  procs: int, handshakes: int) -> Outcome:
     import httpx2 as httpx
     from asgiref.sync import sync_to_async
 
@@ -244,7 +244,7 @@ async def measure(n: int, *, url: str, sim_url: str, pid: int, setup: Any, words
     tokens = await sync_to_async(lambda: [setup.token(f"bench-{run}-{i}") for i in range(n)])()
     started = time.monotonic()
     clients, rss_growth, connected, load = await clients_run(
-        tokens, procs=procs, rss=lambda: rss_kb(pid), url=url, run=run, words=words, tps=tps,
+        tokens, procs=procs, handshakes=handshakes, rss=lambda: rss_kb(pid), url=url, run=run, words=words, tps=tps,
         seconds=120 + words / tps + n * 0.05,
     )
     seconds = time.monotonic() - started
@@ -348,6 +348,9 @@ def main() -> None:
     parser.add_argument("--code", default=str(ROOT), help="the checkout whose web process is measured")
     parser.add_argument("--label", default="")
     parser.add_argument("--client-procs", type=int, default=2, help="processes the clients run in")
+    parser.add_argument("--handshakes", type=int, default=100,
+                        help="socket handshakes at a time, all processes together (Daphne refuses one not "
+                             "accepted within 5 s: on a loaded machine fewer at a time open more)")
     parser.add_argument("--serve-simulator", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-clients", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -373,7 +376,8 @@ def main() -> None:
         wait_listening(web_port, lambda: web.poll() is None, timeout=90)
         setup = _tenant(f"http://127.0.0.1:{sim_port}/v1")
         options = {"url": f"ws://127.0.0.1:{web_port}/ws/chat/", "sim_url": f"http://127.0.0.1:{sim_port}",
-                   "pid": web.pid, "setup": setup, "tps": args.tps, "procs": args.client_procs}
+                   "pid": web.pid, "setup": setup, "tps": args.tps, "procs": args.client_procs,
+                   "handshakes": args.handshakes}
         asyncio.run(measure(5, words=20, **options))  # warm-up: imports, connections, caches
         outcomes = []
         for n in (int(v) for v in args.n.split(",")):
