@@ -223,6 +223,7 @@ class Outcome:
     frames: int
     sent: int
     chars_delivered: int
+    chars_sent: int
     chars_stored: int
     stored_chars_match: int
     p50_ms: float
@@ -309,6 +310,7 @@ def _outcome(n: int, clients: list[Client], stamps: dict[str, list[list[Any]]], 
         frames=sum(len(c.deltas) for c in clients),
         sent=sum(len(stamps.get(f"{run}-{c.index}", [])) for c in clients),
         chars_delivered=sum(len(content) for c in clients for _, content in c.deltas),
+        chars_sent=sum(len(text) for c in clients for _, text in stamps.get(f"{run}-{c.index}", [])),
         chars_stored=sum(len(answer) for answer in stored["answers"].values()),
         stored_chars_match=match, p50_ms=pct(delays, 0.5), p99_ms=pct(delays, 0.99),
         rss_kb_per_stream=rss, stored=len(stored["answers"]), billed=stored["billed"],
@@ -392,14 +394,15 @@ def main() -> None:
 def report(outcomes: list[Outcome], *, label: str, words: int, tps: float, procs: int) -> None:
     print(f"\n{label}: one web process, services mode; {words} chunks at {tps:g}/s per stream, TTFT 100 ms; "
           f"clients in {procs} process(es)\n")
-    print("| N | complete (deltas joined = stored, completed) | any terminal | text delivered / stored (chars) "
+    print("| N | complete (deltas joined = stored, completed) | any terminal "
+          "| text delivered / sent upstream / stored (chars) "
           "| delta frames / upstream chunks | delay p50 / p99 ms | RSS per stream | answers stored / billed "
           "| wall s | load average | failures |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for o in outcomes:
         failures = ", ".join(f"{k}: {v}" for k, v in sorted(o.failures.items())) or "none"
         print(f"| {o.n} | {o.complete} | {o.terminal} "
-              f"| {o.chars_delivered} / {o.chars_stored} ({o.chars_delivered / max(1, o.chars_stored):.1%}) "
+              f"| {o.chars_delivered} / {o.chars_sent} / {o.chars_stored} "
               f"| {o.frames} / {o.sent} | {o.p50_ms:.0f} / {o.p99_ms:.0f} | {o.rss_kb_per_stream:.0f} KB "
               f"| {o.stored} / {o.billed} | {o.seconds:.0f} | {o.load} | {failures} |")
 
