@@ -71,25 +71,31 @@ async def test_reader_behind_gets_merged_deltas_and_resumes_from_their_offsets_e
     assert all(offset_key(offset) > offset_key(frames[0][0]) for offset, _ in rest)
 
 
-class SlowLog(MemoryEventLog):
-    """A log whose appends take a round trip of 50 ms (a busy Redis or event loop)."""
+class HeldLog(MemoryEventLog):
+    """A log whose first append is out until `release` is set (a slow round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
 
     async def append(self, key: str, event: dict) -> str:
-        await asyncio.sleep(0.05)
+        await self.release.wait()
         return await super().append(key, event)
 
 
 async def test_deltas_queued_behind_a_slow_append_go_to_the_log_as_one(monkeypatch):
-    log = SlowLog()
+    log = HeldLog()
     monkeypatch.setattr(eventlog, "_log", log)
     outbox, key = EventOutbox("k"), "k"
-    for i in range(30):
+    await outbox.append(delta("m", "0 "), wait=False)
+    await asyncio.sleep(0)  # the send starts: nothing else queued, this delta goes alone
+    for i in range(1, 30):  # the generation reads on while that append is out
         await outbox.append(delta("m", f"{i} "), wait=False)
-        await asyncio.sleep(0.001)  # the generation reads its next token: the first append is out
+    log.release.set()
     await outbox.append({"type": "message.completed", "message_id": "m"})  # waits for all before it
     entries = await eventlog.read_all(log, key)
     assert [event["type"] for _, event in entries] == ["delta", "delta", "message.completed"]
-    assert entries[0][1]["content"] == "0 "  # nothing queued yet: sent at once, alone
+    assert entries[0][1]["content"] == "0 "
     assert "".join(event["content"] for _, event in entries[:-1]) == "".join(f"{i} " for i in range(30))
     assert outbox.pending == [] and await outbox.drain()
 
