@@ -1,21 +1,27 @@
 """N concurrent WebSocket answers against one web process, in services mode: does every event arrive?
 
     DATABASE_URL=postgres://…/parley_x REDIS_URL=redis://…/N SECRET_KEY=… FIELD_ENCRYPTION_KEYS=… \
-        .venv/bin/python bench/sockets.py [--n 100,300,1000] [--words 300] [--tps 20] [--code DIR]
+        .venv/bin/python bench/sockets.py [--n 100,300,1000] [--words 300] [--tps 20] [--code DIR] \
+        [--client-procs 2]
 
 Starts the simulator (its own process, TTFT 100 ms, `--words` chunks paced at `--tps`) and one
 web process (`python -m config.daphne`, from `--code`: another checkout measures another
 version of Parley against the same database and Redis). For each N: N end users, each with its
-own token, socket and new conversation, connect (at most 100 handshakes at a time); then all send one message at once and read
-until a terminal event (`message.completed` or `error`) or a deadline.
+own token, socket and new conversation, connect (at most `--handshakes` at a time); then all send one message at once and read
+until a terminal event (`message.completed` or `error`) or a deadline. The clients run in
+`--client-procs` processes of their own (the clients split among them), so that parsing 20,000
+frames a second in one Python process is not what the bench measures.
 
-It prints, per N: clients whose deltas equal the stored answer and that got `message.completed`
-("complete"), clients that got any terminal event, deltas delivered vs chunks the simulator
-sent, the delay from the simulator writing a chunk to the client receiving its delta (p50/p99:
-the simulator process stamps each content chunk with the wall clock and its text, keyed by a
-marker in the prompt; a client's deltas are matched to its chunks in order by text, so a
-dropped delta is skipped, not paired with the wrong chunk), the web process's RSS growth per
-open stream, and answers stored and billed (assistant messages, UsageRecords).
+It prints, per N: clients whose deltas joined equal the stored answer and that got
+`message.completed` ("complete"), clients that got any terminal event, the text delivered
+(characters of all deltas joined) vs the text stored, delta frames vs chunks the simulator sent
+(a frame may carry several chunks: a reader that is behind gets consecutive deltas merged), the
+delay from the simulator writing a chunk to the client receiving the frame that carries it
+(p50/p99 over chunks: the simulator process stamps each content chunk with the wall clock and
+its text, keyed by a marker in the prompt; a client's frames are matched in order to runs of
+its chunks whose text joined equals the frame's, so a dropped delta is skipped, not paired with
+the wrong chunk), the web process's RSS growth per open stream, and answers stored and billed
+(assistant messages, UsageRecords).
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ def serve_simulator(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
 
 
-# --- the clients -----------------------------------------------------------------------------
+# --- the clients (in processes of their own) ----------------------------------------------------
 
 
 @dataclass
@@ -113,7 +119,7 @@ async def run_client(client: Client, *, url: str, run: str, words: int, tps: flo
     import websockets
 
     try:
-        await handshakes.acquire()  # released once open: at most 100 handshakes at a time
+        await handshakes.acquire()  # released once open: a bounded number of handshakes at a time
         async with websockets.connect(f"{url}?token={client.token}", open_timeout=120, ping_interval=None,
                                       additional_headers={"Origin": "http://127.0.0.1"},
                                       max_queue=None) as ws:
@@ -145,6 +151,56 @@ async def run_client(client: Client, *, url: str, run: str, words: int, tps: flo
             handshakes.release()
 
 
+async def serve_clients() -> None:
+    """A client process: a job on stdin (one JSON line), `connected` on stdout once every
+    socket is open (or failed), `go` on stdin to send, then the clients as one JSON line."""
+    loop = asyncio.get_running_loop()
+    job = json.loads(await loop.run_in_executor(None, sys.stdin.readline))
+    clients = [Client(index, token) for index, token in job["tokens"]]
+    go, connected = asyncio.Event(), []
+    handshakes = asyncio.Semaphore(job["handshakes"])
+    deadline = time.monotonic() + job["seconds"]
+    tasks = [asyncio.create_task(run_client(c, url=job["url"], run=job["run"], words=job["words"], tps=job["tps"],
+                                            go=go, connected=connected, deadline=deadline, handshakes=handshakes))
+             for c in clients]
+    while len(connected) + sum(t.done() for t in tasks) < len(clients) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    print(f"connected {len(connected)}", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    go.set()
+    await asyncio.gather(*tasks)
+    print(json.dumps([c.__dict__ for c in clients]), flush=True)
+
+
+async def clients_run(tokens: list[str], *, procs: int, handshakes: int, rss: Any, **job: Any) -> tuple[list[Client], int, int, str]:
+    """Run the clients in `procs` processes; returns them, the web process's RSS growth while
+    they ran, how many connected, and the machine's load average (1 min) while they ran."""
+    shares = [[(i, t) for i, t in enumerate(tokens) if i % procs == p] for p in range(procs)]
+    children = [await asyncio.create_subprocess_exec(
+        PYTHON, __file__, "--serve-clients", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        limit=1 << 30,
+    ) for share in shares if share]
+    for child, share in zip(children, shares, strict=False):
+        child.stdin.write(json.dumps({**job, "tokens": share, "handshakes": max(1, handshakes // procs)}).encode() + b"\n")
+        await child.stdin.drain()
+    connected = 0
+    for child in children:
+        connected += int((await child.stdout.readline()).split()[1])
+    idle = peak = rss()
+    loads = [os.getloadavg()[0]]
+    for child in children:  # all at once: the writes are tiny
+        child.stdin.write(b"go\n")
+    results = [asyncio.create_task(child.stdout.readline()) for child in children]
+    while not all(r.done() for r in results):
+        peak = max(peak, rss())
+        loads.append(os.getloadavg()[0])
+        await asyncio.wait(results, timeout=0.5)
+    clients = sorted((Client(**c) for r in results for c in json.loads(r.result())), key=lambda c: c.index)
+    for child in children:
+        await child.wait()
+    return clients, peak - idle, connected, f"{min(loads):.1f}–{max(loads):.1f}"
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -164,8 +220,11 @@ class Outcome:
     n: int
     complete: int
     terminal: int
-    delivered: int
+    frames: int
     sent: int
+    chars_delivered: int
+    chars_sent: int
+    chars_stored: int
     stored_chars_match: int
     p50_ms: float
     p99_ms: float
@@ -174,36 +233,28 @@ class Outcome:
     billed: int
     failures: dict[str, int]
     seconds: float
+    load: str
 
 
-async def measure(n: int, *, url: str, sim_url: str, pid: int, setup: Any, words: int, tps: float) -> Outcome:
+async def measure(n: int, *, url: str, sim_url: str, pid: int, setup: Any, words: int, tps: float,
+                  procs: int, handshakes: int) -> Outcome:
     import httpx2 as httpx
     from asgiref.sync import sync_to_async
 
     run = uuid.uuid4().hex[:8]
     tokens = await sync_to_async(lambda: [setup.token(f"bench-{run}-{i}") for i in range(n)])()
-    clients = [Client(i, token) for i, token in enumerate(tokens)]
-    go, connected, handshakes = asyncio.Event(), [], asyncio.Semaphore(100)
-    deadline = time.monotonic() + 120 + words / tps + n * 0.05
-    idle_rss = rss_kb(pid)
-    tasks = [asyncio.create_task(run_client(c, url=url, run=run, words=words, tps=tps, go=go,
-                                            connected=connected, deadline=deadline, handshakes=handshakes))
-             for c in clients]
-    while len(connected) + sum(t.done() for t in tasks) < n and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
     started = time.monotonic()
-    go.set()
-    peak_rss = idle_rss
-    while not all(t.done() for t in tasks):
-        peak_rss = max(peak_rss, rss_kb(pid))
-        await asyncio.sleep(0.5)
+    clients, rss_growth, connected, load = await clients_run(
+        tokens, procs=procs, handshakes=handshakes, rss=lambda: rss_kb(pid), url=url, run=run, words=words, tps=tps,
+        seconds=120 + words / tps + n * 0.05,
+    )
     seconds = time.monotonic() - started
     await asyncio.sleep(2)  # let the last answers be stored
     async with httpx.AsyncClient() as http:
         stamps = (await http.get(f"{sim_url}/stamps", timeout=30)).json()
     stored = await sync_to_async(_stored)([c.conversation_id for c in clients if c.conversation_id])
-    return _outcome(n, clients, stamps, stored, run=run, rss=(peak_rss - idle_rss) / max(1, len(connected)),
-                    seconds=seconds)
+    return _outcome(n, clients, stamps, stored, run=run, rss=rss_growth / max(1, connected), seconds=seconds,
+                    load=load)
 
 
 def _stored(conversation_ids: list[str]) -> dict[str, Any]:
@@ -216,20 +267,32 @@ def _stored(conversation_ids: list[str]) -> dict[str, Any]:
     return {"answers": {str(k): v for k, v in answers.items()}, "billed": billed}
 
 
+def _run_of(sent: list[list[Any]], start: int, content: str) -> int | None:
+    """The end (exclusive) of the chunks from `start` whose text joined is `content`, if any."""
+    joined, end = "", start
+    while end < len(sent) and len(joined) < len(content) and content.startswith(joined + sent[end][1]):
+        joined += sent[end][1]
+        end += 1
+    return end if joined == content and end > start else None
+
+
 def _delays(deltas: list[tuple[float, str]], sent: list[list[Any]]) -> list[float]:
+    """Per chunk, the delay to the frame that carried it: each frame is matched to the next run
+    of chunks whose text joined equals it (chunks skipped on the way were never delivered)."""
     delays, position = [], 0
     for received, content in deltas:
-        while position < len(sent) and sent[position][1] != content:
-            position += 1
-        if position == len(sent):
+        start = position
+        while start < len(sent) and (end := _run_of(sent, start, content)) is None:
+            start += 1
+        if start == len(sent):
             break
-        delays.append((received - sent[position][0]) * 1000)
-        position += 1
+        delays += [(received - stamp) * 1000 for stamp, _ in sent[start:end]]
+        position = end
     return delays
 
 
 def _outcome(n: int, clients: list[Client], stamps: dict[str, list[list[Any]]], stored: dict[str, Any], *, run: str,
-             rss: float, seconds: float) -> Outcome:
+             rss: float, seconds: float, load: str) -> Outcome:
     delays: list[float] = []
     complete = match = 0
     failures: dict[str, int] = {}
@@ -244,11 +307,14 @@ def _outcome(n: int, clients: list[Client], stamps: dict[str, list[list[Any]]], 
             failures[reason] = failures.get(reason, 0) + 1
     return Outcome(
         n=n, complete=complete, terminal=sum(1 for c in clients if c.terminal),
-        delivered=sum(len(c.deltas) for c in clients),
+        frames=sum(len(c.deltas) for c in clients),
         sent=sum(len(stamps.get(f"{run}-{c.index}", [])) for c in clients),
+        chars_delivered=sum(len(content) for c in clients for _, content in c.deltas),
+        chars_sent=sum(len(text) for c in clients for _, text in stamps.get(f"{run}-{c.index}", [])),
+        chars_stored=sum(len(answer) for answer in stored["answers"].values()),
         stored_chars_match=match, p50_ms=pct(delays, 0.5), p99_ms=pct(delays, 0.99),
         rss_kb_per_stream=rss, stored=len(stored["answers"]), billed=stored["billed"],
-        failures=failures, seconds=seconds,
+        failures=failures, seconds=seconds, load=load,
     )
 
 
@@ -283,10 +349,17 @@ def main() -> None:
     parser.add_argument("--tps", type=float, default=20.0)
     parser.add_argument("--code", default=str(ROOT), help="the checkout whose web process is measured")
     parser.add_argument("--label", default="")
+    parser.add_argument("--client-procs", type=int, default=2, help="processes the clients run in")
+    parser.add_argument("--handshakes", type=int, default=100,
+                        help="socket handshakes at a time, all processes together (Daphne refuses one not "
+                             "accepted within 5 s: on a loaded machine fewer at a time open more)")
     parser.add_argument("--serve-simulator", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-clients", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_simulator:
         return serve_simulator(args.serve_simulator)
+    if args.serve_clients:
+        return asyncio.run(serve_clients())
     env = _env()
     subprocess.run([PYTHON, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -301,31 +374,37 @@ def main() -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     processes.append(web)
     try:
-        wait_listening(sim_port, lambda: processes[0].poll() is None)
-        wait_listening(web_port, lambda: web.poll() is None)
+        wait_listening(sim_port, lambda: processes[0].poll() is None, timeout=90)
+        wait_listening(web_port, lambda: web.poll() is None, timeout=90)
         setup = _tenant(f"http://127.0.0.1:{sim_port}/v1")
         options = {"url": f"ws://127.0.0.1:{web_port}/ws/chat/", "sim_url": f"http://127.0.0.1:{sim_port}",
-                   "pid": web.pid, "setup": setup, "tps": args.tps}
+                   "pid": web.pid, "setup": setup, "tps": args.tps, "procs": args.client_procs,
+                   "handshakes": args.handshakes}
         asyncio.run(measure(5, words=20, **options))  # warm-up: imports, connections, caches
         outcomes = []
         for n in (int(v) for v in args.n.split(",")):
             outcomes.append(asyncio.run(measure(n, words=args.words, **options)))
-            report(outcomes[-1:], label=f"{args.label or args.code} (so far)", words=args.words, tps=args.tps)
+            report(outcomes[-1:], label=f"{args.label or args.code} (so far)", words=args.words, tps=args.tps,
+                   procs=args.client_procs)
     finally:
         processes_stop(processes)
-    report(outcomes, label=args.label or args.code, words=args.words, tps=args.tps)
+    report(outcomes, label=args.label or args.code, words=args.words, tps=args.tps, procs=args.client_procs)
 
 
-def report(outcomes: list[Outcome], *, label: str, words: int, tps: float) -> None:
-    print(f"\n{label}: one web process, services mode; {words} chunks at {tps:g}/s per stream, TTFT 100 ms\n")
-    print("| N | complete (all deltas = stored, completed) | any terminal | deltas delivered / sent by upstream "
-          "| delay p50 / p99 ms | RSS per stream | answers stored / billed | wall s | failures |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def report(outcomes: list[Outcome], *, label: str, words: int, tps: float, procs: int) -> None:
+    print(f"\n{label}: one web process, services mode; {words} chunks at {tps:g}/s per stream, TTFT 100 ms; "
+          f"clients in {procs} process(es)\n")
+    print("| N | complete (deltas joined = stored, completed) | any terminal "
+          "| text delivered / sent upstream / stored (chars) "
+          "| delta frames / upstream chunks | delay p50 / p99 ms | RSS per stream | answers stored / billed "
+          "| wall s | load average | failures |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for o in outcomes:
         failures = ", ".join(f"{k}: {v}" for k, v in sorted(o.failures.items())) or "none"
-        print(f"| {o.n} | {o.complete} | {o.terminal} | {o.delivered} / {o.sent} ({o.delivered / max(1, o.sent):.1%}) "
-              f"| {o.p50_ms:.0f} / {o.p99_ms:.0f} | {o.rss_kb_per_stream:.0f} KB | {o.stored} / {o.billed} "
-              f"| {o.seconds:.0f} | {failures} |")
+        print(f"| {o.n} | {o.complete} | {o.terminal} "
+              f"| {o.chars_delivered} / {o.chars_sent} / {o.chars_stored} "
+              f"| {o.frames} / {o.sent} | {o.p50_ms:.0f} / {o.p99_ms:.0f} | {o.rss_kb_per_stream:.0f} KB "
+              f"| {o.stored} / {o.billed} | {o.seconds:.0f} | {o.load} | {failures} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ sweep (recovery.py) finishes the bookkeeping from the log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import uuid
@@ -26,7 +27,7 @@ from config.db import database_sync_to_async
 from observability import metrics
 from observability.context import context_bind
 from routing.selection import with_grades
-from streaming import eventlog, fanout
+from streaming import deltas, eventlog, fanout
 
 from . import gatekeepers, recovery, services, shutdown, turns
 from .control import control_send_cancel
@@ -62,10 +63,13 @@ async def publish(plan: TurnPlan, event: Event) -> str:
 
 async def events_follow(key: str, after: str) -> AsyncIterator[eventlog.Entry]:
     """Every wire event of the log after `after`, in order, then each as it is appended;
-    runs until cancelled. A Redis outage pauses it: it resumes from the same offset."""
-    async for offset, event in fanout.fanout().follow(key, after):
-        if event.get("type") not in recovery.INTERNAL_EVENTS:
-            yield offset, event
+    runs until cancelled. A Redis outage pauses it: it resumes from the same offset. A reader
+    that is behind gets each run of deltas it has not sent yet as one (at the run's last
+    offset); one that keeps up gets a delta per token."""
+    async with contextlib.aclosing(fanout.fanout().pages(key, after)) as pages:
+        async for page in pages:
+            for entry in deltas.entries_coalesce([e for e in page if e[1].get("type") not in recovery.INTERNAL_EVENTS]):
+                yield entry
 
 
 async def _hop(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:

@@ -103,9 +103,6 @@ class AnswerLog:
         self.outbox = outages.EventOutbox(eventlog.log_key(plan.group))
         self.parts: list[str] = []  # every round's text: what joiners are shown
         self.first_token_at: float | None = None
-        # Held while a delta is appended and published: a joiner's state then either includes
-        # a delta whose publish already finished, or excludes it and is delivered before it.
-        self._lock = asyncio.Lock()
 
     @property
     def content(self) -> str:
@@ -117,10 +114,10 @@ class AnswerLog:
     async def delta(self, content: str, *, round_parts: list[str]) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        async with self._lock:
-            self.parts.append(content)
-            round_parts.append(content)
-            await self.publish(Delta(message_id=self.message_id, content=content))
+        self.parts.append(content)
+        round_parts.append(content)
+        # Not awaited to the log: deltas queued behind a slow append go out merged as one.
+        await self.outbox.append(Delta(message_id=self.message_id, content=content).as_dict(), wait=False)
 
 
 class Generation:

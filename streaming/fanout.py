@@ -18,6 +18,7 @@ wait for that read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections import deque
@@ -85,6 +86,14 @@ class Fanout:
     async def follow(self, key: str, after: str) -> AsyncIterator[Entry]:
         """Every entry of the log after `after`, in order, then each as it is appended; runs
         until cancelled. A Redis outage pauses it: it resumes from its offset."""
+        async with contextlib.aclosing(self.pages(key, after)) as pages:
+            async for page in pages:
+                for entry in page:
+                    yield entry
+
+    async def pages(self, key: str, after: str) -> AsyncIterator[list[Entry]]:
+        """`follow`, a page at a time: each page is every entry that arrived since the reader
+        took the last one (one entry for a reader that keeps up, many for one behind)."""
         follower = self._join(key, after)
         try:
             while True:
@@ -94,8 +103,7 @@ class Fanout:
                     logger.warning("event log %s unreadable; retrying", key, exc_info=True)
                     await asyncio.sleep(1)
                     continue
-                for entry in entries:
-                    yield entry
+                yield entries
         finally:
             self._leave(follower)
 

@@ -23,7 +23,7 @@ from django.db import InterfaceError, OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import eventlog
+from . import deltas, eventlog
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,11 @@ class EventOutbox:
     """A generation's appends to its log, in order, that never fail the generation: while the
     log is away, events wait here (retried at most once a second, so a dead Redis does not
     slow the stream) and go out, in order, once it answers again. Readers resume from their
-    offsets: Redis Stream ids grow with time, so what is appended after a restart follows."""
+    offsets: Redis Stream ids grow with time, so what is appended after a restart follows.
+
+    One send runs at a time, taking everything queued: deltas queued while an append was out
+    go as one (deltas.py), so a generation whose log round trips are slow (a busy process)
+    keeps up with its upstream and appends fewer, larger deltas instead of falling behind."""
 
     RETRY_INTERVAL = 1.0
 
@@ -74,32 +78,47 @@ class EventOutbox:
         self.key = key
         self.pending: list[dict[str, Any]] = []
         self.retry_at = 0.0
+        self._sending: asyncio.Task[BaseException | None] | None = None
 
-    async def append(self, event: dict[str, Any]) -> None:
-        """Queue the event and send what waits, unless the log failed less than a second ago.
-        Never raises: a failure leaves the events waiting for the next try."""
+    async def append(self, event: dict[str, Any], *, wait: bool = True) -> None:
+        """Queue the event and send what waits, unless the log failed less than a second ago;
+        with `wait`, until what was queued is in the log (or the log failed). Never raises: a
+        failure leaves the events waiting for the next try."""
         self.pending.append(event)
         if time.monotonic() >= self.retry_at:
-            try:
-                await self._flush()
-            except eventlog.LOG_ERRORS:
-                pass
+            sending = self._send_started()
+            if wait:
+                await asyncio.shield(sending)
 
-    async def _flush(self) -> None:
+    def _send_started(self) -> asyncio.Task[BaseException | None]:
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.create_task(self._send(), name=f"event outbox {self.key}")
+        return self._sending
+
+    async def _send(self) -> BaseException | None:
         log = eventlog.event_log()
         try:
             while self.pending:
-                await log.append(self.key, self.pending[0])
-                self.pending.pop(0)
-        except eventlog.LOG_ERRORS:
+                event, end = deltas.deltas_merge(self.pending)
+                await log.append(self.key, event)
+                del self.pending[:end]  # only now: a failed append leaves them queued, in order
+        except eventlog.LOG_ERRORS as error:
             self.retry_at = time.monotonic() + self.RETRY_INTERVAL
             logger.warning("event log %s unavailable; %d events wait", self.key, len(self.pending))
-            raise
+            return error
+        return None
+
+    async def _flush(self) -> None:
+        """Send everything queued (after the send in flight); raises the log's error."""
+        while self.pending or (self._sending is not None and not self._sending.done()):
+            error = await asyncio.shield(self._send_started())
+            if error is not None:
+                raise error
 
     async def drain(self, *, seconds: float | None = None) -> bool:
         """Deliver what waits, retrying for up to `seconds` (DEPENDENCY_RETRY_SECONDS). False
         when the log stayed away; the events still wait."""
-        if not self.pending:
+        if not self.pending and (self._sending is None or self._sending.done()):
             return True
         try:
             await outlast(self._flush, what=f"event log {self.key}", seconds=seconds)
