@@ -110,7 +110,8 @@ ASGI_APPLICATION = "config.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # Project-wide templates: the admin's base_site.html (Parley's favicon).
+        "DIRS": [BASE_DIR / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -212,6 +213,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# Project-wide static files (the favicon), beside each app's static/.
+STATICFILES_DIRS = [BASE_DIR / "static"]
 # Static files are served by the ASGI app itself (admin, chat page, Swagger UI assets).
 SERVE_STATIC = env.bool("SERVE_STATIC", default=True)
 

@@ -1,6 +1,8 @@
 """URL routes: admin, chat page, health, REST API (the OpenAI-compatible /v1 is in asgi.py)."""
 
 from django.contrib import admin
+from django.http import HttpRequest, HttpResponsePermanentRedirect
+from django.templatetags.static import static
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
@@ -10,7 +12,18 @@ from conversations.views import chat_page
 
 from .health import healthz
 
+admin.site.site_header = "Parley"
+admin.site.site_title = "Parley admin"
+admin.site.index_title = "Administration"
+
+
+def favicon(request: HttpRequest) -> HttpResponsePermanentRedirect:
+    """Browsers ask /favicon.ico of pages that link none (the Swagger UI, error pages)."""
+    return HttpResponsePermanentRedirect(static("favicon.svg"))
+
+
 urlpatterns = [
+    path("favicon.ico", favicon, name="favicon"),
     path("", chat_page, name="chat"),
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
