@@ -110,8 +110,7 @@ ASGI_APPLICATION = "config.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        # Project-wide templates: the admin's base_site.html (Parley's favicon).
-        "DIRS": [BASE_DIR / "templates"],
+        "DIRS": [BASE_DIR / "templates"],  # project-wide: the admin's base_site.html
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -212,9 +211,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
-# Project-wide static files (the favicon), beside each app's static/.
-STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT, STATICFILES_DIRS = BASE_DIR / "staticfiles", [BASE_DIR / "static"]  # static/: project-wide (favicon)
 # Static files are served by the ASGI app itself (admin, chat page, Swagger UI assets).
 SERVE_STATIC = env.bool("SERVE_STATIC", default=True)
 
