@@ -13,6 +13,7 @@ from django.db.models.functions import Coalesce, TruncDay, TruncMonth
 
 from .leases import LEASE_CALL_PREFIX
 from .models import BATCH_CALL_PREFIX, CapPeriod, Reservation, UsageRecord
+from .services import money_str
 
 GROUPINGS = {
     "day": TruncDay("created_at"),
@@ -145,3 +146,25 @@ def caps_reconcile(*, tenant_id: int | None = None) -> Reconciliation:
             )
         )
     return report
+
+
+# The ledger rows that make a chat message's usage, as its turn's message.completed counted them
+# (moderation calls on the message are the tenant's cost, not the answer's).
+MESSAGE_KINDS = (UsageRecord.Kind.CHAT, UsageRecord.Kind.CACHED)
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
+
+
+def message_usage(*, tenant_id: int, conversation_id: Any, message_ids: list[Any]) -> dict[Any, dict[str, Any]]:
+    """Per message id: `{"usage": {prompt_tokens, completion_tokens, cached_tokens}, "cost_usd"}`
+    summed over its calls (a tool round's call is on the message that made it). One query."""
+    if not message_ids:
+        return {}
+    rows = (
+        UsageRecord.objects.for_tenant(tenant_id)
+        .filter(conversation_id=conversation_id, message_id__in=message_ids, kind__in=MESSAGE_KINDS)
+        .values("message_id").annotate(cost=Sum("cost_usd"), **{key: Sum(key) for key in USAGE_KEYS})
+    )
+    return {
+        row["message_id"]: {"usage": {key: row[key] for key in USAGE_KEYS}, "cost_usd": money_str(row["cost"] or Decimal(0))}
+        for row in rows
+    }

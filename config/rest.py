@@ -142,6 +142,12 @@ class TenantApi(APIView):
     def tenant_id(self) -> int:
         return self.request.auth.tenant_id
 
+    @property
+    def member_end_user_id(self) -> Any:
+        """A member's session (tenants.authentication.MemberSession) reads as this one end user
+        only; None for an API key, which acts for its whole tenant."""
+        return getattr(self.request.auth, "end_user_id", None)
+
 
 def strict_request_bodies(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """drf-spectacular postprocessing hook: request bodies refuse unknown fields (see

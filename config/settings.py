@@ -106,7 +106,7 @@ ASGI_APPLICATION = "config.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [BASE_DIR / "templates"],  # project-wide: the admin's base_site.html
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -209,7 +209,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT, STATICFILES_DIRS = BASE_DIR / "staticfiles", [BASE_DIR / "static"]  # static/: project-wide (favicon)
 # Static files are served by the ASGI app itself (admin, chat page, Swagger UI assets).
 SERVE_STATIC = env.bool("SERVE_STATIC", default=True)
 

@@ -1,18 +1,32 @@
 """URL routes: admin, chat page, health, REST API (the OpenAI-compatible /v1 is in asgi.py)."""
 
 from django.contrib import admin
+from django.http import HttpRequest, HttpResponsePermanentRedirect
+from django.templatetags.static import static
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from assistants import api as assistants
 from billing.api import UsageApi
 from billing.prices_api import PriceDetailApi, PriceListApi
-from conversations.rest import api, assistants
+from conversations.rest import api
 from conversations.views import chat_page
 from observability.exposition import metrics_view
 
 from .health import healthz
 
+admin.site.site_header = "Parley"
+admin.site.site_title = "Parley admin"
+admin.site.index_title = "Administration"
+
+
+def favicon(request: HttpRequest) -> HttpResponsePermanentRedirect:
+    """Browsers ask /favicon.ico of pages that link none (the Swagger UI, error pages)."""
+    return HttpResponsePermanentRedirect(static("favicon.svg"))
+
+
 urlpatterns = [
+    path("favicon.ico", favicon, name="favicon"),
     path("", chat_page, name="chat"),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),

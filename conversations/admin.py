@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -55,6 +56,11 @@ class AssistantAdmin(TenantScopedAdmin):
 class TranscriptLine:
     message: Message
     cost_usd: Decimal | None
+
+    @property
+    def tool_calls_json(self) -> str:
+        """Pretty-printed JSON (the template escapes it), not a Python repr."""
+        return json.dumps(self.message.tool_calls, indent=2, ensure_ascii=False) if self.message.tool_calls else ""
 
 
 @admin.register(Conversation)

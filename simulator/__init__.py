@@ -96,8 +96,11 @@ Whether a request is answered with calls (first match wins):
    directive asks (below) and names X, else ``{}``.
 3. The directive asks: ``tool=`` is present and the LAST message is the user message carrying
    it — or ``tool_loop=1`` is set, then also when tool results follow — → call its tools.
-4. ``tool_choice: "required"`` → call the first tool of ``tools`` with ``{}``.
-5. Otherwise text. When the last message is a ``tool`` message, the text uses the results:
+4. The last message is the user's plain question that an offered tool answers (questions.py:
+   "what is 17 * 23?", "calculate (2+3)^2" → the tool taking an ``expression``; "what time is
+   it in Tokyo?" → the tool taking a ``timezone``, ``{"timezone": "Asia/Tokyo"}``) → call it.
+5. ``tool_choice: "required"`` → call the first tool of ``tools`` with ``{}``.
+6. Otherwise text. When the last message is a ``tool`` message, the text uses the results:
    ``Tool results: NAME: CONTENT; NAME: CONTENT.`` (the tool messages after the last assistant
    ``tool_calls`` message, in order, each content whitespace-collapsed and cut to 80 chars),
    then filler to 20 words (``words=N`` cuts to exactly N), ``finish_reason: "stop"``.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .directives import Directives
+from .questions import plain_tool_call
 from .request import ParsedRequest, message_text
 
 ARGUMENT_FRAGMENT_CHARS = 8
@@ -55,6 +56,8 @@ def decide_tools(request: ParsedRequest, directives: Directives) -> ToolDecision
     elif asked:
         wanted = [(name, directives.arguments_for(i))
                   for i, name in enumerate(directives.tool or ())]
+    elif (plain := plain_tool_call(request)) is not None:
+        wanted = [plain]
     elif request.tool_choice == "required":
         wanted = [(request.tool_names[0], {})]
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -9,13 +10,14 @@ from django.db.models import Q
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
-from rest_framework.authentication import BaseAuthentication
+from rest_framework.authentication import BaseAuthentication, SessionAuthentication
+from rest_framework.permissions import SAFE_METHODS
 from rest_framework.request import Request
 
 from observability.context import context_bind
 
 from .models import ApiKey, Tenant
-from .services import InvalidApiKey, api_key_authenticate
+from .services import InvalidApiKey, api_key_authenticate, member_session_end_user
 
 # `last_used_at` is a hint for admins, not an audit log: at most one write a minute per key
 # keeps a busy key from turning every request into an UPDATE.
@@ -105,6 +107,31 @@ class ApiKeyAuthentication(BaseAuthentication):
         return self.keyword
 
 
+@dataclass(frozen=True)
+class MemberSession:
+    """`request.auth` of a signed-in tenant member reading over REST: unlike a key, which acts
+    for its whole tenant, it reads only the member's own end user's conversations."""
+
+    tenant_id: int
+    end_user_id: uuid.UUID
+
+
+class MemberSessionAuthentication(SessionAuthentication):
+    """DRF: the session cookie of a tenant member, for reads only (GET, HEAD, OPTIONS: the chat
+    page restores its transcript; it writes through the socket), so no write rides a cookie a
+    browser sends on its own. `?tenant=SLUG` picks the tenant, as on the socket."""
+
+    def authenticate(self, request: Request) -> tuple[object, MemberSession] | None:
+        found = super().authenticate(request) if request.method in SAFE_METHODS else None
+        if found is None:
+            return None
+        end_user = member_session_end_user(user_id=found[0].pk, tenant_slug=request.query_params.get("tenant", ""))
+        if end_user is None:
+            return None
+        if end_user.is_blocked:
+            raise exceptions.AuthenticationFailed("this end user is blocked")
+        return found[0], MemberSession(tenant_id=end_user.tenant_id, end_user_id=end_user.id)
+
 
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
     """Describes the scheme in the OpenAPI document (loaded with the authentication class)."""
@@ -114,3 +141,14 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
 
     def get_security_definition(self, auto_schema: object) -> dict[str, str]:
         return {"type": "http", "scheme": "bearer", "description": "A tenant API key, `pk_…`."}
+
+
+class MemberSessionAuthenticationScheme(OpenApiAuthenticationExtension):
+    target_class = MemberSessionAuthentication
+    name = "memberSession"
+
+    def get_security_definition(self, auto_schema: object) -> dict[str, str]:
+        return {
+            "type": "apiKey", "in": "cookie", "name": "sessionid",
+            "description": "A signed-in tenant member's session: reads of their own conversations only.",
+        }

@@ -125,6 +125,9 @@ class ApiKey(models.Model):
 
     objects = TenantManager()
 
+    class Meta:
+        verbose_name, verbose_name_plural = "API key", "API keys"
+
     def __str__(self) -> str:
         return f"pk_{self.prefix}_… ({self.name})"
 
@@ -150,6 +153,7 @@ class AuditEntry(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["tenant", "-created_at"])]
+        verbose_name_plural = "audit entries"
 
     def __str__(self) -> str:
         return f"{self.action} {self.object_type} {self.object_repr}"

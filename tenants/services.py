@@ -184,6 +184,17 @@ def member_end_user(*, tenant: Tenant, user_id: int) -> EndUser:
     return end_user_get_or_create(tenant_id=tenant.pk, external_id=f"member:{user_id}")
 
 
+def member_session_end_user(*, user_id: int, tenant_slug: str = "") -> EndUser | None:
+    """The end user a signed-in member chats and reads as (their own, made on first use), in the
+    active tenant `tenant_slug` names, else their first; None when they belong to none such.
+    The one rule of the socket and of REST reads with the session cookie."""
+    memberships = Membership.objects.filter(user_id=user_id, tenant__is_active=True).select_related("tenant")
+    if tenant_slug:
+        memberships = memberships.filter(tenant__slug=tenant_slug)
+    membership = memberships.order_by("id").first()
+    return None if membership is None else member_end_user(tenant=membership.tenant, user_id=user_id)
+
+
 @transaction.atomic
 def tenant_create(
     *,

@@ -31,6 +31,7 @@ from conversations.errors import NotFound, TurnFailed
 from conversations.gatekeepers import Caller
 from conversations.protocol import MessageCreate, text_check
 from tenants import ratelimits
+from tenants.authentication import ApiKeyAuthentication, MemberSessionAuthentication
 from tenants.ratelimits import LimitState
 
 from . import sse
@@ -44,12 +45,21 @@ from .serializers import (
     MessageSerializer,
 )
 
+# Reads also take a tenant member's session (the chat page restores its transcript): it reads
+# its own end user's conversations only. Writes need the key (the session authenticates no write).
+READ_AUTHENTICATION = [ApiKeyAuthentication, MemberSessionAuthentication]
 
-# A view under `conversations/{id}/`: the conversation through the tenant's gatekeeper. (No
-# docstring: drf-spectacular would publish it as every operation's description.)
+
+# A view under `conversations/{id}/`: the conversation through the tenant's gatekeeper, or the
+# end user's for a member's session. (No docstring: drf-spectacular would publish it as every
+# operation's description.)
 class TenantConversationApi(TenantApi):
+    authentication_classes = READ_AUTHENTICATION
 
     def conversation(self, conversation_id: uuid.UUID) -> Any:
+        if self.member_end_user_id is not None:
+            caller = Caller(tenant_id=self.tenant_id, end_user_id=self.member_end_user_id)
+            return gatekeepers.access_conversation(caller=caller, conversation_id=conversation_id)
         return gatekeepers.access_tenant_conversation(tenant_id=self.tenant_id, conversation_id=conversation_id)
 
 
@@ -115,6 +125,13 @@ class BySeq(StrictCursorPagination):
     max_page_size = 500
 
 
+class BySeqNewestFirst(BySeq):
+    ordering = ("-seq",)
+
+
+MESSAGE_ORDERS = {"oldest": BySeq, "newest": BySeqNewestFirst}
+
+
 def release_db_connection() -> None:
     """Give the database connection back before a long wait or stream: a connection held per
     open stream would exhaust the server's connections."""
@@ -125,15 +142,22 @@ def release_db_connection() -> None:
 
 
 class ConversationListApi(TenantApi):
+    authentication_classes = READ_AUTHENTICATION
     pagination_class = NewestFirst
 
     @extend_schema(
         operation_id="conversations_list",
+        parameters=[OpenApiParameter("end_user", str, pattern=r"^[^\x00]*$", description="Only this end user's conversations (their external id; no NUL).")],
         responses={200: ConversationSerializer(many=True), **error_responses("invalid_request", "unauthorized", "not_found")},
     )
     def get(self, request: Request) -> Response:
+        external_id = request.query_params.get("end_user")
+        conversations = selectors.conversation_list(
+            tenant_id=self.tenant_id, end_user_id=self.member_end_user_id,
+            external_id=None if external_id is None else text_check(external_id, "end_user"),
+        )
         paginator = self.pagination_class()
-        page = paginator.paginate_queryset(selectors.conversation_list(tenant_id=self.tenant_id), request, view=self)
+        page = paginator.paginate_queryset(conversations, request, view=self)
         return paginator.get_paginated_response(ConversationSerializer(page, many=True).data)
 
     @extend_schema(
@@ -210,11 +234,15 @@ class MessageListApi(AsyncDispatch, TenantConversationApi):
 
     @extend_schema(
         operation_id="messages_list",
+        parameters=[OpenApiParameter("order", str, enum=list(MESSAGE_ORDERS), default="oldest", description="By `seq`: `oldest` first, or `newest` first (a transcript read back from its end).")],
         responses={200: MessageSerializer(many=True), **error_responses("invalid_request", "unauthorized", "not_found")},
     )
     def get(self, request: Request, conversation_id: uuid.UUID) -> Response:
+        order = request.query_params.get("order", "oldest")
+        if order not in MESSAGE_ORDERS:
+            raise exceptions.ValidationError({"order": ["`oldest` or `newest`"]})
         conversation = self.conversation(conversation_id)
-        paginator = self.pagination_class()
+        paginator = MESSAGE_ORDERS[order]()
         page = paginator.paginate_queryset(selectors.message_list(conversation=conversation), request, view=self)
         return paginator.get_paginated_response(MessageSerializer(page, many=True).data)
 

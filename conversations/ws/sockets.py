@@ -11,8 +11,7 @@ from django.conf import settings
 
 from conversations.errors import EndUserBlocked
 from conversations.gatekeepers import Caller, end_user_admit
-from tenants.models import Membership
-from tenants.services import InvalidEndUserToken, end_user_token_authenticate, member_end_user
+from tenants.services import InvalidEndUserToken, end_user_token_authenticate, member_session_end_user
 
 
 def socket_token(scope: dict[str, Any]) -> str:
@@ -90,15 +89,12 @@ def socket_authenticate(scope: dict[str, Any]) -> tuple[Caller, datetime | None]
     user = scope.get("user")
     if user is None or not user.is_authenticated:
         return None
-    memberships = Membership.objects.filter(user=user, tenant__is_active=True).select_related("tenant")
     wanted = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("tenant") or [""])[0]
-    if wanted:
-        memberships = memberships.filter(tenant__slug=wanted)
-    membership = memberships.order_by("id").first()
-    if membership is None:
+    member = member_session_end_user(user_id=user.pk, tenant_slug=wanted)
+    if member is None:
         return None
     try:
-        end_user = end_user_admit(member_end_user(tenant=membership.tenant, user_id=user.pk))
+        end_user = end_user_admit(member)
     except EndUserBlocked:
         return None
-    return Caller(tenant_id=membership.tenant_id, end_user_id=end_user.id), None
+    return Caller(tenant_id=end_user.tenant_id, end_user_id=end_user.id), None

@@ -16,12 +16,13 @@ from rest_framework.response import Response
 
 from billing.services import model_priced
 from config.rest import Conflict, TenantApi, error_responses
-from conversations import assistants, gatekeepers
+from conversations import gatekeepers
 from conversations.models import Assistant
+from conversations.rest.serializers import StrictBooleanField, StrictCharField, StrictIntegerField, StrictSerializer
 from routing.rules import RoutesInvalid, routes_validate
 from tools.registry import tools_missing
 
-from .serializers import StrictBooleanField, StrictCharField, StrictIntegerField, StrictSerializer
+from . import services
 
 FIELDS = [
     "slug", "name", "model", "system_prompt", "temperature", "max_tokens", "tools", "tool_choice",
@@ -104,7 +105,7 @@ class AssistantListApi(TenantApi):
     def post(self, request: Request) -> Response:
         body = AssistantSerializer(data=request.data, context={"tenant_id": self.tenant_id})
         body.is_valid(raise_exception=True)
-        assistant = assistants.assistant_save(tenant_id=self.tenant_id, assistant=None, fields=body.validated_data,
+        assistant = services.assistant_save(tenant_id=self.tenant_id, assistant=None, fields=body.validated_data,
                                               actor_label=_actor(request))
         return Response(AssistantSerializer(assistant).data, status=status.HTTP_201_CREATED)
 
@@ -124,7 +125,7 @@ class AssistantDetailApi(TenantApi):
         assistant = self.assistant(slug)
         body = AssistantSerializer(assistant, data=request.data, partial=True, context={"tenant_id": self.tenant_id})
         body.is_valid(raise_exception=True)
-        assistant = assistants.assistant_save(tenant_id=self.tenant_id, assistant=assistant,
+        assistant = services.assistant_save(tenant_id=self.tenant_id, assistant=assistant,
                                               fields=body.validated_data, actor_label=_actor(request))
         return Response(AssistantSerializer(assistant).data)
 
@@ -132,7 +133,7 @@ class AssistantDetailApi(TenantApi):
                    responses={204: None, **error_responses("unauthorized", "not_found", "conflict")})
     def delete(self, request: Request, slug: str) -> Response:
         try:
-            assistants.assistant_delete(assistant=self.assistant(slug), actor_label=_actor(request))
-        except assistants.AssistantInUse as error:
+            services.assistant_delete(assistant=self.assistant(slug), actor_label=_actor(request))
+        except services.AssistantInUse as error:
             raise Conflict(str(error)) from None
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -7,10 +7,9 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 
+from conversations.errors import InvalidInput
+from conversations.models import Assistant
 from tenants.audit import audit_record
-
-from .errors import InvalidInput
-from .models import Assistant
 
 
 class AssistantInUse(Exception):
