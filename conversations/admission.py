@@ -152,9 +152,9 @@ _keys: LRUCache = LRUCache(maxsize=10_000)  # prefix → KeyConfig
 # ("u", tenant, external id) / ("uid", tenant, id) → EndUserAccess; ("a", tenant, slug | None) /
 # ("aid", tenant, id) → AssistantConfig; ("k", tenant, key id) → its rpm.
 _rows: LRUCache = LRUCache(maxsize=200_000)
-# (tenant, model) → Price | None, under both versions (a tenant's price overrides the global
-# one); apart: callers name any model.
-_prices: LRUCache = LRUCache(maxsize=1_000)
+# (tenant, model) → Price, under both versions (a tenant's price overrides the global one).
+# Only priced models are kept: callers name any model, and an unpriced one is read each time.
+_prices: LRUCache = LRUCache(maxsize=20_000)
 _MISSING = object()
 
 
@@ -204,7 +204,7 @@ def cached_price(access: KeyConfig | TenantConfig, model: str) -> Price | bool:
     read again each time: a refusal must not outlive the price that a tenant just added (the
     versions are only compared after admission has judged the model)."""
     found = _row((access.tenant_id, model), access.versions, _prices)
-    return False if found is _MISSING or found is None else found
+    return False if found is _MISSING else found
 
 
 # --- loading (database threads) -----------------------------------------------------------
@@ -276,9 +276,9 @@ def end_user_load(*, access: KeyConfig, external_id: str) -> EndUserAccess:
 
 def price_load(*, access: KeyConfig | TenantConfig, model: str) -> Price | None:
     try:
-        price: Price | None = price_for(model, kind=ModelPrice.Kind.CHAT, tenant_id=access.tenant_id)
+        price = price_for(model, kind=ModelPrice.Kind.CHAT, tenant_id=access.tenant_id)
     except PriceMissing:
-        price = None
+        return None
     return _row_store((access.tenant_id, model), access.versions, price, _prices)
 
 
