@@ -90,7 +90,7 @@ INSTALLED_APPS = [
     "tools",
     "moderation",
     "conversations",
-    "compat",
+    "compat", "embed",  # the surfaces beside the chat app
     "simulator",
 ]
 

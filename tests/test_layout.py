@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-APPS = ("billing", "compat", "config", "conversations", "llm", "moderation", "simulator", "streaming", "tenants", "tools")
+APPS = ("billing", "compat", "config", "conversations", "embed", "llm", "moderation", "simulator", "streaming", "tenants", "tools")
 MODULE_LIMIT = 400
 CONVERSATIONS_CODE_LIMIT = 3500
 
