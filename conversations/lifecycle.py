@@ -37,6 +37,11 @@ def end_user_token_mint(*, tenant_id: int, external_id: str, ttl_seconds: int) -
     return end_user_token_issue(end_user=end_user, ttl_seconds=ttl_seconds)
 
 
+def conversation_rename(*, conversation: Conversation, title: str) -> None:
+    """A new title; the conversation keeps its place in the list (updated_at is its last turn)."""
+    Conversation.objects.filter(pk=conversation.pk, tenant_id=conversation.tenant_id).update(title=title)
+
+
 def conversation_delete(*, tenant_id: int, conversation_id: object) -> None:
     """Delete a conversation and its messages (the usage ledger keeps its rows). Refused while
     a reply is being generated: the generation would write into a deleted conversation."""

@@ -34,6 +34,7 @@ from conversations.protocol import (
 from streaming.outages import UNAVAILABLE
 from tenants.services import end_user_group
 
+from .history import HistoryCommand, history_answer, history_parse
 from .sockets import socket_authenticate
 
 # The close code for "a dependency is away; reconnect after retry_after": 4000 + HTTP's 503,
@@ -132,7 +133,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self._expired():  # each frame, in case the close at expiry has not happened yet
             return await self._refuse("token expired", **extra)
         try:
-            command = parse_client_frame(content)
+            command = history_parse(content) or parse_client_frame(content)
         except InvalidFrame as error:
             return await self._send_error(error_event_for(error, **extra))
         await connection_ready()
@@ -143,9 +144,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except DOMAIN_ERRORS as error:
             await self._send_error(error_event_for(error, **extra))
 
-    async def _dispatch(self, command: MessageCreate | GenerationCancel | ConversationJoin) -> None:
+    async def _dispatch(self, command: MessageCreate | GenerationCancel | ConversationJoin | HistoryCommand) -> None:
         assert self.caller is not None
-        if isinstance(command, MessageCreate):
+        if isinstance(command, HistoryCommand):
+            await self.send_json(await history_answer(caller=self.caller, command=command))
+            if command.type == "conversation.delete" and command.conversation_id in self.readers:
+                self.readers.pop(command.conversation_id).cancel()  # its log ends with it
+        elif isinstance(command, MessageCreate):
             turn = await engine.turn_submit(caller=self.caller, command=command)
             if turn.plan.conversation_id not in self.readers:  # a joined one already forwards it
                 self._follow(turn.plan.conversation_id, turn.key, turn.after)
