@@ -1,7 +1,9 @@
 """URL routes: admin, chat page, health, REST API (the OpenAI-compatible /v1 is in asgi.py)."""
 
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import path
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import UsageApi
@@ -16,6 +18,8 @@ urlpatterns = [
     path("", chat_page, name="chat"),
     path("healthz", healthz, name="healthz"),
     path("embed.js", embed_js, name="embed-js"),
+    # Browsers ask every site for /favicon.ico (the admin pages have no <link rel="icon">).
+    path("favicon.ico", RedirectView.as_view(url=static("embed/favicon.svg"), permanent=True)),
     path("embed/config", embed_config, name="embed-config"),
     path("admin/", admin.site.urls),
     # REST API (DRF). Ids are matched as strings: a malformed id answers the same 404 body as
