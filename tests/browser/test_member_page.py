@@ -118,3 +118,16 @@ def test_the_admin_pages_a_tenant_uses_log_no_console_errors(page, context, parl
         assert response is not None and response.status == 200, path
     assert console_errors == []
     parley.settle()
+
+
+def test_retry_sends_the_last_message_again_after_an_error(page, context, parley, tenant_factory):
+    chat = _open(page, context, parley, tenant_factory())
+    failing = "try again [[sim:status=400]]"  # the upstream refuses it, every time
+    _send(chat, failing)
+    expect(chat.locator(".msg .note")).to_have_count(1)
+    expect(chat.get_by_role("alert")).to_be_visible()
+    chat.get_by_role("button", name="Retry").click()
+    expect(chat.locator(".msg.user")).to_have_text([failing, failing])
+    expect(chat.locator(".msg .note")).to_have_count(2)
+    expect(chat.get_by_role("button", name="Retry")).to_be_visible()
+    parley.settle()
