@@ -34,6 +34,7 @@ def operator_origins() -> list[str]:
 
 
 def socket_origin_allowed(scope: dict[str, Any], tenant_origins: list[str] | None = None) -> bool:
+    """`origin_allowed` for a socket's scope."""
     return origin_allowed(_origin(scope), token=bool(socket_token(scope)), tenant_origins=tenant_origins)
 
 

@@ -9,6 +9,7 @@ const MAX_RETRY_MS = 15000;
 const UNAUTHORIZED_CLOSE = 4401;
 const PAGE = 30;
 const SAFE_URL = /^(?:https?:|mailto:)/i;
+const LIST_ACTION = "parley-chat:list"; // the client_msg_id of renames and deletes: their errors touch no turn
 
 const STYLE = `
 :host {
@@ -438,6 +439,7 @@ class ParleyChat extends HTMLElement {
       },
       error(event) {
         if (event.code === "unauthorized") return; // the close (4401) that follows says it
+        if (event.client_msg_id === LIST_ACTION) return this.showNotice(event.message || event.code); // a rename or delete
         let text = event.message || event.code;
         if (event.retry_after) text += " (retry in " + Math.ceil(event.retry_after) + "s)";
         this.showNotice(text);
@@ -481,7 +483,7 @@ class ParleyChat extends HTMLElement {
     remove.type = "button";
     remove.setAttribute("aria-label", "Delete " + (item.title || "Untitled"));
     remove.addEventListener("click", () => {
-      if (remove.dataset.armed) return this.send({ type: "conversation.delete", conversation_id: item.id });
+      if (remove.dataset.armed) return this.send({ type: "conversation.delete", conversation_id: item.id, client_msg_id: LIST_ACTION });
       remove.dataset.armed = "1";
       remove.textContent = "Confirm";
       setTimeout(() => { delete remove.dataset.armed; remove.textContent = "Delete"; }, 4000);
@@ -501,7 +503,7 @@ class ParleyChat extends HTMLElement {
     input.focus();
     const finish = (save) => {
       if (!input.isConnected) return;
-      if (save && input.value.trim()) this.send({ type: "conversation.rename", conversation_id: id, title: input.value.trim() });
+      if (save && input.value.trim()) this.send({ type: "conversation.rename", conversation_id: id, title: input.value.trim(), client_msg_id: LIST_ACTION });
       input.remove();
       open.hidden = false;
     };
