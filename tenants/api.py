@@ -13,7 +13,7 @@ from rest_framework.views import APIView
 from config.rest import error_responses
 
 from .models import Tenant
-from .origins import MAX_ORIGINS, InvalidOrigin, origins_parse, tenant_allowed_origins_set
+from .origins import MAX_ORIGINS, ORIGIN_PATTERN, InvalidOrigin, origins_parse, tenant_allowed_origins_set
 
 
 class TenantSerializer(serializers.Serializer):
@@ -26,7 +26,7 @@ class TenantSerializer(serializers.Serializer):
 
 
 class OriginListField(serializers.ListField):
-    child = serializers.CharField(max_length=300, allow_blank=False)
+    child = serializers.RegexField(ORIGIN_PATTERN, max_length=300, help_text="scheme://host[:port]")
 
     def to_internal_value(self, data: Any) -> list[str]:
         if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
@@ -38,7 +38,9 @@ class OriginListField(serializers.ListField):
 
 
 class TenantPatchRequestSerializer(serializers.Serializer):
-    allowed_origins = OriginListField(max_length=MAX_ORIGINS, help_text="Replaces the list; [] allows none.")
+    allowed_origins = OriginListField(
+        max_length=MAX_ORIGINS, required=False, help_text="Replaces the list; [] allows none; absent keeps it."
+    )
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict) and set(data) - set(self.fields):  # unknown fields are refused
@@ -60,5 +62,6 @@ class TenantDetailApi(APIView):
         body = TenantPatchRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         tenant = Tenant.objects.get(pk=request.auth.tenant_id)
-        tenant_allowed_origins_set(tenant=tenant, origins=body.validated_data["allowed_origins"])
+        if "allowed_origins" in body.validated_data:
+            tenant_allowed_origins_set(tenant=tenant, origins=body.validated_data["allowed_origins"])
         return Response(TenantSerializer(tenant).data)

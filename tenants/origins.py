@@ -3,6 +3,7 @@ embeddable chat widget). One origin is `scheme://host[:port]`, as a browser send
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -12,6 +13,9 @@ from .models import Tenant
 from .services import END_USER_TOKEN_SALT
 
 MAX_ORIGINS = 50
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+# What an origin may look like (also the REST schema's `pattern`): a DNS name or IPv4 address.
+ORIGIN_PATTERN = rf"^[hH][tT][tT][pP][sS]?://[A-Za-z0-9](?:[A-Za-z0-9.-]{{0,251}}[A-Za-z0-9])?(?::{_PORT})?/?$"
 
 
 class InvalidOrigin(ValueError):
@@ -23,6 +27,8 @@ def origin_normalize(value: str) -> str:
     but http(s)://host[:port] — a path, query, fragment, credentials or wildcard match no
     browser's Origin header and would only hide a typo."""
     text = str(value).strip()
+    if not re.fullmatch(ORIGIN_PATTERN, text):
+        raise InvalidOrigin(f"{text!r} is not an origin: http(s)://host[:port], no path, query or wildcard")
     try:
         parts = urlsplit(text)
         port = parts.port
@@ -33,8 +39,6 @@ def origin_normalize(value: str) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc or "*" in text:
         raise InvalidOrigin(f"{text!r} is not an origin: no path, query, credentials or wildcard")
     host = parts.hostname.lower()
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
     default = {"http": 80, "https": 443}[parts.scheme]
     return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
