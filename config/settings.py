@@ -86,7 +86,7 @@ INSTALLED_APPS = [
     "moderation", "routing", "responsecache",  # one line: this module is at the 400-line layout limit
     "conversations",
     "compat",
-    "batches",
+    "batches", "embed",  # the surfaces beside the chat app
     "simulator",
 ]
 

@@ -11,7 +11,9 @@ from billing.api import UsageApi
 from billing.prices_api import PriceDetailApi, PriceListApi
 from conversations.rest import api
 from conversations.views import chat_page
+from embed.views import embed_config, embed_js
 from observability.exposition import metrics_view
+from tenants.api import TenantDetailApi
 
 from .health import healthz
 
@@ -30,6 +32,8 @@ urlpatterns = [
     path("", chat_page, name="chat"),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),
+    path("embed.js", embed_js, name="embed-js"),
+    path("embed/config", embed_config, name="embed-config"),
     path("admin/", admin.site.urls),
     # REST API (DRF). Ids are matched as strings: a malformed id answers the same 404 body as
     # a missing or foreign one. /api/v1/usage/ belongs to billing.
@@ -47,6 +51,7 @@ urlpatterns = [
     # The Batch API (/v1/files, /v1/batches: OpenAI's paths, handed to Django by the /v1 app for
     # its multipart parsing) and /api/v1/batches/.
     path("", include("batches.urls")),
+    path("api/v1/tenant/", TenantDetailApi.as_view(), name="api-tenant"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     # /v1/… (the OpenAI-compatible endpoint) is served in front of Django: config/asgi.py.

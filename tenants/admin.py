@@ -22,6 +22,7 @@ from .admin_base import (
 )
 from .freshness import config_changed
 from .models import ApiKey, AuditEntry, EndUser, Membership, ProviderCredential, Tenant
+from .origins import InvalidOrigin, origins_parse
 from .services import api_key_create, api_keys_revoke, end_users_block
 
 PROBE_LIMIT = 10
@@ -37,6 +38,32 @@ class MembershipInline(TenantScopedInline):
     show_change_link = True
 
 
+class OriginsField(forms.CharField):
+    """A tenant's allowed origins, one a line; stored as a validated list."""
+
+    widget = forms.Textarea(attrs={"rows": 3, "cols": 60})
+
+    def prepare_value(self, value: Any) -> Any:
+        return "\n".join(value) if isinstance(value, list) else value
+
+    def clean(self, value: Any) -> list[str]:
+        try:
+            return origins_parse(str(value or "").split())
+        except InvalidOrigin as error:
+            raise forms.ValidationError(str(error)) from None
+
+
+class TenantForm(TenantScopedForm):
+    allowed_origins = OriginsField(
+        required=False,
+        help_text="Websites that may embed the chat widget, one a line: https://shop.example[:port], no path.",
+    )
+
+    class Meta:
+        model = Tenant
+        fields = "__all__"
+
+
 @admin.register(Tenant)
 class TenantAdmin(TenantScopedAdmin):
     """Members see their tenants; owners edit name and limits; only superusers add or delete."""
@@ -44,9 +71,10 @@ class TenantAdmin(TenantScopedAdmin):
     list_display = ("slug", "name", "is_active", "end_user_rpm", "tenant_rpm", "tenant_tpm", "created_at")
     search_fields = ("slug", "name")
     ordering = ("slug",)
-    fields = ("slug", "name", "is_active", "end_user_rpm", "tenant_rpm", "tenant_tpm", "created_at")
+    fields = ("slug", "name", "is_active", "end_user_rpm", "tenant_rpm", "tenant_tpm", "allowed_origins", "created_at")
     readonly_fields = ("created_at",)
     inlines = (MembershipInline,)
+    form = TenantForm
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return admin_access(request).is_superuser

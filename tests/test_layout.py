@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-APPS = ("assistants", "batches", "billing", "compat", "config", "conversations", "llm", "moderation", "observability", "responsecache", "routing", "simulator", "streaming", "tenants", "tools")
+APPS = ("assistants", "batches", "billing", "compat", "config", "conversations", "embed", "llm", "moderation", "observability", "responsecache", "routing", "simulator", "streaming", "tenants", "tools")
 MODULE_LIMIT = 400
 CONVERSATIONS_CODE_LIMIT = 3500
 

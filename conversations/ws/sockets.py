@@ -9,8 +9,10 @@ from urllib.parse import ParseResult, parse_qs, urlparse
 from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.conf import settings
 
+from config.db import database_sync_to_async
 from conversations.errors import EndUserBlocked
 from conversations.gatekeepers import Caller, end_user_admit
+from tenants.origins import token_allowed_origins
 from tenants.services import InvalidEndUserToken, end_user_token_authenticate, member_session_end_user
 
 
@@ -30,23 +32,22 @@ def operator_origins() -> list[str]:
     return list(settings.ALLOWED_HOSTS)
 
 
-def allowed_origins(*, token: str) -> list[str]:
-    """Origins a socket may come from. A token socket will also accept its tenant's allowed
-    origins (its websites embedding the chat widget; the tenant is in the token's signed
-    payload): they join this list when tenants get them."""
-    return operator_origins()
+def socket_origin_allowed(scope: dict[str, Any], tenant_origins: list[str] | None = None) -> bool:
+    """`origin_allowed` for a socket's scope."""
+    return origin_allowed(_origin(scope), token=bool(socket_token(scope)), tenant_origins=tenant_origins)
 
 
-def socket_origin_allowed(scope: dict[str, Any]) -> bool:
+def origin_allowed(origin: ParseResult | None, *, token: bool, tenant_origins: list[str] | None = None) -> bool:
     """The cross-site hijacking guard. A session (cookie) socket must come from the operator's
     hosts: a browser sends the cookie to any page's socket. A token socket carries its own
-    credentials, so no `Origin` (apps, servers, scripts) is fine; with one, it must be allowed."""
-    token, origin = socket_token(scope), _origin(scope)
+    credentials, so no `Origin` (apps, servers, scripts) is fine; with one, it must be the
+    operator's or one of `tenant_origins`, its tenant's (the websites embedding the widget)."""
     if origin is None:
-        return bool(token)
+        return token
+    allowed = operator_origins() + ((tenant_origins or []) if token else [])
     # Channels' matching (schemes, ports, `.example.com` subdomains, `*`), on our list.
     try:
-        return OriginValidator(None, allowed_origins(token=token)).valid_origin(origin)
+        return OriginValidator(None, allowed).valid_origin(origin)
     except ValueError:  # an unreadable port or host: matches nothing
         return False
 
@@ -58,7 +59,11 @@ class SocketOriginValidator:
         self.application = application
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if socket_origin_allowed(scope):
+        allowed = socket_origin_allowed(scope)
+        if not allowed and socket_token(scope) and _origin(scope) is not None:  # perhaps the tenant's site
+            origins = await database_sync_to_async(token_allowed_origins)(socket_token(scope))
+            allowed = socket_origin_allowed(scope, origins)
+        if allowed:
             return await self.application(scope, receive, send)
         return await WebsocketDenier()(scope, receive, send)
 
@@ -66,11 +71,15 @@ class SocketOriginValidator:
 def _origin(scope: dict[str, Any]) -> ParseResult | None:
     for name, value in scope.get("headers", []):
         if name == b"origin":
-            try:
-                return urlparse(value.decode("latin-1"))
-            except ValueError:
-                return urlparse("null")  # present but unreadable: matches no allowed origin
+            return origin_parse(value.decode("latin-1"))
     return None
+
+
+def origin_parse(value: str) -> ParseResult:
+    try:
+        return urlparse(value)
+    except ValueError:
+        return urlparse("null")  # present but unreadable: matches no allowed origin
 
 
 # --- credentials --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from django.db import IntegrityError
 from billing.services import PriceMissing
 from conversations.onboarding import tenant_onboard
 from tenants.models import Tenant
+from tenants.origins import InvalidOrigin, origins_parse, tenant_allowed_origins_set
 
 
 def _money(value: str) -> Decimal:
@@ -23,6 +24,13 @@ def _money(value: str) -> Decimal:
     if amount < 0 or not amount.is_finite():
         raise CommandError("--monthly-cap must be zero or more")
     return amount
+
+
+def _origins(value: str) -> list[str]:
+    try:
+        return origins_parse(value.split(","))
+    except InvalidOrigin as error:
+        raise CommandError(f"--allowed-origins: {error}") from None
 
 
 class Command(BaseCommand):
@@ -39,6 +47,7 @@ class Command(BaseCommand):
         parser.add_argument("--tenant-rpm", type=int, default=None, help="requests a minute for the whole tenant")
         parser.add_argument("--tenant-tpm", type=int, default=None, help="tokens a minute for the whole tenant")
         parser.add_argument("--tools", default="", help="comma-separated built-in tool names")
+        parser.add_argument("--allowed-origins", type=_origins, default=[], help="comma-separated widget origins")
         parser.add_argument("--owner-email", default=None)
         parser.add_argument("--owner-password", default=None)
 
@@ -75,6 +84,8 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from None
         except IntegrityError as error:
             raise CommandError(f"could not create tenant: {error}") from None
+        if options["allowed_origins"]:
+            tenant_allowed_origins_set(tenant=onboarded.tenant, origins=options["allowed_origins"])
         self.stdout.write(
             json.dumps(
                 {"tenant": onboarded.tenant.slug, "assistant": onboarded.assistant.slug, "api_key": onboarded.api_key}
