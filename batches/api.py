@@ -52,6 +52,7 @@ class BatchPageSerializer(serializers.Serializer):
 
 class BatchListApi(TenantApi):
     @extend_schema(
+        operation_id="batches_list",
         summary="The tenant's batches, newest first",
         parameters=[
             OpenApiParameter("after", str, description="a batch id: the page starts after it"),
@@ -77,7 +78,7 @@ class BatchListApi(TenantApi):
 
 
 class BatchDetailApi(TenantApi):
-    @extend_schema(summary="One batch", responses={200: BatchSerializer,
+    @extend_schema(operation_id="batches_retrieve", summary="One batch", responses={200: BatchSerializer,
                                                    **error_responses("unauthorized", "not_found")})
     def get(self, request: Request, batch_id: str) -> Response:
         try:
