@@ -274,7 +274,7 @@ if not DEBUG:
     # The admin and the chat page send the form token; no script reads the CSRF cookie.
     CSRF_COOKIE_HTTPONLY = True
 
-LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()  # celery -l takes "info": accept either case
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
