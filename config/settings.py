@@ -7,6 +7,7 @@ cache, rate limits and Celery; DEBUG off unless asked; SECRET_KEY and FIELD_ENCR
 must come from the environment.
 """
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -307,6 +308,27 @@ UPSTREAM_RETRY_BASE_DELAY = env.float("UPSTREAM_RETRY_BASE_DELAY", default=0.5)
 UPSTREAM_RETRY_MAX_DELAY = env.float("UPSTREAM_RETRY_MAX_DELAY", default=20.0)
 # Time allowed from sending the request to the first token (each attempt).
 UPSTREAM_FIRST_TOKEN_TIMEOUT = env.float("UPSTREAM_FIRST_TOKEN_TIMEOUT", default=60.0)
+
+# The provider's own rate limits (llm/pacing.py, per process): a call waits while the provider's
+# x-ratelimit-remaining-requests / -tokens are at or below these floors, until their reset, or
+# after a 429 until its Retry-After; never longer than PROVIDER_PACING_MAX_WAIT seconds (then it
+# is sent). A 429 whose Retry-After is further off is answered at once: a 429 with Retry-After.
+PROVIDER_PACING = env.bool("PROVIDER_PACING", default=True)
+PROVIDER_PACING_MAX_WAIT = env.float("PROVIDER_PACING_MAX_WAIT", default=10.0)
+PROVIDER_PACING_REQUEST_FLOOR = env.int("PROVIDER_PACING_REQUEST_FLOOR", default=0)
+PROVIDER_PACING_TOKEN_FLOOR = env.int("PROVIDER_PACING_TOKEN_FLOOR", default=0)
+
+# Provider credential URLs (tenants/egress.py): public addresses only, checked when a credential
+# is saved and on every new connection; loopback and private addresses when
+# PROVIDER_ALLOW_PRIVATE_URLS (default: DEBUG, so the embedded demo reaches its simulator on
+# 127.0.0.1), or only inside PROVIDER_ALLOWED_NETWORKS (CIDRs, e.g. a self-hosted vLLM's
+# subnet). Cloud metadata addresses never.
+PROVIDER_ALLOW_PRIVATE_URLS = env.bool("PROVIDER_ALLOW_PRIVATE_URLS", default=DEBUG)
+PROVIDER_ALLOWED_NETWORKS = [
+    str(ipaddress.ip_network(network.strip(), strict=False))
+    for network in env.list("PROVIDER_ALLOWED_NETWORKS", default=[])
+    if network.strip()
+]
 
 # End-user tokens minted by end_user_token / the REST endpoint.
 END_USER_TOKEN_DEFAULT_TTL = env.int("END_USER_TOKEN_DEFAULT_TTL", default=3600)

@@ -17,6 +17,7 @@ class SimStats:
     cached_tokens: int = 0
     tool_calls: int = 0
     moderations: int = 0
+    rate_limited: int = 0  # calls refused by an enforced rate limit (Simulator.rate_limit)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
