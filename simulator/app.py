@@ -238,7 +238,7 @@ class Simulator:
                 if self._failures[request.fingerprint] >= fault.fail_times:
                     return replace(fault, status=None)
                 self._failures[request.fingerprint] += 1
-        raise status_error(fault.status, fault.retry_after)
+        raise status_error(fault.status, fault.retry_after, as_date=fault.retry_after_date)
 
     async def _moderate(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         self.stats.moderations += 1

@@ -174,3 +174,8 @@ def url_address_refusal(url: str, rule: EgressRule) -> str | None:
         if reason is not None:
             return f"{host} resolves to {reason}"
     return None
+
+
+def provider_url_refusal(url: str) -> str | None:
+    """Why a provider credential may not point at `url` (the admin form, create_tenant)."""
+    return url_address_refusal(url, provider_rule())

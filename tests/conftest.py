@@ -49,6 +49,7 @@ def _fast_upstream(settings) -> None:
     settings.UPSTREAM_READ_TIMEOUT = 2.0
     settings.UPSTREAM_RETRY_BASE_DELAY = 0.01
     settings.UPSTREAM_RETRY_MAX_DELAY = 0.05
+    settings.PROVIDER_PACING_MAX_WAIT = 3.0
 
 
 def _clear_of_a_minute_boundary(margin: float = 5.0) -> None:
