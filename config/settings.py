@@ -7,7 +7,6 @@ cache, rate limits and Celery; DEBUG off unless asked; SECRET_KEY and FIELD_ENCR
 must come from the environment.
 """
 
-import ipaddress
 import os
 from pathlib import Path
 
@@ -33,7 +32,6 @@ if not SERVICES_MODE:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
 LOCAL_SECRETS = not SERVICES_MODE and DEBUG
 
-
 def _local_secret(name: str, make) -> str:
     """Embedded mode only: a secret generated once and kept in var/ (never in git)."""
     path = VAR_DIR / name
@@ -43,16 +41,12 @@ def _local_secret(name: str, make) -> str:
         path.chmod(0o600)
     return path.read_text().strip()
 
-
 def _new_fernet_key() -> str:
     from cryptography.fernet import Fernet
-
     return Fernet.generate_key().decode()
-
 
 def _new_secret_key() -> str:
     from django.core.management.utils import get_random_secret_key
-
     return get_random_secret_key()
 
 
@@ -309,26 +303,9 @@ UPSTREAM_RETRY_MAX_DELAY = env.float("UPSTREAM_RETRY_MAX_DELAY", default=20.0)
 # Time allowed from sending the request to the first token (each attempt).
 UPSTREAM_FIRST_TOKEN_TIMEOUT = env.float("UPSTREAM_FIRST_TOKEN_TIMEOUT", default=60.0)
 
-# The provider's own rate limits (llm/pacing.py, per process): a call waits while the provider's
-# x-ratelimit-remaining-requests / -tokens are at or below these floors, until their reset, or
-# after a 429 until its Retry-After; never longer than PROVIDER_PACING_MAX_WAIT seconds (then it
-# is sent). A 429 whose Retry-After is further off is answered at once: a 429 with Retry-After.
-PROVIDER_PACING = env.bool("PROVIDER_PACING", default=True)
-PROVIDER_PACING_MAX_WAIT = env.float("PROVIDER_PACING_MAX_WAIT", default=10.0)
-PROVIDER_PACING_REQUEST_FLOOR = env.int("PROVIDER_PACING_REQUEST_FLOOR", default=0)
-PROVIDER_PACING_TOKEN_FLOOR = env.int("PROVIDER_PACING_TOKEN_FLOOR", default=0)
-
-# Provider credential URLs (tenants/egress.py): public addresses only, checked when a credential
-# is saved and on every new connection; loopback and private addresses when
-# PROVIDER_ALLOW_PRIVATE_URLS (default: DEBUG, so the embedded demo reaches its simulator on
-# 127.0.0.1), or only inside PROVIDER_ALLOWED_NETWORKS (CIDRs, e.g. a self-hosted vLLM's
-# subnet). Cloud metadata addresses never.
+from .provider_settings import *  # noqa: E402, F403, I001  (PROVIDER_*: pacing, allowed networks)
+# Loopback and private provider URLs (tenants/egress.py): allowed by default only when DEBUG (the demo).
 PROVIDER_ALLOW_PRIVATE_URLS = env.bool("PROVIDER_ALLOW_PRIVATE_URLS", default=DEBUG)
-PROVIDER_ALLOWED_NETWORKS = [
-    str(ipaddress.ip_network(network.strip(), strict=False))
-    for network in env.list("PROVIDER_ALLOWED_NETWORKS", default=[])
-    if network.strip()
-]
 
 # End-user tokens minted by end_user_token / the REST endpoint.
 END_USER_TOKEN_DEFAULT_TTL = env.int("END_USER_TOKEN_DEFAULT_TTL", default=3600)
