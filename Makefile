@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint install install-dev bench clean port-free
+.PHONY: run test lint install install-dev bench clean port-free services
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ run: port-free
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo --base-url http://$(HOST):$(PORT)
 	$(PY) -m config.daphne -b $(HOST) -p $(PORT) config.asgi:application
+
+# Services mode on one machine: two web processes (PORT, PORT+1), a Celery worker and beat, from
+# the Procfile, against DATABASE_URL and REDIS_URL (both required; SECRET_KEY and
+# FIELD_ENCRYPTION_KEYS too, as in production).
+WEB ?= 2
+services: install
+	@test -n "$$DATABASE_URL" -a -n "$$REDIS_URL" || { \
+	echo "services mode needs DATABASE_URL and REDIS_URL (see README, Deployment)"; exit 1; }
+	mkdir -p var
+	$(PY) manage.py migrate --noinput
+	$(VENV)/bin/honcho start -f Procfile -p $(PORT) -c web=$(WEB),worker=1,beat=1
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

@@ -274,7 +274,7 @@ if not DEBUG:
 
 # Logs (observability/logs.py): JSON lines in services mode (or LOG_FORMAT=json), text when
 # embedded; every line carries the request context (request_id, tenant_id, conversation_id, message_id).
-LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()  # celery -l takes "info": accept either case
 LOG_FORMAT = env.str("LOG_FORMAT", default="json" if SERVICES_MODE else "text")
 LOGGING = logging_config(json_lines=LOG_FORMAT == "json", level=LOG_LEVEL)
 # /metrics (observability/exposition.py): a bearer token for the scraper; unset, only a client on
@@ -300,6 +300,10 @@ UPSTREAM_RETRY_BASE_DELAY = env.float("UPSTREAM_RETRY_BASE_DELAY", default=0.5)
 UPSTREAM_RETRY_MAX_DELAY = env.float("UPSTREAM_RETRY_MAX_DELAY", default=20.0)
 # Time allowed from sending the request to the first token (each attempt).
 UPSTREAM_FIRST_TOKEN_TIMEOUT = env.float("UPSTREAM_FIRST_TOKEN_TIMEOUT", default=60.0)
+
+from .provider_settings import *  # noqa: E402, F403, I001  (PROVIDER_*: pacing, allowed networks)
+# Loopback and private provider URLs (tenants/egress.py): allowed by default only when DEBUG (the demo).
+PROVIDER_ALLOW_PRIVATE_URLS = env.bool("PROVIDER_ALLOW_PRIVATE_URLS", default=DEBUG)
 
 # End-user tokens minted by end_user_token / the REST endpoint.
 END_USER_TOKEN_DEFAULT_TTL = env.int("END_USER_TOKEN_DEFAULT_TTL", default=3600)

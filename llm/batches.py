@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import openai
 
-from . import transport
+from . import clients, transport
 from .gateway import map_error
 from .transport import ProviderTarget, UpstreamError
 
@@ -50,6 +50,8 @@ async def _client(target: ProviderTarget) -> AsyncIterator[openai.AsyncOpenAI]:
     client = openai.AsyncOpenAI(
         api_key=target.api_key or "missing", organization=target.organization or None,
         base_url=target.base_url, timeout=transport.timeout(), max_retries=2,
+        # The egress guard and the provider's rate-limit headers, as every provider call.
+        http_client=clients.provider_http_client(target, timeout=transport.timeout()),
     )
     try:
         yield client

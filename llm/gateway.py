@@ -15,7 +15,7 @@ from typing import Any
 import httpx2
 import openai
 
-from . import transport
+from . import clients, transport
 from .transport import ProviderTarget, UpstreamError
 
 
@@ -88,6 +88,7 @@ def _build_client(target: ProviderTarget) -> openai.AsyncOpenAI:
         # Retries are ours (transport.with_retries, until the first token); the SDK's would
         # retry invisibly and could not resume a half-read stream anyway.
         max_retries=0,
+        http_client=clients.provider_http_client(target, timeout=transport.timeout()),
     )
 
 
@@ -106,16 +107,14 @@ def map_error(error: BaseException) -> UpstreamError:
     the provider's body: it can quote request data back."""
     if isinstance(error, UpstreamError):
         return error
+    if (refused := clients.address_refusal_of(error)) is not None:
+        return refused
     if isinstance(error, (openai.APITimeoutError, TimeoutError, httpx2.TimeoutException)):
         return UpstreamError("the model provider timed out", code="upstream_timeout", retryable=True)
     if isinstance(error, openai.APIStatusError):
         status = error.status_code
-        return UpstreamError(
-            f"the model provider answered {status}",
-            status=status,
-            retry_after=transport.retry_after(error.response.headers if error.response is not None else None),
-            retryable=transport.is_retryable_status(status),
-        )
+        headers = error.response.headers if error.response is not None else None
+        return transport.provider_refusal(status, f"the model provider answered {status}", headers)
     if isinstance(error, openai.APIConnectionError):
         return UpstreamError("could not reach the model provider", retryable=True)
     return UpstreamError(f"the model provider sent an unusable response ({type(error).__name__})")

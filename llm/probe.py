@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import openai
 
+from .clients import provider_http_client
 from .gateway import ProviderTarget, map_error
 
 PROBE_TIMEOUT_SECONDS = 10.0
@@ -28,6 +29,7 @@ async def provider_probe(target: ProviderTarget, *, timeout: float = PROBE_TIMEO
         base_url=target.base_url,
         timeout=timeout,
         max_retries=0,
+        http_client=provider_http_client(target, timeout=timeout),
     )
     try:
         async with client:

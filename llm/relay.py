@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx2
 
-from . import transport
+from . import clients, transport
 from .gateway import Usage
 from .transport import ProviderTarget, UpstreamError
 
@@ -37,7 +37,8 @@ def _build_client(target: ProviderTarget) -> httpx2.AsyncClient:
     headers = {"Authorization": f"Bearer {target.api_key or 'missing'}", "Content-Type": "application/json"}
     if target.organization:
         headers["OpenAI-Organization"] = target.organization
-    return httpx2.AsyncClient(
+    return clients.provider_http_client(
+        target,
         base_url=target.base_url.rstrip("/") + "/",
         headers=headers,
         timeout=transport.timeout(),
@@ -65,17 +66,14 @@ def status_error(response: httpx2.Response, body: bytes) -> UpstreamError:
     if status in CALLER_FAULT_STATUSES:
         detail = _provider_message(body)
         message = f"{message}: {detail}" if detail else message
-    return UpstreamError(
-        message,
-        status=status,
-        retry_after=transport.retry_after(response.headers),
-        retryable=transport.is_retryable_status(status),
-    )
+    return transport.provider_refusal(status, message, response.headers)
 
 
 def transport_error(error: BaseException) -> UpstreamError:
     if isinstance(error, UpstreamError):
         return error
+    if (refused := clients.address_refusal_of(error)) is not None:
+        return refused
     if isinstance(error, (TimeoutError, httpx2.TimeoutException)):
         return UpstreamError("the model provider timed out", code="upstream_timeout", retryable=True)
     if isinstance(error, httpx2.TransportError):

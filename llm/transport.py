@@ -4,7 +4,9 @@ Shared by the SDK path (`gateway`) and the byte relay (`relay`), which differ on
 read off the wire. The policy, in one place: retry 429, 408, 5xx, timeouts and connection
 failures with exponential backoff and jitter (or the provider's Retry-After, capped), at most
 `UPSTREAM_MAX_RETRIES` times, and only before the first token: a half-read stream is never
-retried. This module is the bottom of `llm/`: it imports nothing else of the project but the metrics.
+retried. Each attempt first waits its turn under the provider's own limits (`llm.pacing`).
+This module is the bottom of `llm/`: it imports nothing else of the project but `llm.pacing`
+and the metrics.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import random
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Generic, TypeVar
 
 import httpx2
 from django.conf import settings
 
 from observability import metrics
+
+from . import pacing
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -106,12 +112,41 @@ class ClientCache(Generic[C]):
 
 
 def retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds form); None when absent or unusable."""
-    value = headers.get("retry-after") if headers is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+    """Seconds the provider asks us to wait: `retry-after-ms` (OpenAI's), else `Retry-After` in
+    either of its forms (delta-seconds or an HTTP date); None when absent or unusable."""
+    if headers is None:
         return None
+    try:
+        if (milliseconds := headers.get("retry-after-ms")) is not None:
+            return max(0.0, float(milliseconds) / 1000)
+    except ValueError:
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def provider_refusal(status: int, message: str, headers: Mapping[str, str] | None) -> UpstreamError:
+    """The provider answered `status`: the error, read by the one retry policy. A 429 is the
+    provider's rate limit: `rate_limited` (a 429 with Retry-After on /v1), not a 502."""
+    return UpstreamError(
+        message,
+        code="rate_limited" if status == 429 else "upstream_error",
+        status=status,
+        retry_after=retry_after(headers),
+        retryable=is_retryable_status(status),
+    )
 
 
 def is_retryable_status(status: int) -> bool:
@@ -138,16 +173,31 @@ def failure_kind(error: UpstreamError) -> str:
 
 async def with_retries(attempt_once: Callable[[], Awaitable[T]], *, target: ProviderTarget | None = None) -> T:
     """Run `attempt_once` until it succeeds, raises a non-retryable UpstreamError, or the
-    retries run out. `attempt_once` maps its own failures to UpstreamError. Every failed
-    attempt is counted by the target's host (observability.metrics)."""
+    retries run out. `attempt_once` maps its own failures to UpstreamError. With a `target`,
+    every attempt first waits its turn under that provider's limits, and every failed attempt
+    is counted by the target's host (observability.metrics)."""
+    key = pacing.pacing_key(target.base_url, target.api_key) if target is not None else None
     attempt = 0
     while True:
         try:
+            if key is not None:
+                await paced(key)
             return await attempt_once()
         except UpstreamError as error:
             retried = error.retryable and attempt < settings.UPSTREAM_MAX_RETRIES
             metrics.upstream_failed(target.base_url if target else "", failure_kind(error), retried=retried)
             if not retried:
+                if error.code == "rate_limited" and error.retry_after is None:
+                    # The client is told when to come back, even when the provider did not say.
+                    error.retry_after = max(pacing.wait_known(key) if key else 0.0, 1.0)
                 raise
             await asyncio.sleep(backoff_delay(attempt, error.retry_after))
             attempt += 1
+
+
+async def paced(key: str) -> None:
+    """Wait for the provider's limits (llm.pacing); a wait too long to queue is a 429 now."""
+    try:
+        await pacing.wait_turn(key)
+    except pacing.ProviderBusy as busy:
+        raise UpstreamError(str(busy), code="rate_limited", status=429, retry_after=busy.retry_after) from None

@@ -47,17 +47,27 @@ class QueuedFault:
 
 @dataclass
 class _Bucket:
-    """A leaky bucket refilled over a minute: what OpenAI's x-ratelimit-* headers describe."""
+    """A leaky bucket that drains over its window: what OpenAI's x-ratelimit-* headers describe."""
 
     limit: int
+    window_s: float = 60.0
     level: float = 0.0
     last: float = field(default_factory=time.monotonic)
 
-    def take(self, amount: int) -> tuple[int, str]:
+    def drain(self) -> None:
         now = time.monotonic()
-        self.level = max(0.0, self.level - (now - self.last) * self.limit / 60) + amount
+        self.level = max(0.0, self.level - (now - self.last) * self.limit / self.window_s)
         self.last = now
-        return max(0, self.limit - math.ceil(self.level)), _duration(self.level * 60 / self.limit)
+
+    def wait_for(self, amount: int) -> float:
+        """Seconds until `amount` more fits (0: it fits now)."""
+        return max(0.0, self.level + amount - self.limit) * self.window_s / self.limit
+
+    def take(self, amount: int) -> None:
+        self.level += amount
+
+    def state(self) -> tuple[int, str]:
+        return max(0, self.limit - math.ceil(self.level)), _duration(self.level * self.window_s / self.limit)
 
 
 def _duration(seconds: float) -> str:
@@ -67,12 +77,28 @@ def _duration(seconds: float) -> str:
 
 
 class _RateLimits:
-    def __init__(self, requests: int = 10_000, tokens: int = 2_000_000) -> None:
-        self.requests, self.tokens = _Bucket(requests), _Bucket(tokens)
+    """The key's limits. Reported on every answer; enforced (a 429 once spent) only when a test
+    or `run_simulator --rate-limit-requests` asks (``Simulator.rate_limit``)."""
 
-    def headers(self, estimated_tokens: int) -> Headers:
-        remaining_requests, reset_requests = self.requests.take(1)
-        remaining_tokens, reset_tokens = self.tokens.take(estimated_tokens)
+    def __init__(self, requests: int = 10_000, tokens: int = 2_000_000, window_s: float = 60.0,
+                 enforced: bool = False) -> None:
+        self.requests, self.tokens = _Bucket(requests, window_s), _Bucket(tokens, window_s)
+        self.enforced = enforced
+        self._lock = threading.Lock()
+
+    def admit(self, estimated_tokens: int) -> tuple[Headers, float | None]:
+        """This answer's x-ratelimit-* headers, and how long the caller must wait when the
+        limits are enforced and spent (the request is then refused and not counted)."""
+        with self._lock:
+            self.requests.drain()
+            self.tokens.drain()
+            wait = max(self.requests.wait_for(1), self.tokens.wait_for(estimated_tokens))
+            refused = self.enforced and wait > 0
+            if not refused:
+                self.requests.take(1)
+                self.tokens.take(estimated_tokens)
+            remaining_requests, reset_requests = self.requests.state()
+            remaining_tokens, reset_tokens = self.tokens.state()
         values = {
             "x-ratelimit-limit-requests": self.requests.limit,
             "x-ratelimit-remaining-requests": remaining_requests,
@@ -81,7 +107,7 @@ class _RateLimits:
             "x-ratelimit-reset-requests": reset_requests,
             "x-ratelimit-reset-tokens": reset_tokens,
         }
-        return [(k.encode(), str(v).encode()) for k, v in values.items()]
+        return [(k.encode(), str(v).encode()) for k, v in values.items()], wait if refused else None
 
 
 class _CutLogFilter(logging.Filter):
@@ -128,7 +154,16 @@ class Simulator:
             self.moderation_faults.append(QueuedFault(
                 Directives(status=status, retry_after=retry_after, hang=hang), times))
 
+    def rate_limit(self, *, requests: int = 10_000, tokens: int = 2_000_000, window_s: float = 60.0,
+                   enforced: bool = True) -> None:
+        """Give the key a limit of ``requests`` calls and ``tokens`` tokens per ``window_s``:
+        every answer reports what is left (x-ratelimit-*), and once it is spent, calls are
+        refused with a 429 and Retry-After until it drains. ``reset`` restores the default
+        (10,000 requests and 2M tokens a minute, reported only)."""
+        self._rate_limits = _RateLimits(requests, tokens, window_s, enforced)
+
     def reset(self) -> None:
+        self._rate_limits = _RateLimits()
         with self._lock:
             self.faults.clear()
             self.moderation_faults.clear()
@@ -181,9 +216,13 @@ class Simulator:
 
     async def _chat(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         self.stats.requests += 1
-        headers = [_request_id(), *self._rate_limits.headers(len(body) // 4)]
+        limits, wait = self._rate_limits.admit(len(body) // 4)
+        headers = [_request_id(), *limits]
         try:
             key = _require_bearer(scope)
+            if wait is not None:
+                self.stats.rate_limited += 1
+                raise status_error(429, math.ceil(wait * 1000) / 1000)
             request = parse_chat_request(body)
             self.requests.append(request.body)
             fault = self._fault_for(request)
@@ -211,7 +250,7 @@ class Simulator:
                 if self._failures[request.fingerprint] >= fault.fail_times:
                     return replace(fault, status=None)
                 self._failures[request.fingerprint] += 1
-        raise status_error(fault.status, fault.retry_after)
+        raise status_error(fault.status, fault.retry_after, as_date=fault.retry_after_date)
 
     async def _moderate(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         self.stats.moderations += 1

@@ -22,6 +22,7 @@ class Directives:
 
     status: int | None = None
     retry_after: float | None = None
+    retry_after_date: bool = False  # send Retry-After as an HTTP date (no retry-after-ms)
     fail_times: int | None = None
     hang: bool = False
     hang_after: int | None = None
@@ -90,7 +91,7 @@ def _argument_objects(parsed: Any) -> tuple[dict[str, Any], ...]:
 
 
 _DIRECTIVE_TYPES: dict[str, Callable[[str], Any]] = {
-    "status": int, "retry_after": float, "fail_times": int, "hang_after": int, "cut": int,
+    "status": int, "retry_after": float, "retry_after_date": _flag, "fail_times": int, "hang_after": int, "cut": int,
     "malformed": int, "words": int, "ttft_ms": float, "tps": float, "hang": _flag,
     "tool": _names, "args": _arguments, "bad_args": _flag, "bad_json": _flag,
     "tool_loop": _flag, "nocache": _flag, "ignore_tool_choice": _flag,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+from email.utils import formatdate
 from typing import Any
 
 from .asgi import Headers
@@ -34,10 +37,14 @@ def _error_type(status: int) -> str:
     return "rate_limit_error" if status == 429 else "invalid_request_error"
 
 
-def status_error(status: int, retry_after: float | None) -> ApiError:
-    """The error OpenAI would answer with this status (injected faults)."""
+def status_error(status: int, retry_after: float | None, *, as_date: bool = False) -> ApiError:
+    """The error OpenAI would answer with this status (injected faults). ``as_date``: the
+    Retry-After's other form, an HTTP date (whole seconds, rounded up), as some servers send."""
     headers: Headers = []
-    if retry_after is not None:
+    if retry_after is not None and as_date:
+        when = time.time() + math.ceil(retry_after)
+        headers += [(b"retry-after", formatdate(when, usegmt=True).encode())]
+    elif retry_after is not None:
         headers += [(b"retry-after", _number(retry_after).encode()),
                     (b"retry-after-ms", str(round(retry_after * 1000)).encode())]
     if status == 429:

@@ -18,6 +18,7 @@ class SimStats:
     tool_calls: int = 0
     moderations: int = 0
     embeddings: int = 0
+    rate_limited: int = 0  # calls refused by an enforced rate limit (Simulator.rate_limit)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -20,6 +20,7 @@ from .admin_base import (
     admin_access,
     tenant_id_of,
 )
+from .egress import provider_url_refusal
 from .freshness import config_changed
 from .models import ApiKey, AuditEntry, EndUser, Membership, ProviderCredential, Tenant
 from .origins import InvalidOrigin, origins_parse
@@ -189,6 +190,17 @@ class ProviderCredentialForm(TenantScopedForm):
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
         help_text="Write-only. Leave blank to keep the current key.",
     )
+
+    def clean_base_url(self) -> str:
+        # Checked again on every connection (DNS may change); this is the early, clear answer.
+        url = self.cleaned_data["base_url"]
+        refusal = provider_url_refusal(url)
+        if refusal is not None:
+            raise forms.ValidationError(
+                f"This URL is refused: {refusal}. Provider URLs must be public unless the operator "
+                "allows private ones (PROVIDER_ALLOW_PRIVATE_URLS, PROVIDER_ALLOWED_NETWORKS)."
+            )
+        return url
 
     def save(self, commit: bool = True) -> ProviderCredential:
         new_key = self.cleaned_data.get("new_api_key")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,10 @@ from channels.testing import WebsocketCommunicator
 from config.asgi import application
 from tests.factories import TenantSetup, make_tenant
 from tests.simserver import SimulatorServer
+
+# The simulator listens on 127.0.0.1: provider credentials may point at loopback in this suite,
+# in services mode too (DEBUG off), and in every process it starts (they inherit this).
+os.environ["PROVIDER_ALLOW_PRIVATE_URLS"] = "true"
 
 # The live-server fixtures (`parley`, `parley_server`) for every module that asks for them.
 pytest_plugins = ["tests.liveserver"]
@@ -39,10 +44,12 @@ def sim(simulator_server: SimulatorServer):
 
 @pytest.fixture(autouse=True)
 def _fast_upstream(settings) -> None:
+    settings.PROVIDER_ALLOW_PRIVATE_URLS = True
     settings.UPSTREAM_FIRST_TOKEN_TIMEOUT = 2.0
     settings.UPSTREAM_READ_TIMEOUT = 2.0
     settings.UPSTREAM_RETRY_BASE_DELAY = 0.01
     settings.UPSTREAM_RETRY_MAX_DELAY = 0.05
+    settings.PROVIDER_PACING_MAX_WAIT = 3.0
 
 
 def _clear_of_a_minute_boundary(margin: float = 5.0) -> None:
@@ -128,6 +135,7 @@ def _fresh_rate_limits():
     from billing.leases import leases_forget
     from compat.v1_liveness import liveness_forget
     from conversations.admission import admission_caches_clear
+    from llm.pacing import windows_forget
     from tenants.ratelimits import rate_limits_reset
 
     rate_limits_reset()
@@ -135,6 +143,7 @@ def _fresh_rate_limits():
     known_periods_clear()
     leases_forget()
     liveness_forget()
+    windows_forget()
 
 
 @pytest.fixture(autouse=True)

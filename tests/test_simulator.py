@@ -283,7 +283,7 @@ async def test_stats_reconcile_with_what_was_served(
         "requests": 2, "completions": 1, "incomplete": 1, "errors": 0,
         "prompt_tokens": whole.usage.prompt_tokens + count_messages(partial, MODEL),
         "completion_tokens": whole.usage.completion_tokens + count_text("".join(sent), MODEL),
-        "cached_tokens": 0, "tool_calls": 0, "moderations": 0, "embeddings": 0,
+        "cached_tokens": 0, "tool_calls": 0, "moderations": 0, "embeddings": 0, "rate_limited": 0,
     }
     async with httpx2.AsyncClient(base_url=simulator_server.url) as http:
         assert (await http.get("/sim/stats")).json() == expected

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 
@@ -12,12 +14,29 @@ from llm.transport import ProviderTarget, UpstreamError
 
 @pytest.mark.parametrize(
     ("header", "seconds"),
-    [("3", 3.0), ("0.25", 0.25), ("-4", 0.0), ("Wed, 21 Oct 2015 07:28:00 GMT", None), (None, None)],
+    [("3", 3.0), ("0.25", 0.25), ("-4", 0.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0), ("soon", None), (None, None)],
 )
 def test_retry_after_reads_delta_seconds_and_ignores_what_it_cannot_use(header, seconds):
     headers = {} if header is None else {"retry-after": header}
     assert transport.retry_after(headers) == seconds
     assert transport.retry_after(None) is None
+
+
+def test_retry_after_reads_the_http_date_form():
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    waited = transport.retry_after({"retry-after": format_datetime(when, usegmt=True)})
+    assert 28 <= waited <= 30
+
+
+def test_retry_after_ms_is_preferred_to_retry_after():
+    assert transport.retry_after({"retry-after-ms": "250", "retry-after": "1"}) == 0.25
+    assert transport.retry_after({"retry-after-ms": "junk", "retry-after": "2"}) == 2.0
+
+
+def test_a_provider_429_is_rate_limited_and_other_statuses_upstream_errors():
+    limited = transport.provider_refusal(429, "429", {"retry-after": "3"})
+    assert (limited.code, limited.status, limited.retry_after, limited.retryable) == ("rate_limited", 429, 3.0, True)
+    assert transport.provider_refusal(503, "503", None).code == "upstream_error"
 
 
 def test_retryable_statuses_are_429_408_and_5xx():

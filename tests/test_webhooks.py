@@ -18,9 +18,9 @@ import httpcore2
 import pytest
 from channels.db import database_sync_to_async
 
-from tools import egress
+from tenants import egress
+from tenants.egress import address_refusal
 from tools.calls import ToolCallRequest, ToolContext
-from tools.egress import address_refusal
 from tools.execution import tool_calls_execute
 from tools.models import WebhookTool
 from tools.services import webhook_tool_create

@@ -29,7 +29,7 @@ The answer must be 2xx with a JSON body (`application/json` or `application/*+js
 64 KiB; it becomes the tool result the model reads. Anything else — a timeout, a refused
 address, another status, another content type, unparseable or oversized JSON — is a tool error
 the model reads instead. Redirects are not followed. Calls connect only to addresses the
-private-address guard allows (see `tools.egress`), over https unless `DEBUG` or
+private-address guard allows (see `tenants.egress`), over https unless `DEBUG` or
 `TOOLS_WEBHOOK_ALLOW_HTTP` is set.
 """
 
@@ -47,8 +47,9 @@ import httpcore2
 import httpx2
 from django.conf import settings
 
+from tenants.egress import AddressRefused, GuardedBackend, webhook_rule
+
 from .calls import ToolContext, ToolError
-from .egress import AddressRefused, GuardedBackend
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ async def _post(target: WebhookTarget, headers: list[tuple[bytes, bytes]], body:
     timeout = float(target.timeout_seconds)
     # A pool per call: every call resolves and checks the host afresh, and no connection
     # outlives the event loop that made it. Webhook calls are rare next to tokens.
-    async with httpcore2.AsyncConnectionPool(network_backend=GuardedBackend(), retries=0) as pool:
+    async with httpcore2.AsyncConnectionPool(network_backend=GuardedBackend(webhook_rule), retries=0) as pool:
         async with pool.stream(
             "POST",
             httpcore2.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),

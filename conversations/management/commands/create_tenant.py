@@ -12,6 +12,7 @@ from django.db import IntegrityError
 
 from billing.services import PriceMissing
 from conversations.onboarding import tenant_onboard
+from tenants.egress import provider_url_refusal
 from tenants.models import Tenant
 from tenants.origins import InvalidOrigin, origins_parse, tenant_allowed_origins_set
 
@@ -64,6 +65,9 @@ class Command(BaseCommand):
         for option in ("user_rpm", "tenant_rpm", "tenant_tpm"):
             if options[option] is not None and not 1 <= options[option] <= 2**31 - 1:
                 raise CommandError(f"--{option.replace('_', '-')} must be between 1 and {2**31 - 1}")
+        refusal = provider_url_refusal(options["provider_base_url"])
+        if refusal is not None:
+            raise CommandError(f"--provider-base-url is refused: {refusal} (see PROVIDER_ALLOW_PRIVATE_URLS)")
         tools = [t.strip() for t in options["tools"].split(",") if t.strip()]
         try:
             onboarded = tenant_onboard(

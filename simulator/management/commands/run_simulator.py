@@ -23,10 +23,15 @@ class Command(BaseCommand):
         parser.add_argument("--tokens-per-second", type=float, default=0.0)
         parser.add_argument("--no-batches", action="store_true",
                             help="answer 404 on /v1/files and /v1/batches (a server without a Batch API)")
+        parser.add_argument("--rate-limit-requests", type=int, default=0,
+                            help="refuse calls with 429 past N per --rate-limit-window (0: never)")
+        parser.add_argument("--rate-limit-window", type=float, default=60.0, help="seconds")
 
     def handle(self, *args: Any, **options: Any) -> None:
         app = create_app(ttft_ms=options["ttft_ms"], tokens_per_second=options["tokens_per_second"],
                          batches=not options["no_batches"])
+        if options["rate_limit_requests"] > 0:
+            app.rate_limit(requests=options["rate_limit_requests"], window_s=options["rate_limit_window"])
         config = uvicorn.Config(app, host=options["host"], port=options["port"], loop="asyncio",
                                 log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
         # uvicorn re-raises the Ctrl-C it handled; being stopped is how this command ends.
