@@ -183,8 +183,12 @@ def turn_cached(*, plan: TurnPlan, hit: Hit) -> TurnResult:
             status=Message.Status.COMPLETE, finish_reason=hit.finish_reason,
         )
         call_release(plan.hold)
+        # The saving is against the model asked for: a route's cheaper choice is not what the
+        # hit spared (the answer was stored for this assistant version, routes included).
+        asked = plan.routed.requested_price if plan.routed is not None else plan.price
         record = hit_book(
-            subject=plan.caller, call_id=f"cache-{plan.assistant_message_id}", model=plan.model, price=plan.price,
+            subject=plan.caller, call_id=f"cache-{plan.assistant_message_id}",
+            model=(plan.routed.choice.requested_model if plan.routed is not None else "") or plan.model, price=asked,
             prompt_tokens=plan.prompt.tokens, hit=hit, conversation_id=plan.conversation_id,
             message_id=plan.assistant_message_id,
         )

@@ -81,7 +81,7 @@ async def answer_lookup(
     vector = await question_embed(target=target, subject=subject, text=question, conversation_id=conversation_id)
     if vector is not None:
         hit = await database_sync_to_async(store.answer_find_similar)(
-            tenant_id=scope.tenant_id, scope=scope.scope, vector=vector
+            tenant_id=scope.tenant_id, scope=scope.scope, vector=vector, question=question
         )
     return Lookup(scope=scope, question=question, key=key, hit=hit, vector=vector)
 

@@ -16,7 +16,7 @@ from billing.metering import CallFacts, answer_cached_book
 from billing.models import UsageRecord
 from billing.services import Price
 
-from .keys import similarity, vector_pack, vector_unpack
+from .keys import question_numbers, similarity, vector_pack, vector_unpack
 from .models import CachedAnswer
 
 
@@ -48,16 +48,20 @@ def answer_find(*, tenant_id: int, scope: str, key: str) -> Hit | None:
     return _counted(row) if row is not None else None
 
 
-def answer_find_similar(*, tenant_id: int, scope: str, vector: tuple[float, ...]) -> Hit | None:
-    """The live semantic answer closest to `vector`, if it reaches RESPONSE_CACHE_SIMILARITY.
-    Compares the scope's RESPONSE_CACHE_CANDIDATES newest entries (a bound, so a lookup costs
-    the same however long the cache grows; older entries still hit by their exact key)."""
+def answer_find_similar(*, tenant_id: int, scope: str, vector: tuple[float, ...], question: str) -> Hit | None:
+    """The live semantic answer closest to `vector`, if it reaches RESPONSE_CACHE_SIMILARITY
+    and its question names the same numbers as this one (`question_numbers`). Compares the
+    scope's RESPONSE_CACHE_CANDIDATES newest entries (a bound, so a lookup costs the same
+    however long the cache grows; older entries still hit by their exact key)."""
     rows = (
         _live(tenant_id=tenant_id, scope=scope).filter(kind=CachedAnswer.Kind.SEMANTIC)
-        .only("id", "embedding")[: settings.RESPONSE_CACHE_CANDIDATES]
+        .only("id", "embedding", "question")[: settings.RESPONSE_CACHE_CANDIDATES]
     )
+    numbers = question_numbers(question)
     best, best_score = None, settings.RESPONSE_CACHE_SIMILARITY
     for row in rows:
+        if question_numbers(row.question) != numbers:
+            continue
         score = similarity(vector, vector_unpack(bytes(row.embedding)))
         if score >= best_score:
             best, best_score = row.pk, score

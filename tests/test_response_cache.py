@@ -204,3 +204,25 @@ def test_rest_replies_and_event_streams_carry_the_cached_marker(parley, tenant_f
     assert "".join(e["content"] for e in events if e["type"] == "delta") == replies[0]["content"]
     assert sim.stats.completions == 1
     assert [r.kind for r in _ledger(setup.tenant)] == ["chat", "cached", "cached"]
+
+
+@pytest.mark.django_db
+def test_a_semantic_hit_needs_the_same_numbers(tenant_factory):
+    """Questions that differ only in an order number embed almost alike; one customer's answer
+    must never reach another (bench/cost_levers.py saw 1.5% such wrong hits before)."""
+    from responsecache.keys import question_numbers, vector_pack
+    from responsecache.store import answer_find_similar
+
+    setup = tenant_factory()
+    vector = tuple([1.0] + [0.0] * 31)
+    CachedAnswer.objects.create(
+        tenant=setup.tenant, assistant_id=setup.assistant.pk, scope="a1.v", kind=CachedAnswer.Kind.SEMANTIC,
+        key="k1041", question="Where is my order #1041?", embedding=vector_pack(vector),
+        answer="Order 1041 ships today.", model="gpt-4o-mini", expires_at=timezone.now() + timedelta(hours=1),
+    )
+    assert question_numbers("Where is my order #1041?") == ("1041",)
+    find = dict(tenant_id=setup.tenant.pk, scope="a1.v", vector=vector)
+    assert answer_find_similar(**find, question="where's order 1042, please") is None
+    assert answer_find_similar(**find, question="my order") is None
+    hit = answer_find_similar(**find, question="where is order 1041 please")
+    assert hit is not None and hit.answer == "Order 1041 ships today."
