@@ -144,6 +144,7 @@ TICKETS = [
 class Question:
     kind: str  # "faq" | "simple" | "complex"
     text: str
+    topic: str  # what a right answer answers: the FAQ, else the question itself
 
 
 def _fill(template: str, rng: random.Random) -> str:
@@ -160,16 +161,17 @@ def workload(conversations: int, seed: int = 14) -> list[Question]:
     for _ in range(faqs):
         topic = rng.choice(FAQS)
         wording = rng.choice(FAQ_WORDINGS).format(q=topic, Q=topic.upper() if rng.random() < 0.5 else topic.capitalize())
-        questions.append(Question("faq", f"{wording} [[sim:words=70]]"))
+        questions.append(Question("faq", f"{wording} [[sim:words=70]]", topic))
     for _ in range(simple):
-        questions.append(Question("simple", f"{_fill(rng.choice(SIMPLE), rng)} [[sim:words=50]]"))
+        text = _fill(rng.choice(SIMPLE), rng)
+        questions.append(Question("simple", f"{text} [[sim:words=50]]", text))
     for index in range(conversations - faqs - simple):
         if index % 10 == 9:
             text = _fill(rng.choice(SHORT_HARD), rng)
         else:
             parts = rng.sample(PROBLEMS, rng.choice((2, 3))) + rng.sample(ASKS, 2)
             text = " ".join(_fill(part, rng) for part in parts)
-        questions.append(Question("complex", f"{text} [[sim:words=250]]"))
+        questions.append(Question("complex", f"{text} [[sim:words=250]]", text))
     rng.shuffle(questions)
     return questions
 
@@ -190,7 +192,7 @@ class Run:
     callers: list[Caller]
 
 
-def run_create(name: str, base_url: str, *, levers: bool, end_users: int = 50) -> Run:
+def run_create(name: str, base_url: str, *, cache: str | None, end_users: int = 50) -> Run:
     onboarded = tenant_onboard(
         slug=f"levers-{name}-{uuid.uuid4().hex[:6]}", model=STRONG, provider_base_url=base_url,
         provider_key=f"sk-bench-{uuid.uuid4().hex}", system_prompt=SYSTEM_PROMPT,
@@ -200,8 +202,8 @@ def run_create(name: str, base_url: str, *, levers: bool, end_users: int = 50) -
     tenant.tenant_tpm = 1_000_000_000
     tenant.save()
     assistant.max_tokens = 600
-    if levers:
-        assistant.response_cache = "semantic"
+    if cache is not None:  # the levers run
+        assistant.response_cache = cache
         short = count_text(SYSTEM_PROMPT, STRONG) + 60  # the whole prompt: system prompt + question
         assistant.routes = [
             {"name": "hard", "model": STRONG, "when": {"pattern": r"(?i)\b(why|explain|compare|step by step)\b"}},
@@ -213,9 +215,9 @@ def run_create(name: str, base_url: str, *, levers: bool, end_users: int = 50) -
     return Run(name=name, tenant_id=tenant.pk, api_key=onboarded.api_key, callers=callers)
 
 
-async def conversations_play(run: Run, questions: list[Question], concurrency: int) -> dict[uuid.UUID, str]:
-    """Each question opens a conversation through the engine; returns conversation → class."""
-    classes: dict[uuid.UUID, str] = {}
+async def conversations_play(run: Run, questions: list[Question], concurrency: int) -> dict[uuid.UUID, Question]:
+    """Each question opens a conversation through the engine; returns conversation → question."""
+    classes: dict[uuid.UUID, Question] = {}
     queue = list(enumerate(questions))
 
     async def agent() -> None:
@@ -223,7 +225,7 @@ async def conversations_play(run: Run, questions: list[Question], concurrency: i
             index, question = queue.pop()
             caller = run.callers[index % len(run.callers)]
             submitted = await engine.turn_submit(caller=caller, command=MessageCreate(content=question.text))
-            classes[submitted.plan.conversation_id] = question.kind
+            classes[submitted.plan.conversation_id] = question
             name = f"generation {submitted.plan.assistant_message_id}"
             await asyncio.gather(*(task for task in engine.generations_running() if task.get_name() == name))
 
@@ -259,6 +261,38 @@ def classify_batch(run: Run, base_url: str, lines: list[dict]) -> str:
     return batch.status
 
 
+@dataclass(frozen=True)
+class Answers:
+    """Who answered what, from the assistant messages: per class, the questions, the cache hits,
+    the hits that served another question's answer, and the answers of the strong model."""
+
+    asked: Counter
+    hits: Counter
+    wrong_hits: Counter
+    by_strong: Counter
+
+
+def answers_check(run: Run, asked: dict[uuid.UUID, Question]) -> Answers:
+    """A hit is right when the stored answer it served was generated for the same FAQ (or the
+    same question); it counts as the strong model's when that answer was the strong model's."""
+    rows = list(Message.objects.filter(tenant_id=run.tenant_id, role=Message.Role.ASSISTANT)
+                .values_list("conversation_id", "content", "model", "cached"))
+    origin = {content: (asked[conversation].topic, model) for conversation, content, model, cached in rows
+              if not cached}
+    counts: dict[str, Counter] = {name: Counter() for name in ("asked", "hits", "wrong_hits", "by_strong")}
+    for conversation, content, model, cached in rows:
+        question = asked[conversation]
+        counts["asked"][question.kind] += 1
+        if cached:
+            counts["hits"][question.kind] += 1
+            source_topic, model = origin.get(content, (None, ""))
+            if source_topic != question.topic:
+                counts["wrong_hits"][question.kind] += 1
+                continue
+        counts["by_strong"][question.kind] += model == STRONG
+    return Answers(**counts)
+
+
 @dataclass
 class Priced:
     """One run's ledger: dollars and counts by kind and by question class, the savings."""
@@ -267,7 +301,7 @@ class Priced:
     by_class: dict[str, Decimal]
     saved: dict[str, Decimal]
     routed_cheap: int
-    complex_strong: tuple[int, int]
+    answers: Answers
 
     @property
     def total(self) -> Decimal:
@@ -278,24 +312,20 @@ SAVED = {"response cache": "saved_response_cache_usd", "routing": "saved_routing
          "batch": "saved_batch_usd", "cached input": "saved_cached_input_usd"}
 
 
-def ledger_price(run: Run, classes: dict[uuid.UUID, str]) -> Priced:
+def ledger_price(run: Run, asked: dict[uuid.UUID, Question]) -> Priced:
     rows = UsageRecord.objects.filter(tenant_id=run.tenant_id)
     by_kind = {row["kind"]: (row["n"], row["cost"]) for row in
                rows.values("kind").annotate(n=Count("id"), cost=Sum("cost_usd"))}
     by_class: dict[str, Decimal] = defaultdict(Decimal)
     for row in rows.values("conversation_id", "kind").annotate(cost=Sum("cost_usd")):
         if row["conversation_id"] is not None:
-            by_class[classes[row["conversation_id"]]] += row["cost"]
+            by_class[asked[row["conversation_id"]].kind] += row["cost"]
         else:
             by_class["classification" if row["kind"] in ("completion", "batch") else "other"] += row["cost"]
     saved = {name: rows.aggregate(total=Sum(column))["total"] or Decimal(0) for name, column in SAVED.items()}
-    complex_ids = [conversation for conversation, kind in classes.items() if kind == "complex"]
-    answers = Counter(Message.objects.filter(
-        tenant_id=run.tenant_id, role=Message.Role.ASSISTANT, conversation_id__in=complex_ids,
-    ).values_list("model", flat=True))
     return Priced(by_kind=by_kind, by_class=dict(by_class), saved=saved,
                   routed_cheap=rows.filter(kind="chat", model=CHEAP).exclude(call_id__startswith="grade-").count(),
-                  complex_strong=(answers[STRONG], sum(answers.values())))
+                  answers=answers_check(run, asked))
 
 
 def report(questions: list[Question], lines: int, base: Priced, levers: Priced) -> float:
@@ -321,9 +351,14 @@ def report(questions: list[Question], lines: int, base: Priced, levers: Priced) 
           f"{base.saved['cached input']:.4f}")
     print(f"  response-cache hits {levers.by_kind.get('cached', (0, 0))[0]:,}; support answers routed to {CHEAP} "
           f"{levers.routed_cheap:,}")
-    strong, answered = levers.complex_strong
-    print(f"\nComplex questions answered by {STRONG} (Message.model): {strong:,}/{answered:,} = "
-          f"{strong / max(answered, 1):.1%}   (goal >= 95%)")
+    answers = levers.answers
+    print("\nAnswers on the levers run (Message.model, .cached; a wrong hit served another question's answer):")
+    for kind in ("faq", "simple", "complex"):
+        print(f"  {kind:<8} {answers.asked[kind]:>6,} asked, {answers.hits[kind]:>6,} from the cache "
+              f"({answers.wrong_hits[kind]:,} wrong), {answers.by_strong[kind]:>6,} by {STRONG}")
+    strong, asked = answers.by_strong["complex"], answers.asked["complex"]
+    print(f"Complex questions answered by {STRONG} (generated, or a right hit on its answer): {strong:,}/{asked:,} = "
+          f"{strong / max(asked, 1):.1%}   (goal >= 95%)")
     floor = float(base.by_class.get("complex", Decimal(0)) / base.total)
     print(f"Complex questions are {floor:.1%} of the baseline's cost: with them on {STRONG}, no lever takes "
           f"the total below about {floor:.2f}x.")
@@ -331,14 +366,25 @@ def report(questions: list[Question], lines: int, base: Priced, levers: Priced) 
 
 
 async def runs_play(base: Run, levers: Run, questions: list[Question], v1: str,
-                    args: argparse.Namespace) -> tuple[dict[uuid.UUID, str], dict[uuid.UUID, str]]:
+                    args: argparse.Namespace) -> tuple[dict[uuid.UUID, Question], dict[uuid.UUID, Question]]:
     """Both runs in one event loop (the engine's in-process channel layer and event log live
     on it); the SDK's blocking calls on threads."""
+    clock = time.monotonic()
+
+    def lap(what: str) -> None:
+        nonlocal clock
+        print(f"  {what}: {time.monotonic() - clock:.1f} s", file=sys.stderr)
+        clock = time.monotonic()
+
     base_classes = await conversations_play(base, questions, args.concurrency)
+    lap("baseline conversations")
     await asyncio.to_thread(classify_baseline, base, v1, classification_lines(args.batch_lines, STRONG),
                             args.concurrency)
+    lap("baseline classification (/v1 calls)")
     lever_classes = await conversations_play(levers, questions, args.concurrency)
+    lap("levers conversations")
     await asyncio.to_thread(classify_batch, levers, v1, classification_lines(args.batch_lines, CHEAP))
+    lap("levers classification (a Batch)")
     return base_classes, lever_classes
 
 
@@ -347,6 +393,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=2000)
     parser.add_argument("--batch-lines", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--cache", choices=("exact", "semantic"), default="semantic",
+                        help="the levers run's response cache")
     parser.add_argument("--quick", action="store_true", help="200 conversations and 100 lines")
     args = parser.parse_args()
     if args.quick:
@@ -361,8 +409,8 @@ def main() -> None:
         parley.start()
         try:
             v1 = f"http://127.0.0.1:{parley.port}/v1"
-            base = run_create("baseline", simulator.base_url, levers=False)
-            levers = run_create("levers", simulator.base_url, levers=True)
+            base = run_create("baseline", simulator.base_url, cache=None)
+            levers = run_create("levers", simulator.base_url, cache=args.cache)
             classes = asyncio.run(runs_play(base, levers, questions, v1, args))
         finally:
             parley.stop()
