@@ -46,8 +46,10 @@ if not os.environ.get("DATABASE_URL"):
     os.environ.setdefault("SQLITE_PATH", os.path.join(tempfile.mkdtemp(), "bench.sqlite3"))
 
 import django  # noqa: E402
+from django.apps import apps  # noqa: E402
 
-django.setup()
+if not apps.ready:  # imported by a test, Django is already set up
+    django.setup()
 
 import openai  # noqa: E402
 from django.conf import settings  # noqa: E402
@@ -248,9 +250,9 @@ def classify_batch(run: Run, base_url: str, lines: list[dict]) -> str:
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     pk = str(uuid.UUID(batch.id.removeprefix("batch_")))
     for _ in range(60):
-        if not settings.CELERY_TASK_ALWAYS_EAGER:  # services mode: do what the worker and beat do
-            batch_tasks.batch_start(pk)
-            batch_tasks.batch_poll(pk)
+        # What a worker and beat do (in embedded mode Celery is eager and the start already ran).
+        batch_tasks.batch_start(pk)
+        batch_tasks.batch_poll(pk)
         batch = client.batches.retrieve(batch.id)
         if batch.status in ("completed", "failed", "expired", "cancelled"):
             break
@@ -297,6 +299,7 @@ def answers_check(run: Run, asked: dict[uuid.UUID, Question]) -> Answers:
 class Priced:
     """One run's ledger: dollars and counts by kind and by question class, the savings."""
 
+    tenant_id: int
     by_kind: dict[str, tuple[int, Decimal]]
     by_class: dict[str, Decimal]
     saved: dict[str, Decimal]
@@ -323,12 +326,14 @@ def ledger_price(run: Run, asked: dict[uuid.UUID, Question]) -> Priced:
         else:
             by_class["classification" if row["kind"] in ("completion", "batch") else "other"] += row["cost"]
     saved = {name: rows.aggregate(total=Sum(column))["total"] or Decimal(0) for name, column in SAVED.items()}
-    return Priced(by_kind=by_kind, by_class=dict(by_class), saved=saved,
+    return Priced(tenant_id=run.tenant_id, by_kind=by_kind, by_class=dict(by_class), saved=saved,
                   routed_cheap=rows.filter(kind="chat", model=CHEAP).exclude(call_id__startswith="grade-").count(),
                   answers=answers_check(run, asked))
 
 
-def report(questions: list[Question], lines: int, base: Priced, levers: Priced) -> float:
+def report(comparison: Comparison) -> float:
+    questions, lines, base, levers = (comparison.questions, comparison.batch_lines, comparison.baseline,
+                                      comparison.levers)
     mix = Counter(question.kind for question in questions)
     print(f"\nSupport workload: {len(questions):,} conversations ({mix['faq']:,} FAQ, {mix['simple']:,} simple, "
           f"{mix['complex']:,} complex) + {lines:,} classification lines; strong {STRONG}, cheap {CHEAP}")
@@ -365,8 +370,27 @@ def report(questions: list[Question], lines: int, base: Priced, levers: Priced) 
     return ratio
 
 
-async def runs_play(base: Run, levers: Run, questions: list[Question], v1: str,
-                    args: argparse.Namespace) -> tuple[dict[uuid.UUID, Question], dict[uuid.UUID, Question]]:
+@dataclass(frozen=True)
+class Comparison:
+    questions: list[Question]
+    batch_lines: int
+    baseline: Priced
+    levers: Priced
+
+
+def levers_compare(*, provider_url: str, v1_url: str, conversations: int, batch_lines: int, cache: str = "semantic",
+                   concurrency: int = 4) -> Comparison:
+    """Both runs, each in a new tenant on the provider at `provider_url`, with Parley's `/v1`
+    at `v1_url`; priced from the ledger."""
+    questions = workload(conversations)
+    base = run_create("baseline", provider_url, cache=None)
+    levers = run_create("levers", provider_url, cache=cache)
+    asked = asyncio.run(runs_play(base, levers, questions, v1_url, batch_lines, concurrency))
+    return Comparison(questions, batch_lines, ledger_price(base, asked[0]), ledger_price(levers, asked[1]))
+
+
+async def runs_play(base: Run, levers: Run, questions: list[Question], v1: str, lines: int,
+                    concurrency: int) -> tuple[dict[uuid.UUID, Question], dict[uuid.UUID, Question]]:
     """Both runs in one event loop (the engine's in-process channel layer and event log live
     on it); the SDK's blocking calls on threads."""
     clock = time.monotonic()
@@ -376,16 +400,15 @@ async def runs_play(base: Run, levers: Run, questions: list[Question], v1: str,
         print(f"  {what}: {time.monotonic() - clock:.1f} s", file=sys.stderr)
         clock = time.monotonic()
 
-    base_classes = await conversations_play(base, questions, args.concurrency)
+    base_asked = await conversations_play(base, questions, concurrency)
     lap("baseline conversations")
-    await asyncio.to_thread(classify_baseline, base, v1, classification_lines(args.batch_lines, STRONG),
-                            args.concurrency)
+    await asyncio.to_thread(classify_baseline, base, v1, classification_lines(lines, STRONG), concurrency)
     lap("baseline classification (/v1 calls)")
-    lever_classes = await conversations_play(levers, questions, args.concurrency)
+    levers_asked = await conversations_play(levers, questions, concurrency)
     lap("levers conversations")
-    await asyncio.to_thread(classify_batch, levers, v1, classification_lines(args.batch_lines, CHEAP))
+    await asyncio.to_thread(classify_batch, levers, v1, classification_lines(lines, CHEAP))
     lap("levers classification (a Batch)")
-    return base_classes, lever_classes
+    return base_asked, levers_asked
 
 
 def main() -> None:
@@ -402,19 +425,19 @@ def main() -> None:
     from tests.liveserver import ThreadServer
 
     call_command("migrate", verbosity=0)
-    questions = workload(args.conversations)
     started = time.monotonic()
     with SimulatorServer() as simulator:
         parley = ThreadServer()
         parley.start()
         try:
-            v1 = f"http://127.0.0.1:{parley.port}/v1"
-            base = run_create("baseline", simulator.base_url, cache=None)
-            levers = run_create("levers", simulator.base_url, cache=args.cache)
-            classes = asyncio.run(runs_play(base, levers, questions, v1, args))
+            comparison = levers_compare(
+                provider_url=simulator.base_url, v1_url=f"http://127.0.0.1:{parley.port}/v1",
+                conversations=args.conversations, batch_lines=args.batch_lines, cache=args.cache,
+                concurrency=args.concurrency,
+            )
         finally:
             parley.stop()
-    report(questions, args.batch_lines, ledger_price(base, classes[0]), ledger_price(levers, classes[1]))
+    report(comparison)
     print(f"\n({time.monotonic() - started:.0f} s, {'services' if settings.SERVICES_MODE else 'embedded'} mode)")
 
 
