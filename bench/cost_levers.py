@@ -64,6 +64,7 @@ from conversations.models import Message  # noqa: E402
 from conversations.onboarding import tenant_onboard  # noqa: E402
 from conversations.protocol import MessageCreate  # noqa: E402
 from llm.tokens import count_text  # noqa: E402
+from routing.rules import routes_validate  # noqa: E402
 from tenants.services import end_user_get_or_create  # noqa: E402
 from tests.simserver import SimulatorServer  # noqa: E402
 
@@ -207,10 +208,10 @@ def run_create(name: str, base_url: str, *, cache: str | None, end_users: int = 
     if cache is not None:  # the levers run
         assistant.response_cache = cache
         short = count_text(SYSTEM_PROMPT, STRONG) + 60  # the whole prompt: system prompt + question
-        assistant.routes = [
+        assistant.routes = routes_validate([  # as the admin and REST check them
             {"name": "hard", "model": STRONG, "when": {"pattern": r"(?i)\b(why|explain|compare|step by step)\b"}},
             {"name": "short", "model": CHEAP, "when": {"max_input_tokens": short, "tools": False}},
-        ]
+        ])
     assistant.save()
     callers = [Caller(tenant_id=tenant.pk, end_user_id=end_user_get_or_create(
         tenant_id=tenant.pk, external_id=f"customer-{i}").pk) for i in range(end_users)]
@@ -219,7 +220,7 @@ def run_create(name: str, base_url: str, *, cache: str | None, end_users: int = 
 
 async def conversations_play(run: Run, questions: list[Question], concurrency: int) -> dict[uuid.UUID, Question]:
     """Each question opens a conversation through the engine; returns conversation → question."""
-    classes: dict[uuid.UUID, Question] = {}
+    asked: dict[uuid.UUID, Question] = {}
     queue = list(enumerate(questions))
 
     async def agent() -> None:
@@ -227,12 +228,12 @@ async def conversations_play(run: Run, questions: list[Question], concurrency: i
             index, question = queue.pop()
             caller = run.callers[index % len(run.callers)]
             submitted = await engine.turn_submit(caller=caller, command=MessageCreate(content=question.text))
-            classes[submitted.plan.conversation_id] = question
+            asked[submitted.plan.conversation_id] = question
             name = f"generation {submitted.plan.assistant_message_id}"
             await asyncio.gather(*(task for task in engine.generations_running() if task.get_name() == name))
 
     await asyncio.gather(*(agent() for _ in range(concurrency)))
-    return classes
+    return asked
 
 
 def classify_baseline(run: Run, base_url: str, lines: list[dict], concurrency: int) -> None:
