@@ -54,6 +54,7 @@ if not apps.ready:  # imported by a test, Django is already set up
 import openai  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
+from django.db import connections  # noqa: E402
 from django.db.models import Count, Sum  # noqa: E402
 
 from batches import tasks as batch_tasks  # noqa: E402
@@ -245,6 +246,13 @@ def classify_baseline(run: Run, base_url: str, lines: list[dict], concurrency: i
 
 def classify_batch(run: Run, base_url: str, lines: list[dict]) -> str:
     """The same job as one Batch through the official SDK; returns its final status."""
+    try:
+        return _batch_run(run, base_url, lines)
+    finally:
+        connections.close_all()  # this thread's, opened by the batch tasks
+
+
+def _batch_run(run: Run, base_url: str, lines: list[dict]) -> str:
     client = openai.OpenAI(base_url=base_url, api_key=run.api_key, max_retries=2)
     content = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
     upload = client.files.create(file=("tickets.jsonl", content), purpose="batch")
