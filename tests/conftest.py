@@ -15,6 +15,7 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from config.asgi import application
+from simulator import create_app
 from tests.factories import TenantSetup, make_tenant
 from tests.simserver import SimulatorServer
 
@@ -29,6 +30,15 @@ pytest_plugins = ["tests.liveserver"]
 @pytest.fixture(scope="session")
 def simulator_server() -> SimulatorServer:
     server = SimulatorServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_server() -> SimulatorServer:
+    """A provider without a Batch API (like vLLM or Ollama): 404 on /v1/files and /v1/batches."""
+    server = SimulatorServer(create_app(batches=False))
     server.start()
     yield server
     server.stop()

@@ -20,22 +20,12 @@ from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord
 from billing.selectors import caps_reconcile
 from billing.services import price_for
 from llm.tokens import count_request_prompt
-from simulator import create_app
 from tenants.models import ApiKey, ProviderCredential
-from tests.simserver import SimulatorServer
 
 # Not transactional: a submitted batch's on-commit start never fires, so each test drives the tasks.
 pytestmark = pytest.mark.django_db
 
 MODEL = "gpt-4o-mini"
-
-
-@pytest.fixture(scope="module")
-def plain_server():
-    server = SimulatorServer(create_app(batches=False))
-    server.start()
-    yield server
-    server.stop()
 
 
 def _line(custom_id: str, content: str, max_tokens: int = 40) -> bytes:

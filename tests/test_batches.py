@@ -15,21 +15,11 @@ from batches.models import Batch, BatchLine
 from billing.models import CapPeriod, Reservation, SpendingCap, UsageRecord
 from billing.selectors import caps_reconcile
 from billing.services import price_for
-from simulator import create_app
 from tests.simserver import SimulatorServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MODEL = "gpt-4o-mini"
-
-
-@pytest.fixture(scope="session")
-def plain_server():
-    """A provider without a Batch API (like vLLM or Ollama): 404 on /v1/files and /v1/batches."""
-    server = SimulatorServer(create_app(batches=False))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
