@@ -263,7 +263,7 @@ def main() -> None:
     if args.serve_bare:
         return serve_daphne(args.serve_bare, "bench.bare_relay:app")
 
-    env = {**os.environ, "LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "LOG_LEVEL": "WARNING", "PROVIDER_ALLOW_PRIVATE_URLS": "true"}  # the simulator is on loopback
     services = bool(env.get("DATABASE_URL"))
     if services:
         env.setdefault("DEBUG", "false")

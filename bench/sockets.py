@@ -322,7 +322,7 @@ def _outcome(n: int, clients: list[Client], stamps: dict[str, list[list[Any]]], 
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "DEBUG": "false", "LOG_LEVEL": "ERROR"}
+    env = {**os.environ, "DEBUG": "false", "LOG_LEVEL": "ERROR", "PROVIDER_ALLOW_PRIVATE_URLS": "true"}  # the simulator is on loopback
     for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "FIELD_ENCRYPTION_KEYS"):
         if not env.get(name):
             raise SystemExit(f"{name} must be set: this benchmark runs in services mode")

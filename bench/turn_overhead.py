@@ -177,7 +177,7 @@ def main() -> None:
     if args.serve_simulator:
         return serve_simulator(args.serve_simulator, 200.0)
 
-    env = {**os.environ, "LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "LOG_LEVEL": "WARNING", "PROVIDER_ALLOW_PRIVATE_URLS": "true"}  # the simulator is on loopback
     services = bool(env.get("DATABASE_URL"))
     if services:
         env.setdefault("DEBUG", "false")
