@@ -4,15 +4,46 @@ a miss keeps the answer once it is complete."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from config.db import database_sync_to_async
 from responsecache.chat import Lookup, answer_lookup, answer_pieces, answer_remember
+from routing.rules import GradeNeeded
+from tenants.callers import Caller
 
 from .answers import TurnOutcome, TurnResult, turn_cached
 from .models import Message
-from .turns import TurnPlan
+from .turns import Resume, TurnPlan
+
+Prepare = Callable[..., Awaitable[TurnPlan]]
+
+
+def cache_before_grading(prepare: Prepare, *, caller: Caller, question: str,
+                         conversation_id: uuid.UUID | None) -> Prepare:
+    """`prepare` (`turns.turn_prepare` on a database hop) for `routing.selection.with_grades`,
+    asking the response cache before a classifier route's grading call: a question the cache
+    answers costs no grading call (the turn takes the assistant's model, which the answer is
+    filed under), and a miss's lookup, embedding included, goes on to the generation."""
+    lookup: Lookup | None = None
+
+    async def prepare_cached(*, grades: Any, resume: Any) -> TurnPlan:
+        nonlocal lookup
+        try:
+            return await prepare(grades=grades, resume=resume, cached=lookup)
+        except GradeNeeded as needed:
+            scope = needed.resume.cache if isinstance(needed.resume, Resume) else None
+            if lookup is not None or scope is None or needed.call is None:
+                raise
+            lookup = await answer_lookup(scope, question=question, target=needed.call.target, subject=caller,
+                                         conversation_id=conversation_id)
+            if lookup is None or lookup.hit is None:
+                raise  # graded next, then prepared again with this lookup
+            return await prepare(grades=grades, resume=needed.resume, cached=lookup)
+
+    return prepare_cached
 
 
 class CachedTurn:
@@ -26,7 +57,9 @@ class CachedTurn:
         """Look the question up. On a hit the stored answer is published as deltas, stored and
         booked ($0, the saving on the ledger), and True: no model is called."""
         plan = self.plan
-        self.lookup = await answer_lookup(
+        if plan.response_cache is None:
+            return False
+        self.lookup = plan.cache_lookup or await answer_lookup(
             plan.response_cache, question=plan.user_content, target=plan.target, subject=subject,
             conversation_id=plan.conversation_id,
         )

@@ -30,6 +30,7 @@ from routing.selection import with_grades
 from streaming import deltas, eventlog, fanout
 
 from . import gatekeepers, recovery, services, shutdown, turns
+from .cached_turns import cache_before_grading
 from .control import control_send_cancel
 from .gatekeepers import Caller
 from .generation import Generation
@@ -111,6 +112,8 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
         client_msg_id=command.client_msg_id,
         control_channel=control,
     )
+    prepare = cache_before_grading(prepare, caller=caller, question=command.content,
+                                   conversation_id=command.conversation_id)
     plan = await with_grades(prepare, hop=_hop)  # a classifier route grades between two tries
     context_bind(tenant_id=caller.tenant_id, conversation_id=plan.conversation_id, message_id=plan.assistant_message_id)
     generation = Generation(plan=plan, control_channel=control)

@@ -15,7 +15,7 @@ from billing.services import Price
 from llm.gateway import ChatRequest, ProviderTarget
 from llm.tokens import count_message
 from moderation.rules import PolicySnapshot
-from responsecache.chat import CacheScope, turn_cache_scope
+from responsecache.chat import CacheScope, Lookup, turn_cache_scope
 from routing.rules import GradeNeeded, Grades
 from routing.selection import Grading, Routed, TurnFacts, route_choose
 from tenants import ratelimits
@@ -62,6 +62,7 @@ class TurnPlan:
     end_user_external_id: str = ""
     routed: Routed | None = None  # the assistant's routes chose `model`
     response_cache: CacheScope | None = None  # None: the turn is not cacheable
+    cache_lookup: Lookup | None = None  # the cache already asked (before a classifier route), or None
 
     @property
     def group(self) -> str:
@@ -87,6 +88,17 @@ class CallOwner:
     price: Price
     prompt_tokens: int
     routed: Routed | None = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a turn that needs a grade resumes (`GradeNeeded.resume`): its admission and the
+    limits it counted, and the response cache it would use, which is asked before the grading
+    call: a turn the cache answers needs no model chosen."""
+
+    admission: _Admission
+    limit_states: tuple
+    cache: CacheScope | None
 
 
 @dataclass(frozen=True)
@@ -193,7 +205,8 @@ def turn_prepare(
     client_msg_id: str | None,
     control_channel: str,
     grades: Grades | None = None,
-    resume: tuple[_Admission, tuple] | None = None,
+    resume: Resume | None = None,
+    cached: Lookup | None = None,
 ) -> TurnPlan:
     """Admit the turn, then in one short transaction: commit the user's message, reserve the
     prompt's worst-case cost against every cap, claim the conversation's generation slot. A
@@ -206,17 +219,22 @@ def turn_prepare(
     versions in the same Redis round trip (`_limits_acquire`: the script and pipeline `/v1`
     runs): no Redis trip happens while the conversation's row is locked, and a turn one
     limit refuses counts against none. The assistant's routes then choose the model; a
-    classifier route raises GradeNeeded: call again with its grade and `resume`."""
+    classifier route raises GradeNeeded: call again with its grade and `resume`, or with
+    `cached`, the response cache's lookup: a hit skips the routes (the assistant's model is
+    what the stored answer is filed under), and the generation uses the lookup as it is."""
     now = timezone.now()
     assistant_message_id = uuid.uuid4()
     read = {"content": content, "conversation_id": conversation_id, "assistant_slug": assistant_slug, "now": now}
-    admission, limit_states = resume or _limits_acquire(
+    admission, limit_states = (resume.admission, resume.limit_states) if resume else _limits_acquire(
         caller=caller, admission=_turn_admission(caller=caller, **read), **read
     )
     try:
-        routed = _turn_route(caller=caller, admission=admission, content=content, grades=grades)
+        routed = _turn_route(caller=caller, admission=admission, content=content, grades=grades,
+                             routes=cached is None or cached.hit is None)
     except GradeNeeded as needed:
-        needed.resume = (admission, limit_states)
+        first_turn = admission.conversation is None or admission.conversation.last_seq == 0
+        cache = turn_cache_scope(assistant=admission.assistant, first_turn=first_turn, tools=admission.tools)
+        needed.resume = Resume(admission, limit_states, cache=cache)
         raise
     assistant, price = admission.assistant, routed.price
     with transaction.atomic():
@@ -284,13 +302,16 @@ def turn_prepare(
         end_user_external_id=conversation.end_user.external_id if tools else "",
         routed=routed,
         response_cache=turn_cache_scope(assistant=assistant, first_turn=user_message.seq == 1, tools=tools),
+        cache_lookup=cached,
     )
 
 
-def _turn_route(*, caller: Caller, admission: _Admission, content: str, grades: Grades | None) -> Routed:
+def _turn_route(
+    *, caller: Caller, admission: _Admission, content: str, grades: Grades | None, routes: bool = True
+) -> Routed:
     config, conversation = admission.config, admission.conversation
     return route_choose(
-        routes=config.assistant.routes, default_model=config.assistant.model, default_price=config.price,
+        routes=config.assistant.routes if routes else None, default_model=config.assistant.model, default_price=config.price,
         turn=TurnFacts(
             question=content, input_tokens=admission.prompt.tokens, tools_needed=bool(admission.tools),
             max_tokens=config.assistant.max_tokens, depth=lambda: _depth(conversation),

@@ -226,3 +226,29 @@ def test_a_semantic_hit_needs_the_same_numbers(tenant_factory):
     assert answer_find_similar(**find, question="my order") is None
     hit = answer_find_similar(**find, question="where is order 1041 please")
     assert hit is not None and hit.answer == "Order 1041 ships today."
+
+
+async def test_the_cache_is_asked_before_a_classifier_route_grades_the_question(tenant_factory, chat, sim):
+    """A question the cache answers costs no grading call; a miss embeds the question once
+    (the lookup before grading goes on to the generation) and is graded as before."""
+    setup = await adb(_cached_setup)(tenant_factory, mode="semantic")
+    setup.assistant.model = "gpt-4o"
+    setup.assistant.routes = [{"name": "graded", "model": "gpt-4o-mini",
+                               "when": {"classifier": {"model": "gpt-4o-mini", "label": "simple"}}}]
+    await adb(setup.assistant.save)()
+    token = await adb(setup.token)()
+
+    first = await _ask(chat, token, FAQ)  # a miss: embedded once, graded, answered
+    assert "cached" not in first[-1]
+    assert (sim.stats.embeddings, sim.stats.completions) == (1, 2)  # the grade and the answer
+    paraphrase = await _ask(chat, token, "how can I reset my passwords, please")
+    assert paraphrase[-1]["cached"] is True and _text(paraphrase) == _text(first)
+    assert (sim.stats.embeddings, sim.stats.completions) == (2, 2)  # no grading call for a hit
+
+    rows = await adb(_ledger)(setup.tenant)
+    assert [(r.kind, r.call_id.split("-")[0]) for r in rows] == [
+        ("embedding", "emb"), ("chat", "grade"), ("chat", "msg"), ("embedding", "emb"), ("cached", "cache")]
+    assert rows[2].model == "gpt-4o-mini"  # graded simple: routed to the cheap model
+    # A hit needs no model chosen: it is booked under the assistant's model, the model asked for.
+    hit = await Message.objects.aget(id=paraphrase[-1]["message_id"])
+    assert hit.cached and (hit.model, hit.route) == ("gpt-4o", "") and rows[4].model == "gpt-4o"
