@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
+
+from django.conf import settings
+from django.db import OperationalError
 
 from billing.metering import call_release_async, call_returned, holds_release_all
 from billing.models import UsageRecord
@@ -30,6 +34,7 @@ from .errors import Reply, error_event
 
 # Settlements run as tasks of their own: a client that disconnects cancels the response, and
 # the usage must still be written. Strong references, as the loop keeps only weak ones.
+logger = logging.getLogger(__name__)
 _settling: set[asyncio.Task[Any]] = set()
 # The calls in progress, by the task serving each: a shutdown waits for them, then interrupts.
 _calls: dict[asyncio.Task[Any], CompletionCall] = {}
@@ -70,9 +75,11 @@ def calls_interrupt() -> None:
 
 
 async def settlements_finished() -> None:
-    """Wait for every UsageRecord and settlement already under way (shutdown, tests)."""
+    """Wait for every UsageRecord and settlement already under way (shutdown, tests); while
+    PostgreSQL is away, for DEPENDENCY_RETRY_SECONDS at most (what is left is lost with the
+    process, as undelivered events are)."""
     if _settling:
-        await asyncio.wait(set(_settling))
+        await asyncio.wait(set(_settling), timeout=settings.DEPENDENCY_RETRY_SECONDS)
 
 
 async def leases_release() -> None:
@@ -148,14 +155,21 @@ class CompletionCall:
             latency_ms=int((now - self.started) * 1000),
             ttft_ms=int((self.first_byte_at - self.started) * 1000) if self.first_byte_at else None,
         )
-        # A PostgreSQL restart delays the UsageRecord (and [DONE]); it does not lose it.
-        task = asyncio.ensure_future(outages.outlast(settle, what="settling a /v1 call"))
+        # A PostgreSQL restart delays the UsageRecord (and [DONE]); it does not lose it. The
+        # caller waits for DEPENDENCY_RETRY_SECONDS at most (then a 503); the booking goes on
+        # in the background for EVENT_LOG_DELIVERY_SECONDS: the provider was paid either way.
+        task = asyncio.ensure_future(outages.outlast(
+            settle, what="settling a /v1 call", seconds=settings.EVENT_LOG_DELIVERY_SECONDS))
         _settling.add(task)
         task.add_done_callback(_settling.discard)
+        task.add_done_callback(_unbooked_logged)
         if self.plan.hold.draw is not None:  # return the unspent worst case to the leases, however it ends
             hold = self.plan.hold
             task.add_done_callback(lambda done: call_returned(hold, actual=_cost_of(done), hop=db_after))
-        await asyncio.shield(task)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=settings.DEPENDENCY_RETRY_SECONDS)
+        except TimeoutError:
+            raise OperationalError("the call's usage could not be booked yet; it will be") from None
 
     async def complete(self) -> Reply:
         try:
@@ -269,6 +283,12 @@ def _event_text(event: bytes) -> str:
         for call in delta.get("tool_calls") or ():
             parts.append(str((call.get("function") or {}).get("arguments") or ""))
     return "".join(parts)
+
+
+def _unbooked_logged(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("a /v1 call's usage was not booked: PostgreSQL stayed away past EVENT_LOG_DELIVERY_SECONDS",
+                     exc_info=task.exception())
 
 
 def _cost_of(task: asyncio.Future[Any]) -> Decimal | None:

@@ -202,3 +202,31 @@ async def test_conversation_join_while_postgres_is_down(stack: Stack):
         assert_no_hold(stack)
     finally:
         await socket.close()
+
+
+async def test_a_v1_call_answered_while_postgres_stays_down_is_booked_once_it_is_back(stack: Stack):
+    """A /v1 call admitted from the process's cache while PostgreSQL is down reaches the
+    provider; its UsageRecord cannot be written. The caller gets a 503 after the retries,
+    and the call is booked, once, when PostgreSQL is back: the provider was paid either way."""
+    async with api(stack) as client:
+        await v1_until_ok(client)  # the caller's configuration is cached: admission needs no database
+        records_before = len(v1_records(stack))
+        stack.postgres.stop()
+        try:
+            started = time.monotonic()
+            answered = await v1_call(client)
+            waited = time.monotonic() - started
+            assert answered.status_code == 503 and int(answered.headers["retry-after"]) > 0, answered.text
+            assert waited < RETRY_SECONDS + 5, waited  # the retries, not a hang
+            await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - started)))
+        finally:
+            stack.postgres.start()
+        deadline = time.monotonic() + 20
+        while len(v1_records(stack)) == records_before:
+            assert time.monotonic() < deadline, "the call answered during the outage was never booked"
+            await asyncio.sleep(0.3)
+        await v1_until_ok(client)
+        await asyncio.sleep(1)  # a second booking, were there one, has had time to land
+    booked = v1_records(stack)[records_before:]
+    assert booked[0][0] == "ok" and booked[0][1] > 0 and len(booked) == 2, booked  # that call, then v1_until_ok's
+    assert_no_hold(stack)
