@@ -155,9 +155,13 @@ def _fill(template: str, rng: random.Random) -> str:
     return template.format(n=rng.randint(100_000, 999_999), p=rng.choice(PRODUCTS), c=rng.choice(CITIES))
 
 
-def workload(conversations: int, seed: int = 14) -> list[Question]:
+ANSWER_WORDS = (70, 50, 250)  # FAQ, simple, complex: what a support assistant writes for each
+
+
+def workload(conversations: int, seed: int = 14, words: tuple[int, int, int] = ANSWER_WORDS) -> list[Question]:
     """First questions: 40% FAQs, 30% simple, 30% complex (a tenth of these short but hard),
-    shuffled. Answer lengths are asked of the simulator: 70 words, 50, 250."""
+    shuffled. Answer lengths (`words`, FAQ, simple, complex) are asked of the simulator."""
+    faq_words, simple_words, complex_words = words
     rng = random.Random(seed)
     faqs = round(conversations * 0.4)
     simple = (conversations - faqs) // 2
@@ -165,17 +169,17 @@ def workload(conversations: int, seed: int = 14) -> list[Question]:
     for _ in range(faqs):
         topic = rng.choice(FAQS)
         wording = rng.choice(FAQ_WORDINGS).format(q=topic, Q=topic.upper() if rng.random() < 0.5 else topic.capitalize())
-        questions.append(Question("faq", f"{wording} [[sim:words=70]]", topic))
+        questions.append(Question("faq", f"{wording} [[sim:words={faq_words}]]", topic))
     for _ in range(simple):
         text = _fill(rng.choice(SIMPLE), rng)
-        questions.append(Question("simple", f"{text} [[sim:words=50]]", text))
+        questions.append(Question("simple", f"{text} [[sim:words={simple_words}]]", text))
     for index in range(conversations - faqs - simple):
         if index % 10 == 9:
             text = _fill(rng.choice(SHORT_HARD), rng)
         else:
             parts = rng.sample(PROBLEMS, rng.choice((2, 3))) + rng.sample(ASKS, 2)
             text = " ".join(_fill(part, rng) for part in parts)
-        questions.append(Question("complex", f"{text} [[sim:words=250]]", text))
+        questions.append(Question("complex", f"{text} [[sim:words={complex_words}]]", text))
     rng.shuffle(questions)
     return questions
 
@@ -388,10 +392,10 @@ class Comparison:
 
 
 def levers_compare(*, provider_url: str, v1_url: str, conversations: int, batch_lines: int, cache: str = "semantic",
-                   concurrency: int = 4) -> Comparison:
+                   concurrency: int = 4, words: tuple[int, int, int] = ANSWER_WORDS) -> Comparison:
     """Both runs, each in a new tenant on the provider at `provider_url`, with Parley's `/v1`
     at `v1_url`; priced from the ledger."""
-    questions = workload(conversations)
+    questions = workload(conversations, words=words)
     base = run_create("baseline", provider_url, cache=None)
     levers = run_create("levers", provider_url, cache=cache)
     asked = asyncio.run(runs_play(base, levers, questions, v1_url, batch_lines, concurrency))
@@ -428,11 +432,16 @@ def main() -> None:
     parser.add_argument("--cache", choices=("exact", "semantic"), default="semantic",
                         help="the levers run's response cache")
     parser.add_argument("--quick", action="store_true", help="200 conversations and 100 lines")
+    parser.add_argument("--answer-words", default=",".join(map(str, ANSWER_WORDS)),
+                        help="answer lengths in words asked of the simulator: FAQ,simple,complex")
     args = parser.parse_args()
     if args.quick:
         args.conversations, args.batch_lines = min(args.conversations, 200), min(args.batch_lines, 100)
     from tests.liveserver import ThreadServer
 
+    words = tuple(int(value) for value in args.answer_words.split(","))
+    if len(words) != 3 or min(words) < 1:
+        parser.error("--answer-words takes three positive numbers: FAQ,simple,complex")
     call_command("migrate", verbosity=0)
     started = time.monotonic()
     with SimulatorServer() as simulator:
@@ -442,11 +451,12 @@ def main() -> None:
             comparison = levers_compare(
                 provider_url=simulator.base_url, v1_url=f"http://127.0.0.1:{parley.port}/v1",
                 conversations=args.conversations, batch_lines=args.batch_lines, cache=args.cache,
-                concurrency=args.concurrency,
+                concurrency=args.concurrency, words=words,
             )
         finally:
             parley.stop()
     report(comparison)
+    print(f"Answers asked of the simulator: FAQ {words[0]} words, simple {words[1]}, complex {words[2]}")
     print(f"\n({time.monotonic() - started:.0f} s, {'services' if settings.SERVICES_MODE else 'embedded'} mode)")
 
 
