@@ -31,6 +31,34 @@ def question_numbers(question: str) -> tuple[str, ...]:
     return tuple(_NUMBER.findall(question))
 
 
+# Function words and the words a question is wrapped in: a paraphrase adds or drops these.
+_FILLER = frozenset("""
+a about am an and any anything are as at be been but by can could do does doing done for from get
+got have has hello help hey hi how i id if im in is it its just know let like me my need of on or
+our please should so tell than thank thanks that the their them then there these they this to us
+want was way we what whats when where which who why will with would you your
+""".split())
+
+
+def question_terms(question: str) -> frozenset[str]:
+    """What a question is about: its words less `_FILLER` and numbers, plurals folded
+    ("How can I reset my passwords, please?" → {"reset", "password"})."""
+    return frozenset(_singular(word) for word in question_normalised(question).split()
+                     if word not in _FILLER and not word.isdigit())
+
+
+def _singular(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def questions_swap_terms(a: str, b: str) -> bool:
+    """Each question names something the other does not ("your two keyboard plans" against
+    "your two monitor plans"): another thing is asked about, however alike the embeddings. A
+    paraphrase that only adds or drops words ("can you tell me how I …, please") does not."""
+    terms_a, terms_b = question_terms(a), question_terms(b)
+    return bool(terms_a - terms_b) and bool(terms_b - terms_a)
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

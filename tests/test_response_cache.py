@@ -228,6 +228,31 @@ def test_a_semantic_hit_needs_the_same_numbers(tenant_factory):
     assert hit is not None and hit.answer == "Order 1041 ships today."
 
 
+@pytest.mark.django_db
+def test_a_semantic_hit_needs_the_same_thing_asked_about(tenant_factory):
+    """Questions that differ in one product embed almost alike; the answer about one is wrong
+    for the other (bench/cost_levers.py served 6 of 600 complex questions another's answer).
+    A paraphrase that only adds or drops words still hits."""
+    from responsecache.keys import question_terms, vector_pack
+    from responsecache.store import answer_find_similar
+
+    setup = tenant_factory()
+    vector = tuple([1.0] + [0.0] * 31)
+    CachedAnswer.objects.create(
+        tenant=setup.tenant, assistant_id=setup.assistant.pk, scope="a1.v", kind=CachedAnswer.Kind.SEMANTIC,
+        key="kplans", question="explain the difference between your two monitor plans step by step",
+        embedding=vector_pack(vector), answer="The two monitor plans differ in…", model="gpt-4o-mini",
+        expires_at=timezone.now() + timedelta(hours=1),
+    )
+    assert question_terms("How can I reset my passwords, please?") == {"reset", "password"}
+    find = dict(tenant_id=setup.tenant.pk, scope="a1.v", vector=vector)
+    assert answer_find_similar(**find, question="Explain the difference between your two keyboard plans step by step") is None
+    assert answer_find_similar(**find, question="Explain the difference between your two monitor warranties") is None
+    assert answer_find_similar(**find, question="The difference between your two monitors' plans?") is not None
+    hit = answer_find_similar(**find, question="Can you explain the difference between your two monitor plans, step by step?")
+    assert hit is not None and hit.answer.startswith("The two monitor plans")
+
+
 async def test_the_cache_is_asked_before_a_classifier_route_grades_the_question(tenant_factory, chat, sim):
     """A question the cache answers costs no grading call; a miss embeds the question once
     (the lookup before grading goes on to the generation) and is graded as before."""
