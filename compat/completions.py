@@ -45,13 +45,14 @@ from moderation.rules import PolicySnapshot
 from moderation.services import ModerationContext, moderate
 from observability.context import context_bind
 from responsecache.requests import request_cache_key
-from routing.aliases import AliasConfig, alias_names, aliases_load, cached_aliases, request_facts
-from routing.selection import Grading, Routed, TurnFacts, route_choose, with_grades
+from routing.aliases import AliasConfig, alias_names, aliases_load, cached_aliases
+from routing.selection import Grading, Routed
 from tenants import ratelimits
 from tenants.authentication import api_key_from_authorization, api_key_touch_by_id, bearer_token
 from tenants.freshness import versions_parse, versions_read, versions_stored_keys
 from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
 
+from .aliased import alias_route
 from .requests import InvalidRequest, output_bound, upstream_body, user_text
 
 __all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the admission cache
@@ -159,11 +160,12 @@ async def completion_admit(
     caps = access.tenant.caps_for(subject)
     await _input_check(access.moderation, request["messages"], target=target, subject=subject)
     routed = None
+    cache_key = request_cache_key(request, asked=cache_asked) if access.response_cache else None
     if alias is not None:  # the alias's routes choose the model that answers
-        routed = await _alias_route(
+        routed = await alias_route(
             access, alias, request=request, prompt_tokens=prompt_tokens, hop=hop,
             max_tokens=output_bound(request, default_max_tokens=default_max_tokens),
-            grading=Grading(target=target, subject=subject, caps=caps),
+            grading=Grading(target=target, subject=subject, caps=caps), cache_key=cache_key,
         )
         price, model = routed.price, routed.model
     # A hold carries this process's id: should it die, the process sweep settles the hold.
@@ -189,7 +191,7 @@ async def completion_admit(
             moderation=access.moderation,
             routed=routed,
             alias=request["model"] if routed else "",
-            cache_key=request_cache_key(request, asked=cache_asked) if access.response_cache else None,
+            cache_key=cache_key,
             cache_opted=access.response_cache,
             cache_question=user_text(request["messages"])[:4000] if access.response_cache else "",
         )
@@ -313,30 +315,6 @@ async def _admit_model(
                 raise EndUserBlocked()
             return None, aliases[model]
     return _admissible(access, end_user=end_user, price=price, model=model), None
-
-
-async def _alias_route(
-    access: KeyConfig, alias: AliasConfig, *, request: dict[str, Any], prompt_tokens: int, max_tokens: int,
-    grading: Grading, hop: Hop,
-) -> Routed:
-    """The model an alias's routes choose for this request (a classifier route's grading
-    call runs here, metered). Raises ModelNotAvailable when the alias's own model has no price."""
-    prices = {}
-    for name in alias.models():
-        found = cached_price(access, name)
-        prices[name] = await hop(price_load, access=access, model=name) if found is False else found
-    default_price = prices.get(alias.default_model)
-    if default_price is None:
-        raise ModelNotAvailable(alias.name)
-    question, depth = request_facts(request)
-    facts = TurnFacts(question=question, input_tokens=prompt_tokens, tools_needed=bool(request.get("tools")),
-                      max_tokens=max_tokens, depth=lambda: depth)
-
-    async def choose(*, grades: Any, resume: Any) -> Routed:
-        return route_choose(routes=list(alias.routes), default_model=alias.default_model, default_price=default_price,
-                            turn=facts, price_of=prices.get, grading=grading, grades=grades)
-
-    return await with_grades(choose, hop=hop)
 
 
 def _admissible(access: KeyConfig, *, end_user: EndUserAccess, price: Price | None, model: str) -> Price:

@@ -10,7 +10,7 @@ from typing import Any
 
 from .keys import request_key
 from .models import CachedAnswer
-from .store import Entry, Hit, answer_find, answer_keep
+from .store import Entry, Hit, answer_exists, answer_find, answer_keep
 
 V1_SCOPE = "v1"
 V1_TTL_SECONDS = 86_400
@@ -24,6 +24,11 @@ def request_cache_key(body: dict[str, Any], *, asked: bool) -> str | None:
     if not asked and not (temperature is not None and not isinstance(temperature, bool) and temperature == 0):
         return None
     return request_key(body)
+
+
+def request_cached(*, tenant_id: int, key: str) -> bool:
+    """The request would be answered from the cache (asked before routing; not a hit yet)."""
+    return answer_exists(tenant_id=tenant_id, scope=V1_SCOPE, key=key)
 
 
 def request_find(*, tenant_id: int, key: str) -> Hit | None:

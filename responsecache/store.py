@@ -42,6 +42,11 @@ def _live(*, tenant_id: int, scope: str):
     return CachedAnswer.objects.for_tenant(tenant_id).filter(scope=scope, expires_at__gt=timezone.now())
 
 
+def answer_exists(*, tenant_id: int, scope: str, key: str) -> bool:
+    """A live answer is filed under exactly this key (not counted as a hit)."""
+    return _live(tenant_id=tenant_id, scope=scope).filter(key=key).exists()
+
+
 def answer_find(*, tenant_id: int, scope: str, key: str) -> Hit | None:
     """The live answer filed under exactly this key, counted as a hit."""
     row = _live(tenant_id=tenant_id, scope=scope).filter(key=key).first()

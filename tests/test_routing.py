@@ -176,3 +176,24 @@ def test_an_alias_with_a_classifier_grades_on_v1(parley, tenant_factory, sim):
     records = list(UsageRecord.objects.filter(tenant=setup.tenant).order_by("created_at"))
     assert [(r.call_id.split("-")[0], r.model, r.route) for r in records] == [("grade", CHEAP, "graded"),
                                                                               ("cmpl", CHEAP, "graded")]
+
+
+def test_an_alias_request_the_cache_answers_is_not_graded(parley, tenant_factory, sim):
+    """An opted-in key's repeated request to a classifier alias: the cache answers it, so no
+    grading call is made (the first request was graded and answered)."""
+    from tenants.models import ApiKey
+
+    setup = tenant_factory()
+    ApiKey.objects.filter(tenant=setup.tenant).update(response_cache=True)
+    ModelAlias.objects.create(tenant=setup.tenant, name="smart", default_model=STRONG, routes=CLASSIFIED)
+    client = _client(parley, setup.api_key)
+    ask = {"model": "smart", "messages": [{"role": "user", "content": "Is the shop open on Sunday?"}], "temperature": 0}
+    first = client.chat.completions.with_raw_response.create(**ask)
+    again = client.chat.completions.with_raw_response.create(**ask)
+
+    assert (first.headers["x-parley-cache"], again.headers["x-parley-cache"]) == ("miss", "hit")
+    assert [r["model"] for r in sim.requests] == [CHEAP, CHEAP]  # one grade, one answer: nothing for the hit
+    assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
+    records = list(UsageRecord.objects.filter(tenant=setup.tenant).order_by("created_at"))
+    assert [(r.kind, r.call_id.split("-")[0]) for r in records] == [("chat", "grade"), ("completion", "cmpl"),
+                                                                     ("cached", "cached")]
