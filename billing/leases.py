@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import logging
 import time
 import uuid
@@ -45,6 +46,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone as dj_timezone
+
+from streaming import outages
 
 from .caps import Subject, alerts_if_crossed, alerts_record, cap_periods, period_bounds
 from .models import CapPeriod, Reservation, SpendingCap
@@ -297,9 +300,13 @@ class Leases:
             return
         lease.released = True
         self.held.discard(lease)
-        task = asyncio.ensure_future(hop(lease_release, reservation_id=lease.reservation_id, period_id=lease.period_id))
+        # Retried while PostgreSQL is away (DEPENDENCY_RETRY_SECONDS): a restart delays giving
+        # the lease back; it must not leave the cap's headroom held for the process's life.
+        release = functools.partial(hop, lease_release, reservation_id=lease.reservation_id, period_id=lease.period_id)
+        task = asyncio.ensure_future(outages.outlast(release, what=f"giving back cap lease {lease.reservation_id}"))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        task.add_done_callback(_release_failed_logged)
 
     async def release_all(self, hop: Hop) -> None:
         """Close every lease and wait for the idle ones to be given back (shutdown, tests)."""
@@ -307,6 +314,12 @@ class Leases:
             self._close(lease, hop)
         if self.background:
             await asyncio.gather(*self.background, return_exceptions=True)
+
+
+def _release_failed_logged(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("a cap lease was not given back (held until this process's leases are swept)",
+                       exc_info=task.exception())
 
 
 def _wall_now() -> datetime:

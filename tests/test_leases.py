@@ -194,3 +194,30 @@ async def test_leases_are_given_back_when_the_process_exits(tenant_factory):
     assert await adb(leases_release_all_now)() == 1  # what atexit runs, streams or not
     assert (await _period()).reserved_usd == 0
     assert await adb(leases_release_all_now)() == 0
+
+
+async def test_a_lease_release_that_meets_a_database_restart_is_retried(tenant_factory, settings):
+    """Giving a lease back while PostgreSQL restarts: the first tries fail, a later one lands,
+    and the cap's headroom comes back (it stayed held for the process's life before)."""
+    from django.db import OperationalError
+
+    settings.DEPENDENCY_RETRY_SECONDS = 5
+    subject, caps = await _capped(tenant_factory, "8")
+    leases = Leases()
+    draw = await leases.draw(subject=subject, caps=caps, amount=Decimal("0.1"), hop=hop)
+    [lease] = draw.leases
+    await hop(lease_book, reservation_id=lease.reservation_id, period_id=lease.period_id, actual=Decimal("0.02"))
+    leases.settled(draw, actual=Decimal("0.02"), hop=hop)
+    tries = []
+
+    async def restarting(fn, /, **kwargs):
+        tries.append(fn.__name__)
+        if len(tries) <= 2:
+            raise OperationalError("the database system is starting up")
+        return await hop(fn, **kwargs)
+
+    leases.close_tenant(subject.tenant_id, restarting)
+    await asyncio.gather(*leases.background)
+    assert tries == ["lease_release"] * 3
+    assert (await adb(Reservation.objects.get)(pk=lease.reservation_id)).status == "settled"
+    assert (await _period()).reserved_usd == 0
