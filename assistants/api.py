@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import models
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -18,8 +18,14 @@ from billing.services import model_priced
 from config.rest import Conflict, TenantApi, error_responses
 from conversations import gatekeepers
 from conversations.models import Assistant
-from conversations.rest.serializers import StrictBooleanField, StrictCharField, StrictIntegerField, StrictSerializer
-from routing.rules import RoutesInvalid, routes_validate
+from conversations.rest.serializers import (
+    StrictBooleanField,
+    StrictCharField,
+    StrictIntegerField,
+    StrictSerializer,
+    StrictSlugField,
+)
+from routing.rules import ROUTES_SCHEMA, RoutesInvalid, routes_validate
 from tools.registry import tools_missing
 
 from . import services
@@ -33,8 +39,9 @@ FIELDS = [
 TOOL_CHOICES = ("auto", "required", "none")
 
 
-class StrictSlugField(StrictCharField, serializers.SlugField):
-    """A JSON string that is a slug."""
+@extend_schema_field(ROUTES_SCHEMA)
+class RoutesField(serializers.ListField):
+    """The routes, documented with the JSON schema the routing engine validates them against."""
 
 
 class AssistantSerializer(StrictSerializer, serializers.ModelSerializer):
@@ -46,7 +53,7 @@ class AssistantSerializer(StrictSerializer, serializers.ModelSerializer):
         models.PositiveSmallIntegerField: StrictIntegerField,
     }
     tools = serializers.ListField(child=serializers.CharField(max_length=64), max_length=128, required=False)
-    routes = serializers.ListField(child=serializers.JSONField(), required=False,
+    routes = RoutesField(child=serializers.JSONField(), required=False,
                                    help_text='[{"name": STR, "model": STR, "when": {condition: value}}], first match wins')
     temperature = serializers.FloatField(min_value=0, max_value=2, required=False)
     max_tokens = StrictIntegerField(min_value=1, max_value=1_000_000, required=False)
@@ -101,12 +108,15 @@ class AssistantListApi(TenantApi):
         return Response(AssistantSerializer(rows, many=True).data)
 
     @extend_schema(operation_id="assistants_create", request=AssistantSerializer,
-                   responses={201: AssistantSerializer, **error_responses("invalid_request", "unauthorized")})
+                   responses={201: AssistantSerializer, **error_responses("invalid_request", "unauthorized", "conflict")})
     def post(self, request: Request) -> Response:
         body = AssistantSerializer(data=request.data, context={"tenant_id": self.tenant_id})
         body.is_valid(raise_exception=True)
-        assistant = services.assistant_save(tenant_id=self.tenant_id, assistant=None, fields=body.validated_data,
-                                              actor_label=_actor(request))
+        try:
+            assistant = services.assistant_save(tenant_id=self.tenant_id, assistant=None, fields=body.validated_data,
+                                                  actor_label=_actor(request))
+        except services.SlugTaken as error:
+            raise Conflict(str(error)) from None
         return Response(AssistantSerializer(assistant).data, status=status.HTTP_201_CREATED)
 
 
@@ -120,13 +130,17 @@ class AssistantDetailApi(TenantApi):
         return Response(AssistantSerializer(self.assistant(slug)).data)
 
     @extend_schema(operation_id="assistants_partial_update", request=AssistantSerializer(partial=True),
-                   responses={200: AssistantSerializer, **error_responses("invalid_request", "unauthorized", "not_found")})
+                   responses={200: AssistantSerializer,
+                              **error_responses("invalid_request", "unauthorized", "not_found", "conflict")})
     def patch(self, request: Request, slug: str) -> Response:
         assistant = self.assistant(slug)
         body = AssistantSerializer(assistant, data=request.data, partial=True, context={"tenant_id": self.tenant_id})
         body.is_valid(raise_exception=True)
-        assistant = services.assistant_save(tenant_id=self.tenant_id, assistant=assistant,
-                                              fields=body.validated_data, actor_label=_actor(request))
+        try:
+            assistant = services.assistant_save(tenant_id=self.tenant_id, assistant=assistant,
+                                                  fields=body.validated_data, actor_label=_actor(request))
+        except services.SlugTaken as error:
+            raise Conflict(str(error)) from None
         return Response(AssistantSerializer(assistant).data)
 
     @extend_schema(operation_id="assistants_destroy",

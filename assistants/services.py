@@ -7,7 +7,6 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 
-from conversations.errors import InvalidInput
 from conversations.models import Assistant
 from tenants.audit import audit_record
 
@@ -16,8 +15,12 @@ class AssistantInUse(Exception):
     """Conversations still use the assistant (their foreign key protects it)."""
 
 
+class SlugTaken(Exception):
+    """The tenant already has an assistant with this slug."""
+
+
 def assistant_save(*, tenant_id: int, assistant: Assistant | None, fields: dict[str, Any], actor_label: str) -> Assistant:
-    """Create (`assistant` None) or change an assistant. Raises InvalidInput when the slug is taken."""
+    """Create (`assistant` None) or change an assistant. Raises SlugTaken."""
     action = "assistant.create" if assistant is None else "assistant.change"
     assistant = assistant or Assistant(tenant_id=tenant_id)
     changed = sorted(name for name, value in fields.items() if action.endswith("create") or getattr(assistant, name) != value)
@@ -31,7 +34,7 @@ def assistant_save(*, tenant_id: int, assistant: Assistant | None, fields: dict[
             assistant.save()  # a full save: the tenant's configuration version moves (tenants.freshness)
             audit_record(tenant_id=tenant_id, action=action, actor_label=actor_label, obj=assistant, changes=changed)
     except IntegrityError:
-        raise InvalidInput(f"an assistant with the slug {assistant.slug!r} already exists") from None
+        raise SlugTaken(f"an assistant with the slug {assistant.slug!r} already exists") from None
     return assistant
 
 

@@ -13,7 +13,7 @@ from rest_framework import exceptions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.rest import TenantApi, error_responses
+from config.rest import Conflict, TenantApi, error_responses
 
 from .models import ModelPrice
 from .prices import PriceNotFound, PriceTaken, access_tenant_price, price_create, price_delete, price_update
@@ -67,6 +67,12 @@ class PriceSerializer(serializers.Serializer):
         return "global" if row.tenant_id is None else "tenant"
 
 
+class PriceChangeSerializer(PriceSerializer):
+    """A change to a tenant's price: the model is the one in the path."""
+
+    model = None
+
+
 class PriceListApi(TenantApi):
     @extend_schema(operation_id="prices_list", responses={200: PriceSerializer(many=True), **error_responses("unauthorized")})
     def get(self, request: Request) -> Response:
@@ -74,14 +80,14 @@ class PriceListApi(TenantApi):
         return Response(PriceSerializer(rows, many=True).data)
 
     @extend_schema(operation_id="prices_create", request=PriceSerializer,
-                   responses={201: PriceSerializer, **error_responses("invalid_request", "unauthorized")})
+                   responses={201: PriceSerializer, **error_responses("invalid_request", "unauthorized", "conflict")})
     def post(self, request: Request) -> Response:
         body = PriceSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         try:
             row = price_create(tenant_id=self.tenant_id, fields=body.validated_data, actor_label=_actor(request))
         except PriceTaken as error:
-            raise exceptions.ValidationError({"model": [str(error)]}) from None
+            raise Conflict(str(error)) from None
         return Response(PriceSerializer(row).data, status=status.HTTP_201_CREATED)
 
 
@@ -102,11 +108,11 @@ class PriceDetailApi(TenantApi):
                 return Response(PriceSerializer(row).data)
         raise exceptions.NotFound(f"no price for {model!r}")
 
-    @extend_schema(operation_id="prices_partial_update", request=PriceSerializer(partial=True),
+    @extend_schema(operation_id="prices_partial_update", request=PriceChangeSerializer(partial=True),
                    responses={200: PriceSerializer, **error_responses("invalid_request", "unauthorized", "not_found")})
     def patch(self, request: Request, model: str) -> Response:
         row = self.row(model)
-        body = PriceSerializer(row, data=request.data, partial=True)
+        body = PriceChangeSerializer(row, data=request.data, partial=True)
         body.is_valid(raise_exception=True)
         row = price_update(row=row, fields=body.validated_data, actor_label=_actor(request))
         return Response(PriceSerializer(row).data)

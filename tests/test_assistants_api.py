@@ -130,7 +130,11 @@ def test_bodies_are_strict(tenant_factory):
     assert "response_cache" in _errors(api.post("/api/v1/assistants/", {"slug": "a", "response_cache": "always"},
                                                 format="json"))
     taken = api.post("/api/v1/assistants/", {"slug": "default"}, format="json")
-    assert taken.status_code == 400 and "already exists" in taken.json()["error"]["message"]
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "conflict"
+    assert "already exists" in taken.json()["error"]["message"]
+    api.post("/api/v1/assistants/", {"slug": "second"}, format="json")
+    renamed = api.patch("/api/v1/assistants/second/", {"slug": "default"}, format="json")
+    assert renamed.status_code == 409 and renamed.json()["error"]["code"] == "conflict"
 
 
 def test_one_default_per_tenant(tenant_factory):

@@ -99,6 +99,8 @@ def test_create_conversation_refusals(tenant_factory):
     client = _api(tenant_factory().api_key)
     response = client.post("/api/v1/conversations/", {"assistant": "nope"}, format="json")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    response = client.post("/api/v1/conversations/", {"assistant": 0}, format="json")  # a number is not a slug
+    assert response.status_code == 400 and "assistant" in response.json()["error"]["fields"]
     response = client.post("/api/v1/conversations/", {"colour": "blue"}, format="json")
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_request" and "colour" in response.json()["error"]["fields"]

@@ -45,6 +45,19 @@ def test_served_schema_is_this_document(parley):
     assert served.status_code == 200 and served.json() == DOCUMENT
 
 
+def test_the_document_says_what_the_api_checks():
+    """Routes are documented with the schema the routing engine validates them against, and a
+    price change does not offer the model (it is the path's)."""
+    from routing.rules import ROUTES_SCHEMA
+
+    components = DOCUMENT["components"]["schemas"]
+    routes = components["Assistant"]["properties"]["routes"]
+    assert routes["items"]["required"] == ["name", "model"] == ROUTES_SCHEMA["items"]["required"]
+    patch = DOCUMENT["paths"]["/api/v1/prices/{model}/"]["patch"]["requestBody"]["content"]["application/json"]
+    changed = components[patch["schema"]["$ref"].rsplit("/", 1)[-1]]
+    assert "model" not in changed["properties"] and "input_per_million" in changed["properties"]
+
+
 def _valid_for_the_tenant(case) -> None:
     """What a schema cannot say, made true of a valid case (tests/test_assistants_api.py and
     tests/test_tenant_prices.py hold each rule): models priced for the tenant, tools that

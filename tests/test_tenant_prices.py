@@ -170,7 +170,8 @@ def test_prices_create_change_delete_are_the_tenants_own_and_audited(tenant_fact
     assert created.status_code == 201
     assert created.json()["cached_input_per_million"] == "0.5000"  # defaults: no discount assumed
     assert created.json()["batch_output_per_million"] == "1.5000" and created.json()["source"] == "tenant"
-    assert api.post("/api/v1/prices/", body, format="json").status_code == 400  # taken: PATCH it
+    taken = api.post("/api/v1/prices/", body, format="json")  # taken: PATCH it
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "conflict"
 
     changed = api.patch(f"/api/v1/prices/{SELF_HOSTED}/", {"output_per_million": "0"}, format="json")
     assert changed.status_code == 200 and changed.json()["output_per_million"] == "0.0000"

@@ -47,8 +47,12 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class StrictSlugField(StrictCharField, serializers.SlugField):
+    """A JSON string that is a slug (not a number turned into one)."""
+
+
 class ConversationCreateSerializer(StrictSerializer):
-    assistant = serializers.SlugField(max_length=64, required=False, allow_null=True, default=None)
+    assistant = StrictSlugField(max_length=64, required=False, allow_null=True, default=None)
     end_user = StrictCharField(max_length=200, required=False, allow_null=True, default=None)
     title = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
 
