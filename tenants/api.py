@@ -31,6 +31,8 @@ class OriginListField(serializers.ListField):
     def to_internal_value(self, data: Any) -> list[str]:
         if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
             raise serializers.ValidationError("a list of origin strings")
+        if len(data) > MAX_ORIGINS:  # as sent, as the schema's maxItems says (duplicates count)
+            raise serializers.ValidationError(f"at most {MAX_ORIGINS} allowed origins")
         try:
             return origins_parse(super().to_internal_value(data))
         except InvalidOrigin as error:

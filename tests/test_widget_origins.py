@@ -114,6 +114,8 @@ def test_the_rest_api_reads_and_replaces_the_callers_allowed_origins(tenant_fact
     bad = api.patch("/api/v1/tenant/", {"allowed_origins": ["javascript:alert(1)"]}, format="json")
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
     assert api.patch("/api/v1/tenant/", {"allowed_origins": [], "slug": "x"}, format="json").status_code == 400
+    too_many = api.patch("/api/v1/tenant/", {"allowed_origins": [SHOP] * 51}, format="json")  # the schema's maxItems
+    assert too_many.status_code == 400 and "allowed_origins" in too_many.json()["error"]["fields"]
     setup.tenant.refresh_from_db()
     other.tenant.refresh_from_db()
     assert setup.tenant.allowed_origins == [SHOP] and other.tenant.allowed_origins == []
