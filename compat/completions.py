@@ -53,6 +53,7 @@ from tenants.freshness import versions_parse, versions_read, versions_stored_key
 from tenants.services import InvalidApiKey, api_key_prefix, end_user_hash
 
 from .aliased import alias_route
+from .db import database_away, database_ping
 from .requests import InvalidRequest, output_bound, upstream_body, user_text
 
 __all__ = ["EndUserBlocked", "ModelNotAvailable"]  # raised from here; defined with the admission cache
@@ -168,6 +169,8 @@ async def completion_admit(
             grading=Grading(target=target, subject=subject, caps=caps), cache_key=cache_key,
         )
         price, model = routed.price, routed.model
+    if database_away():  # the last query failed: ask PostgreSQL before the provider is paid (a 503 if away)
+        await hop(database_ping)
     # A hold carries this process's id: should it die, the process sweep settles the hold.
     process_id = await v1_liveness.process_id(hop) if caps else None
     hold = await call_hold_async(

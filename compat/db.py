@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 
 # The endpoint's database work runs on a few long-lived threads that keep their connections.
 # Through Django's per-request path each call would run in a fresh thread (the request's
@@ -25,13 +26,36 @@ def _in_db_thread(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     # These threads bypass Django's request signals, so nothing else checks their kept
     # connection: one that died with a PostgreSQL restart is replaced before any query is
     # sent (a SELECT 1, ~0.1 ms), instead of failing this call.
+    global _away_since
     if connection.connection is not None and not connection.is_usable():
         connection.close()
     try:
-        return fn(**kwargs)
+        result = fn(**kwargs)
+    except (OperationalError, InterfaceError):
+        _away_since = _away_since or time.monotonic()
+        raise
+    else:
+        _away_since = None
+        return result
     finally:
         if connection.errors_occurred or connection.in_atomic_block:
             connection.close()  # broken or left mid-transaction: the next call reconnects
+
+
+# When PostgreSQL last failed one of these threads' queries (None: the last one answered). A
+# caller admitted from the process's cache needs no query, so without this a call would reach
+# the provider during an outage and only its booking would wait (compat/calls.py).
+_away_since: float | None = None
+
+
+def database_away() -> bool:
+    return _away_since is not None
+
+
+def database_ping() -> None:
+    """A query that fails while PostgreSQL is away (and clears `database_away` once it is back)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
 
 
 async def db(fn: Callable[..., Any], /, **kwargs: Any) -> Any:

@@ -207,7 +207,8 @@ async def test_conversation_join_while_postgres_is_down(stack: Stack):
 async def test_a_v1_call_answered_while_postgres_stays_down_is_booked_once_it_is_back(stack: Stack):
     """A /v1 call admitted from the process's cache while PostgreSQL is down reaches the
     provider; its UsageRecord cannot be written. The caller gets a 503 after the retries,
-    and the call is booked, once, when PostgreSQL is back: the provider was paid either way."""
+    and the call is booked, once, when PostgreSQL is back: the provider was paid either way.
+    Calls after it are refused at once, before the provider."""
     async with api(stack) as client:
         await v1_until_ok(client)  # the caller's configuration is cached: admission needs no database
         records_before = len(v1_records(stack))
@@ -218,6 +219,12 @@ async def test_a_v1_call_answered_while_postgres_stays_down_is_booked_once_it_is
             waited = time.monotonic() - started
             assert answered.status_code == 503 and int(answered.headers["retry-after"]) > 0, answered.text
             assert waited < RETRY_SECONDS + 5, waited  # the retries, not a hang
+            # The process now knows PostgreSQL is away: the next call is refused before the
+            # provider is paid for an answer that could not be booked.
+            again_at = time.monotonic()
+            again = await v1_call(client)
+            assert again.status_code == 503 and int(again.headers["retry-after"]) > 0, again.text
+            assert time.monotonic() - again_at < 2
             await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - started)))
         finally:
             stack.postgres.start()
@@ -228,5 +235,6 @@ async def test_a_v1_call_answered_while_postgres_stays_down_is_booked_once_it_is
         await v1_until_ok(client)
         await asyncio.sleep(1)  # a second booking, were there one, has had time to land
     booked = v1_records(stack)[records_before:]
-    assert booked[0][0] == "ok" and booked[0][1] > 0 and len(booked) == 2, booked  # that call, then v1_until_ok's
+    # That call, then v1_until_ok's: the one refused at once never reached the provider.
+    assert booked[0][0] == "ok" and booked[0][1] > 0 and len(booked) == 2, booked
     assert_no_hold(stack)
