@@ -295,10 +295,6 @@ class TenantScopedAdmin(_TenantScoping, admin.ModelAdmin):
         self._audit(request, obj, "admin.change", message)
         return super().log_change(request, obj, message)
 
-    def log_deletion(self, request: HttpRequest, obj: models.Model, object_repr: str):
-        self._audit(request, obj, "admin.delete", [])
-        return super().log_deletion(request, obj, object_repr)
-
     def log_deletions(self, request: HttpRequest, queryset: QuerySet):
         for obj in queryset:
             self._audit(request, obj, "admin.delete", [])

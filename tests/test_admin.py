@@ -566,6 +566,8 @@ def test_deleting_a_cached_answer_invalidates_it_and_keys_show_the_opt_in(world)
     assert client.get(_url(CachedAnswer, "add")).status_code == 403
     response = client.post(_url(CachedAnswer, "delete", entry.pk), {"post": "yes"})
     assert response.status_code == 302 and not CachedAnswer.objects.filter(pk=entry.pk).exists()
+    # One audit entry for one deletion (log_deletion and log_deletions both wrote one before).
+    assert AuditEntry.objects.filter(tenant=world.a.tenant, action="admin.delete").count() == 1
 
     key = world.a[ApiKey]
     change = _url(ApiKey, "change", key.pk)
