@@ -32,9 +32,10 @@ from .completions import CompletionPlan, SentenceGate, completion_output_check, 
 from .db import db_after
 from .errors import Reply, error_event
 
+logger = logging.getLogger(__name__)
+
 # Settlements run as tasks of their own: a client that disconnects cancels the response, and
 # the usage must still be written. Strong references, as the loop keeps only weak ones.
-logger = logging.getLogger(__name__)
 _settling: set[asyncio.Task[Any]] = set()
 # The calls in progress, by the task serving each: a shutdown waits for them, then interrupts.
 _calls: dict[asyncio.Task[Any], CompletionCall] = {}
