@@ -23,7 +23,9 @@ def _messages(conversation_id):
 async def test_turn_events_arrive_in_contract_order(tenant_factory, chat, sim):
     setup = await adb(tenant_factory)()
     async with chat(await adb(setup.token)()) as socket:
-        events = await socket.turn("Hello there, assistant", client_msg_id="c-1")
+        # Paced (10 ms a token), so the answer streams as several deltas: one generated all at
+        # once reaches a reader that is a moment behind as one merged delta (streaming/deltas.py).
+        events = await socket.turn("Hello there, assistant [[sim:tps=100]]", client_msg_id="c-1")
 
     types = [e["type"] for e in events]
     assert types[:3] == ["conversation", "message.accepted", "message.started"]
@@ -39,7 +41,7 @@ async def test_turn_events_arrive_in_contract_order(tenant_factory, chat, sim):
 
     stored = await adb(_messages)(conversation_id)
     assert [m["role"] for m in stored] == ["user", "assistant"]
-    assert stored[0]["content"] == "Hello there, assistant" and stored[0]["tokens"] > 0
+    assert stored[0]["content"] == "Hello there, assistant [[sim:tps=100]]" and stored[0]["tokens"] > 0
     assert stored[1]["content"] == "".join(e["content"] for e in events if e["type"] == "delta")
     assert stored[1]["status"] == "complete"
 
