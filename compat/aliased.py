@@ -3,16 +3,14 @@ before a classifier route's grading call."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from conversations.admission import KeyConfig, ModelNotAvailable, cached_price, price_load
 from responsecache.requests import request_cached
 from routing.aliases import AliasConfig, request_facts
+from routing.grading import Hop
 from routing.rules import GradeNeeded
 from routing.selection import Grading, Routed, TurnFacts, route_choose, with_grades
-
-Hop = Callable[..., Awaitable[Any]]  # runs a synchronous database function off the event loop
 
 
 async def alias_route(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,30 +25,30 @@ def _in_db_thread(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     # These threads bypass Django's request signals, so nothing else checks their kept
     # connection: one that died with a PostgreSQL restart is replaced before any query is
     # sent (a SELECT 1, ~0.1 ms), instead of failing this call.
-    global _away_since
+    global _away
     if connection.connection is not None and not connection.is_usable():
         connection.close()
     try:
         result = fn(**kwargs)
     except (OperationalError, InterfaceError):
-        _away_since = _away_since or time.monotonic()
+        _away = True
         raise
     else:
-        _away_since = None
+        _away = False
         return result
     finally:
         if connection.errors_occurred or connection.in_atomic_block:
             connection.close()  # broken or left mid-transaction: the next call reconnects
 
 
-# When PostgreSQL last failed one of these threads' queries (None: the last one answered). A
-# caller admitted from the process's cache needs no query, so without this a call would reach
-# the provider during an outage and only its booking would wait (compat/calls.py).
-_away_since: float | None = None
+# PostgreSQL failed the last query of these threads. A caller admitted from the process's
+# cache needs no query, so without this a call would reach the provider during an outage and
+# only its booking would wait (compat/calls.py).
+_away = False
 
 
 def database_away() -> bool:
-    return _away_since is not None
+    return _away
 
 
 def database_ping() -> None:

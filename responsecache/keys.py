@@ -51,11 +51,11 @@ def _singular(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
-def questions_swap_terms(a: str, b: str) -> bool:
-    """Each question names something the other does not ("your two keyboard plans" against
-    "your two monitor plans"): another thing is asked about, however alike the embeddings. A
-    paraphrase that only adds or drops words ("can you tell me how I …, please") does not."""
-    terms_a, terms_b = question_terms(a), question_terms(b)
+def terms_swapped(terms_a: frozenset[str], terms_b: frozenset[str]) -> bool:
+    """Each question (`question_terms`) names something the other does not ("your two keyboard
+    plans" against "your two monitor plans"): another thing is asked about, however alike the
+    embeddings. A paraphrase that only adds or drops words ("can you tell me how I …,
+    please") does not."""
     return bool(terms_a - terms_b) and bool(terms_b - terms_a)
 
 

@@ -16,7 +16,7 @@ from billing.metering import CallFacts, answer_cached_book
 from billing.models import UsageRecord
 from billing.services import Price
 
-from .keys import question_numbers, questions_swap_terms, similarity, vector_pack, vector_unpack
+from .keys import question_numbers, question_terms, similarity, terms_swapped, vector_pack, vector_unpack
 from .models import CachedAnswer
 
 
@@ -56,17 +56,17 @@ def answer_find(*, tenant_id: int, scope: str, key: str) -> Hit | None:
 def answer_find_similar(*, tenant_id: int, scope: str, vector: tuple[float, ...], question: str) -> Hit | None:
     """The live semantic answer closest to `vector`, if it reaches RESPONSE_CACHE_SIMILARITY,
     its question names the same numbers as this one (`question_numbers`) and neither question
-    names a thing the other does not (`questions_swap_terms`). Compares the
+    names a thing the other does not (`terms_swapped`). Compares the
     scope's RESPONSE_CACHE_CANDIDATES newest entries (a bound, so a lookup costs the same
     however long the cache grows; older entries still hit by their exact key)."""
     rows = (
         _live(tenant_id=tenant_id, scope=scope).filter(kind=CachedAnswer.Kind.SEMANTIC)
         .only("id", "embedding", "question")[: settings.RESPONSE_CACHE_CANDIDATES]
     )
-    numbers = question_numbers(question)
+    numbers, terms = question_numbers(question), question_terms(question)
     best, best_score = None, settings.RESPONSE_CACHE_SIMILARITY
     for row in rows:
-        if question_numbers(row.question) != numbers or questions_swap_terms(row.question, question):
+        if question_numbers(row.question) != numbers or terms_swapped(question_terms(row.question), terms):
             continue
         score = similarity(vector, vector_unpack(bytes(row.embedding)))
         if score >= best_score:

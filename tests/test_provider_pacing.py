@@ -51,14 +51,20 @@ def test_the_pacing_key_names_the_url_and_a_fingerprint_never_the_key():
     assert key != pacing.pacing_key("https://api.openai.com/v1", "sk-other-value")
 
 
-async def test_a_spent_window_waits_for_its_reset_and_a_far_retry_after_refuses_at_once(settings):
-    settings.PROVIDER_PACING_MAX_WAIT = 2.0
-    key = pacing.pacing_key("http://provider.test/v1", "sk-a")
-    pacing.observe(key, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "300ms"},
-                   status=200, retry_after=None)
+async def _waited_after(headers: dict[str, str], *, credential: str) -> float:
+    """Seconds `wait_turn` held a call after the provider sent these headers."""
+    key = pacing.pacing_key("http://provider.test/v1", credential)
+    pacing.observe(key, headers, status=200, retry_after=None)
     started = time.monotonic()
     await pacing.wait_turn(key)
-    assert 0.25 <= time.monotonic() - started < 1.5
+    return time.monotonic() - started
+
+
+async def test_a_spent_window_waits_for_its_reset_and_a_far_retry_after_refuses_at_once(settings):
+    settings.PROVIDER_PACING_MAX_WAIT = 2.0
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "300ms"}
+    assert 0.25 <= await _waited_after(headers, credential="sk-a") < 1.5
+    key = pacing.pacing_key("http://provider.test/v1", "sk-a")
 
     pacing.observe(key, {}, status=429, retry_after=30.0)
     started = time.monotonic()
@@ -69,12 +75,9 @@ async def test_a_spent_window_waits_for_its_reset_and_a_far_retry_after_refuses_
 
 async def test_pacing_never_queues_longer_than_its_bound(settings):
     settings.PROVIDER_PACING_MAX_WAIT = 0.3
-    key = pacing.pacing_key("http://provider.test/v1", "sk-b")
-    pacing.observe(key, {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"},
-                   status=200, retry_after=None)
-    started = time.monotonic()
-    await pacing.wait_turn(key)  # then it goes, and the provider has the last word
-    assert 0.25 <= time.monotonic() - started < 1.0
+    headers = {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"}
+    # Then it goes, and the provider has the last word.
+    assert 0.25 <= await _waited_after(headers, credential="sk-b") < 1.0
 
 
 # --- through Parley, against the simulator ------------------------------------------------
