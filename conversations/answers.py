@@ -175,11 +175,12 @@ def turn_cached(*, plan: TurnPlan, hit: Hit) -> TurnResult:
     """A response-cache hit stored as the answer: no model call, its hold returned, one $0
     ledger row (kind `cached`) with what the call would have cost, the conversation released."""
     seq = plan.user_seq + 1
+    author = hit.model or plan.model  # the message names the model whose answer it serves
     with transaction.atomic():
         Message.objects.create(
             id=plan.assistant_message_id, tenant_id=plan.caller.tenant_id, conversation_id=plan.conversation_id,
-            seq=seq, role=Message.Role.ASSISTANT, content=hit.answer, model=plan.model, cached=True,
-            tokens=count_message({"role": "assistant", "content": hit.answer}, plan.model),
+            seq=seq, role=Message.Role.ASSISTANT, content=hit.answer, model=author, cached=True,
+            tokens=count_message({"role": "assistant", "content": hit.answer}, author),
             status=Message.Status.COMPLETE, finish_reason=hit.finish_reason,
         )
         call_release(plan.hold)

@@ -4,7 +4,6 @@ a miss keeps the answer once it is complete."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -21,12 +20,12 @@ from .turns import Resume, TurnPlan
 Prepare = Callable[..., Awaitable[TurnPlan]]
 
 
-def cache_before_grading(prepare: Prepare, *, caller: Caller, question: str,
-                         conversation_id: uuid.UUID | None) -> Prepare:
+def cache_before_grading(prepare: Prepare, *, caller: Caller, question: str) -> Prepare:
     """`prepare` (`turns.turn_prepare` on a database hop) for `routing.selection.with_grades`,
     asking the response cache before a classifier route's grading call: a question the cache
-    answers costs no grading call (the turn takes the assistant's model, which the answer is
-    filed under), and a miss's lookup, embedding included, goes on to the generation."""
+    answers costs no grading call (no route is chosen: the message names the model that wrote
+    the stored answer), and a miss's lookup, embedding included, goes on to the generation.
+    The lookup's embedding is booked to the conversation the turn opens or continues."""
     lookup: Lookup | None = None
 
     async def prepare_cached(*, grades: Any, resume: Any) -> TurnPlan:
@@ -38,7 +37,7 @@ def cache_before_grading(prepare: Prepare, *, caller: Caller, question: str,
             if lookup is not None or scope is None or needed.call is None:
                 raise
             lookup = await answer_lookup(scope, question=question, target=needed.call.target, subject=caller,
-                                         conversation_id=conversation_id)
+                                         conversation_id=needed.resume.admission.conversation_id)
             if lookup is None or lookup.hit is None:
                 raise  # graded next, then prepared again with this lookup
             return await prepare(grades=grades, resume=needed.resume, cached=lookup)
@@ -78,5 +77,5 @@ class CachedTurn:
         or blocked)."""
         if self.lookup is None or outcome.status != Message.Status.COMPLETE or rounds:
             return
-        await answer_remember(self.lookup, answer=outcome.content, prompt_tokens=result.prompt_tokens,
+        await answer_remember(self.lookup, answer=outcome.content, model=self.plan.model, prompt_tokens=result.prompt_tokens,
                               completion_tokens=result.completion_tokens, finish_reason=outcome.finish_reason)

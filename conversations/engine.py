@@ -112,8 +112,7 @@ async def turn_submit(*, caller: Caller, command: MessageCreate) -> Submitted:
         client_msg_id=command.client_msg_id,
         control_channel=control,
     )
-    prepare = cache_before_grading(prepare, caller=caller, question=command.content,
-                                   conversation_id=command.conversation_id)
+    prepare = cache_before_grading(prepare, caller=caller, question=command.content)
     plan = await with_grades(prepare, hop=_hop)  # a classifier route grades between two tries
     context_bind(tenant_id=caller.tenant_id, conversation_id=plan.conversation_id, message_id=plan.assistant_message_id)
     generation = Generation(plan=plan, control_channel=control)

@@ -4,7 +4,7 @@ the worst case held against the caps, the conversation's generation slot claimed
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.db import transaction
@@ -110,10 +110,17 @@ class _Admission:
     tools: list[dict[str, Any]]
     user_message: Message  # not stored yet
     prompt: Prompt  # the user's message included
+    # A new conversation's id, chosen now: the calls made before it is stored (a classifier's
+    # grading, the response cache's embedding) are booked to it.
+    new_conversation_id: uuid.UUID = field(default_factory=uuid.uuid4)
 
     @property
     def assistant(self) -> Assistant:
         return self.config.assistant
+
+    @property
+    def conversation_id(self) -> uuid.UUID:
+        return self.conversation.id if self.conversation is not None else self.new_conversation_id
 
     def prompt_current(self, conversation: Conversation) -> bool:
         """Whether the prompt read before the lock is still the conversation's (nothing was
@@ -188,6 +195,7 @@ def _open_conversation(*, caller: Caller, admission: _Admission, content: str) -
     if admission.conversation is not None:
         return access_conversation(caller=caller, conversation_id=admission.conversation.id, lock=True), False
     conversation = Conversation.objects.create(
+        id=admission.new_conversation_id,
         tenant_id=caller.tenant_id,
         assistant=admission.assistant,
         end_user_id=caller.end_user_id,
@@ -220,8 +228,8 @@ def turn_prepare(
     runs): no Redis trip happens while the conversation's row is locked, and a turn one
     limit refuses counts against none. The assistant's routes then choose the model; a
     classifier route raises GradeNeeded: call again with its grade and `resume`, or with
-    `cached`, the response cache's lookup: a hit skips the routes (the assistant's model is
-    what the stored answer is filed under), and the generation uses the lookup as it is."""
+    `cached`, the response cache's lookup: a hit skips the routes (the stored answer is
+    served whichever model wrote it), and the generation uses the lookup as it is."""
     now = timezone.now()
     assistant_message_id = uuid.uuid4()
     read = {"content": content, "conversation_id": conversation_id, "assistant_slug": assistant_slug, "now": now}
@@ -317,8 +325,7 @@ def _turn_route(
             max_tokens=config.assistant.max_tokens, depth=lambda: _depth(conversation),
         ),
         price_of=lambda model: price_get(config.tenant, model), grades=grades,
-        grading=Grading(target=config.target, subject=caller, caps=config.caps,
-                        conversation_id=conversation.id if conversation else None),
+        grading=Grading(target=config.target, subject=caller, caps=config.caps, conversation_id=admission.conversation_id),
     )
 
 

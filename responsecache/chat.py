@@ -87,17 +87,18 @@ async def answer_lookup(
 
 
 async def answer_remember(
-    lookup: Lookup, *, answer: str, prompt_tokens: int, completion_tokens: int, finish_reason: str
+    lookup: Lookup, *, answer: str, model: str, prompt_tokens: int, completion_tokens: int, finish_reason: str
 ) -> None:
-    """File a complete answer after a miss. Never raises: a cache that cannot keep an answer
-    must not fail the turn that produced it."""
+    """File a complete answer after a miss, under the model that wrote it (a route's choice,
+    which a hit's message names). Never raises: a cache that cannot keep an answer must not
+    fail the turn that produced it."""
     scope = lookup.scope
     if lookup.hit is not None or not answer:
         return
     entry = Entry(
         tenant_id=scope.tenant_id, assistant_id=scope.assistant_id, scope=scope.scope,
         kind=CachedAnswer.Kind.SEMANTIC if lookup.vector else CachedAnswer.Kind.EXACT, key=lookup.key,
-        question=keys.question_normalised(lookup.question), answer=answer, model=scope.model,
+        question=keys.question_normalised(lookup.question), answer=answer, model=model or scope.model,
         ttl_seconds=scope.ttl_seconds, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
         finish_reason=finish_reason or "stop", vector=lookup.vector,
     )

@@ -274,6 +274,10 @@ async def test_the_cache_is_asked_before_a_classifier_route_grades_the_question(
     assert [(r.kind, r.call_id.split("-")[0]) for r in rows] == [
         ("embedding", "emb"), ("chat", "grade"), ("chat", "msg"), ("embedding", "emb"), ("cached", "cache")]
     assert rows[2].model == "gpt-4o-mini"  # graded simple: routed to the cheap model
-    # A hit needs no model chosen: it is booked under the assistant's model, the model asked for.
+    # A hit needs no model chosen: its saving is booked against the model asked for, and its
+    # message names the model that wrote the answer it serves.
     hit = await Message.objects.aget(id=paraphrase[-1]["message_id"])
-    assert hit.cached and (hit.model, hit.route) == ("gpt-4o", "") and rows[4].model == "gpt-4o"
+    assert hit.cached and (hit.model, hit.route) == ("gpt-4o-mini", "") and rows[4].model == "gpt-4o"
+    # Every call is booked to its turn's conversation, those made before it was stored included.
+    opened = [first[0]["id"], paraphrase[0]["id"]]
+    assert [str(r.conversation_id) for r in rows] == [opened[0]] * 3 + [opened[1]] * 2
